@@ -1,0 +1,4 @@
+"""Model families; importing this package registers every model with timm."""
+from .exit_heads import EXIT_HEADS, ExitHead, create_exit_head
+from .multi_exit_vit import EXIT_CRITERIA, ExitOutput, MultiExitVisionTransformer
+from ._base import UntrainedWeightsWarning

@@ -1,0 +1,111 @@
+""" What both model families share: argument checks, FLOP counting and the pretrained-weights filter.
+
+The multi-exit and LifeRegress models subclass timm's ``VisionTransformer`` and add modules (exits, a life predictor)
+that timm's checkpoints do not have. ``new_parts_filter`` loads those checkpoints strictly: the backbone goes through
+timm's own ``checkpoint_filter_fn`` (pos-embed resampling, npz/CLIP conversions), the new parts either come from the
+checkpoint, with their layout checked, or are kept as initialised, with a warning that they are untrained.
+"""
+import logging
+import math
+import warnings
+from numbers import Real
+from typing import Any, Callable, Dict, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as vit_checkpoint_filter_fn
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    'NewPartsMixin', 'UntrainedWeightsWarning', 'check_fraction', 'check_layout', 'count_flops', 'embed_tokens',
+    'new_parts_filter',
+]
+
+
+class UntrainedWeightsWarning(UserWarning):
+    """Pretrained backbone loaded, but the parts this package adds (exits, life predictor) are untrained."""
+
+
+def check_fraction(name: str, value: Any, low: float = 0., high: float = 1., low_open: bool = False) -> float:
+    """Return ``value`` as a float if it lies in [low, high] ((low, high] when ``low_open``), else raise ValueError."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f'{name} must be a number in {interval} or None, got {value!r}')
+    value = float(value)
+    if math.isnan(value) or value > high or value < low or (low_open and value == low):
+        raise ValueError(f'{name} must be a number in {interval} or None, got {value!r}')
+    return value
+
+
+def embed_tokens(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Image to the token sequence the first block sees, exactly as ``VisionTransformer.forward_features``."""
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+def count_flops(fn: Callable, *args: Any) -> Tuple[int, Any]:
+    """FLOPs of ``fn(*args)`` by ``torch.utils.flop_counter`` (matmuls, convs, attention), and its output."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = fn(*args)
+    return counter.get_total_flops(), out
+
+
+class NewPartsMixin:
+    """For a timm ViT subclass that adds modules under ``new_prefixes``: strict loads check their layout first."""
+    new_prefixes: Tuple[str, ...] = ()
+    new_parts_name: str = 'added modules'
+    layout_arg: str = ''
+
+    def load_state_dict(self, state_dict: Dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, raising a ValueError that names ``layout_arg`` on a layout mismatch."""
+        found = {k: v for k, v in state_dict.items() if k.startswith(self.new_prefixes)}
+        if found or strict:
+            expected = {k: v for k, v in self.state_dict().items() if k.startswith(self.new_prefixes)}
+            check_layout(found, expected, self.new_parts_name, self.layout_arg, allow_missing=not strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def new_parts_filter(state_dict: Dict[str, torch.Tensor], model: NewPartsMixin) -> Dict[str, torch.Tensor]:
+    """``pretrained_filter_fn``: timm's ViT filter for the backbone; the added parts from the checkpoint if it has
+    them, else as initialised, with an ``UntrainedWeightsWarning``. The load itself stays strict."""
+    state_dict = state_dict.get('model', state_dict)
+    state_dict = state_dict.get('state_dict', state_dict)
+    own = {k: v for k, v in state_dict.items() if k.startswith(model.new_prefixes)}
+    out = vit_checkpoint_filter_fn({k: v for k, v in state_dict.items() if k not in own}, model)
+    if not own:
+        name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+        msg = (f'{name}: loaded the pretrained backbone; its {model.new_parts_name} are not in the checkpoint and are '
+               f'UNTRAINED (random init). Train them before use (see train_recipes/).')
+        warnings.warn(msg, UntrainedWeightsWarning, stacklevel=2)
+        _logger.warning(msg)
+        own = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(model.new_prefixes)}
+    out.update(own)
+    return out
+
+
+def check_layout(
+        found: Dict[str, torch.Tensor],
+        expected: Dict[str, torch.Tensor],
+        what: str,
+        layout_arg: str,
+        allow_missing: bool = False,
+) -> None:
+    """Raise ValueError naming ``layout_arg`` unless ``found`` has the keys and shapes of ``expected``."""
+    missing = [] if allow_missing else sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    shapes = sorted(k for k in set(found) & set(expected) if found[k].shape != expected[k].shape)
+    if missing or extra or shapes:
+        detail = '; '.join(f'{label}: {keys[:4]}{" ..." if len(keys) > 4 else ""}' for label, keys in (
+            ('missing', missing), ('unexpected', extra), ('shape mismatch', shapes)) if keys)
+        hint = ('' if found else ' A plain timm checkpoint of the parent model loads through pretrained=True '
+                '(pretrained_cfg_overlay=dict(file=...)), which keeps the new parts as initialised.')
+        raise ValueError(
+            f'checkpoint {what} do not match this model: {detail}. Create the model with the {layout_arg} '
+            f'the checkpoint was trained with.{hint}')

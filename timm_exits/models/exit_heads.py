@@ -1,0 +1,227 @@
+""" Early-exit branches for Vision Transformer backbones.
+
+Every branch reads the token sequence a block emits, ``(B, num_prefix_tokens + N, D)``, and returns logits. Each ends
+in ``self.head`` (an ``nn.Linear``, replaced by ``reset_classifier``), so a checkpoint's classifiers can be found by
+name like timm's own ``head``.
+
+Types (``EXIT_HEADS``):
+- ``linear``: MEViT's single fully-connected classifier on the [CLS] token (sec. 2.1, 000_*.txt). The residual stream
+  is not normalised mid-network, so a LayerNorm precedes the layer.
+- ``mlp``: MLP-EE, Norm then a three-layer MLP with two dropouts on the [CLS] token (sec. III, 001_*.txt).
+- ``cnn_ignore`` / ``cnn_add`` / ``cnn_project``: CNN-*-EE, patch tokens back on their 2D grid, one 3x3 convolution,
+  max pooling and the MLP; the [CLS] token is dropped, added to every patch, or concatenated to every patch (Fig. 4).
+- ``vit``: ViT-EE, one Transformer encoder layer (timm's ``Block``), Norm, MLP on the [CLS] token (Fig. 3b).
+- ``mixer``: MLP-Mixer-EE, one mixer layer (eqs. 3a-3b), global average pooling, MLP (Fig. 3c).
+- ``resmlp``: ResMLP-EE, one ResMLP layer with affine norms (eqs. 4a-4c), global average pooling, MLP (Fig. 3d).
+
+Seed 001 does not give the widths: the MLP's hidden layers and the convolution have ``embed_dim`` units, and max
+pooling is global so the branch works at any grid size.
+"""
+from typing import Dict, Optional, Tuple, Type
+
+import torch
+import torch.nn as nn
+
+from timm.layers import Mlp
+from timm.models.mlp_mixer import Affine, MixerBlock, ResBlock
+from timm.models.vision_transformer import Block
+
+__all__ = ['EXIT_HEADS', 'ExitHead', 'create_exit_head']
+
+
+class ExitHead(nn.Module):
+    """Base of every branch: a subclass's ``forward_features`` makes a (B, F) vector, ``head`` maps it to logits."""
+
+    def __init__(
+            self,
+            embed_dim: int,
+            num_classes: int,
+            num_features: int,
+            num_prefix_tokens: int = 1,
+            grid_size: Tuple[int, int] = (14, 14),
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_features = num_features
+        self.num_prefix_tokens = num_prefix_tokens
+        self.grid_size = tuple(grid_size)
+        self.num_classes = num_classes
+        self.head = self._make_head(num_classes, device=device, dtype=dtype)
+
+    def _make_head(self, num_classes: int, device=None, dtype=None) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) if num_classes > 0 \
+            else nn.Identity()
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the final linear layer (same device and dtype as the branch)."""
+        ref = next(self.parameters())
+        self.num_classes = num_classes
+        self.head = self._make_head(num_classes, device=ref.device, dtype=ref.dtype)
+        self.head.train(self.training)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.forward_features(x)
+        return x if pre_logits else self.head(x)
+
+
+def _pre_logits_mlp(in_dim: int, hidden: int, drop: float, dd: Dict) -> nn.Sequential:
+    """The first two dense layers (with their dropouts) of seed 001's three-layer MLP; ``head`` is the third."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden, **dd), nn.GELU(), nn.Dropout(drop),
+        nn.Linear(hidden, hidden, **dd), nn.GELU(), nn.Dropout(drop),
+    )
+
+
+class LinearExit(ExitHead):
+    """MEViT branch: LayerNorm and one linear layer on the [CLS] token, f_i(h_i) of eq. (1), 000_*.txt."""
+
+    def __init__(self, embed_dim: int, num_classes: int, drop: float = 0., device=None, dtype=None, **kwargs):
+        super().__init__(embed_dim, num_classes, embed_dim, device=device, dtype=dtype, **kwargs)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6, device=device, dtype=dtype)
+        self.drop = nn.Dropout(drop)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.norm(x[:, 0]))
+
+
+class MlpExit(ExitHead):
+    """MLP-EE: Norm(P^b), then the three-layer MLP on the normalised [CLS] token (sec. III, 001_*.txt)."""
+
+    def __init__(self, embed_dim: int, num_classes: int, drop: float = 0., device=None, dtype=None, **kwargs):
+        super().__init__(embed_dim, num_classes, embed_dim, device=device, dtype=dtype, **kwargs)
+        dd = dict(device=device, dtype=dtype)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6, **dd)
+        self.mlp = _pre_logits_mlp(embed_dim, embed_dim, drop, dd)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(x[:, 0]))
+
+
+class CnnExit(ExitHead):
+    """CNN-Ignore/Add/Project-EE: patches on their grid, 3x3 conv, max pooling, MLP (Fig. 4, 001_*.txt)."""
+    cls_mode: str = 'ignore'
+
+    def __init__(self, embed_dim: int, num_classes: int, drop: float = 0., device=None, dtype=None, **kwargs):
+        super().__init__(embed_dim, num_classes, embed_dim, device=device, dtype=dtype, **kwargs)
+        dd = dict(device=device, dtype=dtype)
+        in_chs = 2 * embed_dim if self.cls_mode == 'project' else embed_dim
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6, **dd)
+        self.conv = nn.Conv2d(in_chs, embed_dim, kernel_size=3, padding=1, **dd)
+        self.act = nn.GELU()
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.mlp = _pre_logits_mlp(embed_dim, embed_dim, drop, dd)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        cls, patches = x[:, :1], x[:, self.num_prefix_tokens:]
+        if self.cls_mode == 'add':
+            patches = patches + cls
+        elif self.cls_mode == 'project':
+            patches = torch.cat([patches, cls.expand_as(patches)], dim=-1)
+        B, N, C = patches.shape
+        H, W = self.grid_size
+        patches = patches.transpose(1, 2).reshape(B, C, H, W)
+        x = self.pool(self.act(self.conv(patches))).flatten(1)
+        return self.mlp(x)
+
+
+class CnnIgnoreExit(CnnExit):
+    cls_mode = 'ignore'
+
+
+class CnnAddExit(CnnExit):
+    cls_mode = 'add'
+
+
+class CnnProjectExit(CnnExit):
+    cls_mode = 'project'
+
+
+class VitExit(ExitHead):
+    """ViT-EE: one Transformer encoder layer over all tokens, Norm, MLP on [CLS] (Fig. 3b, 001_*.txt)."""
+
+    def __init__(
+            self,
+            embed_dim: int,
+            num_classes: int,
+            num_heads: int = 12,
+            mlp_ratio: float = 4.,
+            drop: float = 0.,
+            device=None,
+            dtype=None,
+            **kwargs,
+    ):
+        super().__init__(embed_dim, num_classes, embed_dim, device=device, dtype=dtype, **kwargs)
+        dd = dict(device=device, dtype=dtype)
+        self.block = Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, **dd)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6, **dd)
+        self.mlp = _pre_logits_mlp(embed_dim, embed_dim, drop, dd)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(self.block(x))[:, 0])
+
+
+class _TokenMlpExit(ExitHead):
+    """Shared body of the MLP-Mixer and ResMLP branches: one layer on the patch tokens, pooling, MLP."""
+    block_cls: Type[nn.Module] = MixerBlock
+    norm_cls: Type[nn.Module] = nn.LayerNorm
+
+    def __init__(self, embed_dim: int, num_classes: int, drop: float = 0., device=None, dtype=None, **kwargs):
+        super().__init__(embed_dim, num_classes, embed_dim, device=device, dtype=dtype, **kwargs)
+        dd = dict(device=device, dtype=dtype)
+        seq_len = self.grid_size[0] * self.grid_size[1]
+        self.block = self.block_cls(embed_dim, seq_len, **dd)
+        self.norm = self.norm_cls(embed_dim, **dd)
+        self.mlp = _pre_logits_mlp(embed_dim, embed_dim, drop, dd)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.block(x[:, self.num_prefix_tokens:]))
+        return self.mlp(x.mean(dim=1))
+
+
+class MixerExit(_TokenMlpExit):
+    """MLP-Mixer-EE: token mixing (eq. 3a) and channel mixing (eq. 3b), pooling, MLP (Fig. 3c, 001_*.txt)."""
+    block_cls = MixerBlock
+    norm_cls = nn.LayerNorm
+
+
+class ResMlpExit(_TokenMlpExit):
+    """ResMLP-EE: cross-patch (eq. 4a) and cross-channel (eq. 4b) sublayers, Aff norm (eq. 4c) (Fig. 3d, 001_*.txt)."""
+    block_cls = ResBlock
+    norm_cls = Affine
+
+
+EXIT_HEADS: Dict[str, Type[ExitHead]] = {
+    'linear': LinearExit,
+    'mlp': MlpExit,
+    'cnn_ignore': CnnIgnoreExit,
+    'cnn_add': CnnAddExit,
+    'cnn_project': CnnProjectExit,
+    'vit': VitExit,
+    'mixer': MixerExit,
+    'resmlp': ResMlpExit,
+}
+
+
+def create_exit_head(
+        name: str,
+        embed_dim: int,
+        num_classes: int,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.,
+        num_prefix_tokens: int = 1,
+        grid_size: Tuple[int, int] = (14, 14),
+        drop: float = 0.,
+        device=None,
+        dtype=None,
+) -> ExitHead:
+    """Build one branch by name; ``exit_head`` must be one of ``EXIT_HEADS``."""
+    if name not in EXIT_HEADS:
+        raise ValueError(f'exit_head={name!r} is not a known exit head; allowed: {sorted(EXIT_HEADS)}')
+    cls = EXIT_HEADS[name]
+    kwargs = dict(num_prefix_tokens=num_prefix_tokens, grid_size=grid_size, drop=drop, device=device, dtype=dtype)
+    if cls is VitExit:
+        kwargs.update(num_heads=num_heads, mlp_ratio=mlp_ratio)
+    return cls(embed_dim, num_classes, **kwargs)
