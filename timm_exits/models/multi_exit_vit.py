@@ -373,7 +373,8 @@ def _parent_cfgs(parent: str, depth: int = 12) -> Dict[str, Dict[str, Any]]:
     """Mirror every pretrained tag of the timm parent: same weights (its Hub repo), same preprocessing."""
     import timm
     out = {}
-    for name in timm.list_pretrained(f'{parent}.*'):
+    default = f"{parent}.{get_pretrained_cfg(parent).tag}"  # timm's default tag stays the default
+    for name in [default] + [n for n in timm.list_pretrained(f'{parent}.*') if n != default]:
         cfg = get_pretrained_cfg(name).to_dict()
         for key in ('architecture', 'tag', 'custom_load', 'url'):
             cfg.pop(key, None)

@@ -1,0 +1,209 @@
+""" Speed of the multi-exit ViTs against their timm parent: ``python -m timm_exits.benchmark``.
+
+Method: every candidate runs in the same process on the same input, and the timing is interleaved: each round times
+every candidate once, in an order that rotates from round to round, after some warm-up rounds. Per candidate the
+median over rounds is kept, and what is reported are RATIOS of medians taken in the same run, which cancel most of
+the machine's drift (clock, cache, other load). Weights are random (the multi-exit model gets the parent's backbone
+weights), which does not change the speed. Candidates per (model, batch):
+
+- ``parent``: the timm parent, ``parent(x)``.
+- ``parent_trunc{k}``: timm's own backbone cut after block k, the first exit (``prune_intermediate_layers``, norm and
+  head kept): the reference speed of stopping at block k.
+- ``exit{k}``: the multi-exit model with a budget that sends every image out at block k.
+- ``full``: the multi-exit model at full depth, which must give the parent's logits (checked, max abs diff reported).
+- ``mixed`` (at ``--mixed-batch-size`` only): per-image early exit with the threshold at the median exit-k score of
+  the batch, so about half the images leave at block k. Its ideal speed-up is 1 / mean(per-image FLOP share).
+
+Targets (shown, never asserted: timings depend on the machine): exit/trunc speed-up ratio >= 0.97, full/parent time
+<= 1.02, mixed efficiency (measured / ideal speed-up) >= 0.95.
+"""
+import argparse
+import copy
+import json
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+
+from .models.multi_exit_vit import MultiExitVisionTransformer
+
+__all__ = ['benchmark_model', 'main', 'time_interleaved']
+
+TARGETS = {'exit_vs_trunc': ('>=', 0.97), 'full_vs_parent': ('<=', 1.02), 'mixed_efficiency': ('>=', 0.95)}
+
+
+def time_interleaved(candidates: Dict[str, Callable[[], Any]], rounds: int, warmup: int) -> Dict[str, List[float]]:
+    """Per candidate, its time in ms in each timed round; each round runs all candidates once, in rotating order."""
+    names = list(candidates)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(warmup + rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            candidates[name]()
+            elapsed = (time.perf_counter() - start) * 1e3
+            if r >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def truncated_parent(parent: nn.Module, depth: int) -> nn.Module:
+    """Copy of ``parent`` with only its first ``depth`` blocks, final norm and head kept."""
+    trunc = copy.deepcopy(parent)
+    trunc.prune_intermediate_layers(indices=[depth - 1], prune_norm=False, prune_head=False)
+    if trunc.num_classes != parent.num_classes or not isinstance(trunc.head, nn.Linear):  # head reset by timm
+        trunc = copy.deepcopy(parent)
+        trunc.blocks = parent.blocks[:depth]
+    assert len(trunc.blocks) == depth
+    return trunc
+
+
+def build_models(name: str) -> tuple:
+    """The timm parent and its multi-exit model with the same (random) backbone weights, both in eval mode."""
+    parent = timm.create_model(name).eval()
+    model = timm.create_model(f'{name}_mexit').eval()
+    assert isinstance(model, MultiExitVisionTransformer)
+    model.load_state_dict({**model.state_dict(), **parent.state_dict()})
+    return parent, model
+
+
+def mixed_setup(model: MultiExitVisionTransformer, x: torch.Tensor) -> Dict[str, Any]:
+    """Threshold at the median first-exit score of ``x`` and what one dynamic pass with it does per image."""
+    first = model.exit_layers[0]
+    scores = model.exit_scores(first, model.forward_exits(x)[0])
+    threshold = float(scores.float().quantile(0.5))
+    out = model.forward_dynamic(x, threshold=threshold)
+    layers = out.exit_layer.tolist()
+    ideal = 1. / float(out.cost.double().mean())
+    return {
+        'threshold': threshold,
+        'exit_fractions': {str(k): layers.count(k) / len(layers) for k in model.exit_layers if k in layers},
+        'mean_cost': float(out.cost.double().mean()),
+        'ideal_speedup': ideal,
+    }
+
+
+def benchmark_model(
+        parent: nn.Module,
+        model: MultiExitVisionTransformer,
+        batch: int,
+        rounds: int,
+        warmup: int,
+        mixed: bool,
+        seed: int = 0,
+) -> Dict[str, Any]:
+    """Time every candidate on one random batch; return medians (ms), raw times and the ratios."""
+    first = model.exit_layers[0]
+    exit_name, trunc_name = f'exit{first}', f'parent_trunc{first}'
+    gen = torch.Generator().manual_seed(seed + batch)
+    x = torch.randn(batch, model.in_chans, *model.patch_embed.img_size, generator=gen)
+    trunc = truncated_parent(parent, first)
+    budget = model.exit_costs[0]
+    row: Dict[str, Any] = {'exit_layer': first, 'full_max_abs_diff': float((model(x) - parent(x)).abs().max())}
+    candidates = {
+        'parent': lambda: parent(x),
+        trunc_name: lambda: trunc(x),
+        exit_name: lambda: model(x, budget=budget),
+        'full': lambda: model(x),
+    }
+    if mixed:
+        row['mixed'] = mixed_setup(model, x)
+        candidates['mixed'] = lambda: model(x, threshold=row['mixed']['threshold'])
+    row['times_ms'] = time_interleaved(candidates, rounds, warmup)
+    ms = row['ms'] = {name: statistics.median(v) for name, v in row['times_ms'].items()}
+    row['exit_speedup'] = ms['parent'] / ms[exit_name]
+    row['trunc_speedup'] = ms['parent'] / ms[trunc_name]
+    row['exit_vs_trunc'] = row['exit_speedup'] / row['trunc_speedup']
+    row['full_vs_parent'] = ms['full'] / ms['parent']
+    if mixed:
+        row['mixed']['measured_speedup'] = ms['parent'] / ms['mixed']
+        row['mixed_efficiency'] = row['mixed']['efficiency'] = ms['parent'] / ms['mixed'] / row['mixed']['ideal_speedup']
+    return row
+
+
+def _cell(value: Optional[float], key: str = '', fmt: str = '.3f') -> str:
+    """Formatted number, marked with '!' when it misses the target of ``key``."""
+    if value is None:
+        return '-'
+    op, target = TARGETS.get(key, (None, None))
+    miss = op is not None and not (value >= target if op == '>=' else value <= target)
+    return f'{value:{fmt}}{" !" if miss else ""}'
+
+
+def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """One line per (model, batch): ratios first, then the raw medians in ms."""
+    head = [
+        'model', 'batch', 'exit k', 'exit speed-up', 'trunc speed-up', 'exit/trunc', 'full/parent', 'mixed ideal',
+        'mixed measured', 'mixed eff.', 'exit fractions', 'ms parent', 'ms trunc', 'ms exit', 'ms full', 'ms mixed']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for r in rows:
+        k, ms, mixed = r['exit_layer'], r['ms'], r.get('mixed', {})
+        fractions = ' '.join(f'{layer}:{f:.2f}' for layer, f in mixed.get('exit_fractions', {}).items()) or '-'
+        cells = [
+            r['model'], str(r['batch']), str(k), _cell(r['exit_speedup']), _cell(r['trunc_speedup']),
+            _cell(r['exit_vs_trunc'], 'exit_vs_trunc'), _cell(r['full_vs_parent'], 'full_vs_parent'),
+            _cell(mixed.get('ideal_speedup')), _cell(mixed.get('measured_speedup')),
+            _cell(r.get('mixed_efficiency'), 'mixed_efficiency'), fractions,
+            *(_cell(ms.get(name), fmt='.1f') for name in ('parent', f'parent_trunc{k}', f'exit{k}', 'full', 'mixed')),
+        ]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    targets = ', '.join(f'{key} {op} {value}' for key, (op, value) in TARGETS.items())
+    return '\n'.join(lines) + f'\n\nTargets (not asserted; "!" marks a miss): {targets}.'
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], prog='python -m timm_exits.benchmark')
+    parser.add_argument('--models', nargs='+', default=['deit_small_patch16_224', 'vit_base_patch16_224'],
+                        help='timm parent names; the multi-exit model is the name + "_mexit"')
+    parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 32])
+    parser.add_argument('--mixed-batch-size', type=int, default=64, help='batch of the mixed-exit run (0: none)')
+    parser.add_argument('--rounds', type=int, default=10, help='timed rounds')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed rounds first')
+    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--json', default=None, help='also write every number to this JSON file')
+    parser.add_argument('--quick', action='store_true',
+                        help='smoke test: vit_tiny_patch16_224, batches 1 4, mixed batch 8, 3 rounds')
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.batch_sizes, args.mixed_batch_size, args.rounds = ['vit_tiny_patch16_224'], [1, 4], 8, 3
+    if args.rounds < 1 or args.warmup < 0:
+        parser.error('--rounds must be >= 1 and --warmup >= 0')
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """Run the benchmark, print the markdown table, optionally write JSON; return the result rows."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    batches = [(b, False) for b in args.batch_sizes if b != args.mixed_batch_size]
+    batches += [(args.mixed_batch_size, True)] if args.mixed_batch_size > 0 else []
+    rows = []
+    with torch.inference_mode():
+        for name in args.models:
+            parent, model = build_models(name)
+            for batch, mixed in batches:
+                row = benchmark_model(parent, model, batch, args.rounds, args.warmup, mixed, seed=args.seed)
+                rows.append({'model': name, 'batch': batch, **row})
+                if row['full_max_abs_diff'] > 1e-4:
+                    print(f'WARNING: {name} batch {batch}: full-depth output differs from the parent by '
+                          f'{row["full_max_abs_diff"]:.2e} (> 1e-4)')
+                print(f'{name} batch {batch}: done (full vs parent max abs diff {row["full_max_abs_diff"]:.1e})',
+                      flush=True)
+    print()
+    print(markdown_table(rows))
+    if args.json:
+        config = {**vars(args), 'torch': torch.__version__, 'timm': timm.__version__,
+                  'num_threads': torch.get_num_threads(), 'targets': TARGETS}
+        with open(args.json, 'w') as f:
+            json.dump({'config': config, 'results': rows}, f, indent=2)
+    return rows
+
+
+if __name__ == '__main__':
+    main()
