@@ -305,3 +305,19 @@ def test_torch_compile_full_depth(tiny):
     compiled = torch.compile(tiny)
     with torch.no_grad():
         assert torch.allclose(compiled(x), tiny(x), atol=1e-5)
+
+
+def test_torch_fx_traces_the_full_depth_path():
+    """As timm's test_models.py does it: torchvision's fx feature extractor with timm's leaf functions."""
+    from timm.layers import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    model = timm.create_model('test_vit_mexit').eval()
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    fx_model = create_feature_extractor(
+        model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(fx_model(x)[eval_nodes[-1]], model(x), atol=1e-5)
+    fx_model.train()
+    fx_model(x)[train_nodes[-1]].mean().backward()
+    assert all(p.grad is not None for p in fx_model.parameters())

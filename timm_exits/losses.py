@@ -15,6 +15,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from timm.layers import register_notrace_function
+
 __all__ = ['attach_exit_losses', 'estimate_scale_and_target', 'mevit_exit_loss', 'uncertainty_target']
 
 
@@ -87,6 +89,7 @@ class _AttachExitLosses(torch.autograd.Function):
         return (None, grad, *(g.to(o.dtype) for g, o in zip(grads, outputs)))
 
 
+@register_notrace_function  # one leaf node when torch.fx traces a model's train-mode forward
 def attach_exit_losses(
         final: torch.Tensor,
         exit_logits: Sequence[torch.Tensor],

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from torch.fx._symbolic_trace import is_fx_tracing
 
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -341,9 +342,11 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         """(B, num_classes) logits. No threshold and no budget: the full-depth answer, equal to the parent model's.
 
         In train mode (with grad enabled) the output is the same, and a softmax criterion on it also trains every
-        exit and uncertainty predictor (eqs. 1-5 of 000_*.txt, see ``timm_exits.losses``).
+        exit and uncertainty predictor (eqs. 1-5 of 000_*.txt, see ``timm_exits.losses``). torch.fx traces this
+        static full-depth path (a traced ``threshold`` is a Proxy, not a value, so the dynamic path stays out).
         """
-        if threshold is None and budget is None and self.threshold is None and self.budget is None:
+        static = threshold is None and budget is None and self.threshold is None and self.budget is None
+        if is_fx_tracing() or static:
             if self.training and torch.is_grad_enabled() and self.num_classes > 0:
                 return self._forward_train(x)
             return self.forward_head(self.forward_features(x))
