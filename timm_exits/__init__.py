@@ -7,5 +7,6 @@ from .models import (
     EXIT_CRITERIA, EXIT_HEADS, ExitHead, ExitOutput, MultiExitVisionTransformer, UntrainedWeightsWarning,
     create_exit_head,
 )
+from .models import LifeRegression, LifeRegressVisionTransformer
 
 __version__ = '0.1.0'

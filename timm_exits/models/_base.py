@@ -15,13 +15,14 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from timm.models import get_pretrained_cfg, list_pretrained
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
     'NewPartsMixin', 'UntrainedWeightsWarning', 'check_fraction', 'check_layout', 'count_flops', 'embed_tokens',
-    'new_parts_filter',
+    'new_parts_filter', 'parent_cfgs',
 ]
 
 
@@ -55,6 +56,28 @@ def count_flops(fn: Callable, *args: Any) -> Tuple[int, Any]:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         out = fn(*args)
     return counter.get_total_flops(), out
+
+
+def parent_cfgs(
+        parent: str,
+        name: str,
+        cfg_fn: Callable[..., Dict[str, Any]],
+        **overrides: Any,
+) -> Dict[str, Dict[str, Any]]:
+    """Pretrained cfgs of model ``name`` mirroring every tag of timm's ``parent``: same weights (its Hub repo), same
+    preprocessing, timm's default tag first (so it stays the default). ``overrides`` (e.g. ``classifier``) win.
+
+    Returns:
+        ``{'name.tag': cfg_fn(**cfg)}`` for ``generate_default_cfgs``.
+    """
+    default = f'{parent}.{get_pretrained_cfg(parent).tag}'
+    out = {}
+    for tagged in [default] + [n for n in list_pretrained(f'{parent}.*') if n != default]:
+        cfg = get_pretrained_cfg(tagged).to_dict()
+        for key in ('architecture', 'tag', 'custom_load', 'url'):
+            cfg.pop(key, None)
+        out[f'{name}.{tagged.split(".", 1)[1]}'] = cfg_fn(**{**cfg, **overrides})
+    return out
 
 
 class NewPartsMixin:

@@ -22,11 +22,10 @@ from torch.fx._symbolic_trace import is_fx_tracing
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
-from timm.models._registry import get_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
 from ..losses import attach_exit_losses
-from ._base import NewPartsMixin, check_fraction, count_flops, embed_tokens, new_parts_filter
+from ._base import NewPartsMixin, check_fraction, count_flops, embed_tokens, new_parts_filter, parent_cfgs
 from .exit_heads import EXIT_HEADS, ExitHead, create_exit_head
 
 __all__ = ['EXIT_CRITERIA', 'ExitOutput', 'MultiExitVisionTransformer', 'default_exit_layers']
@@ -373,17 +372,8 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 def _parent_cfgs(parent: str, depth: int = 12) -> Dict[str, Dict[str, Any]]:
-    """Mirror every pretrained tag of the timm parent: same weights (its Hub repo), same preprocessing."""
-    import timm
-    out = {}
-    default = f"{parent}.{get_pretrained_cfg(parent).tag}"  # timm's default tag stays the default
-    for name in [default] + [n for n in timm.list_pretrained(f'{parent}.*') if n != default]:
-        cfg = get_pretrained_cfg(name).to_dict()
-        for key in ('architecture', 'tag', 'custom_load', 'url'):
-            cfg.pop(key, None)
-        cfg['classifier'] = _classifier_names(depth, default_exit_layers(depth))
-        out[f'{parent}_mexit.{name.split(".", 1)[1]}'] = _cfg(**cfg)
-    return out
+    """Every pretrained tag of the timm parent (same weights and preprocessing), with this family's classifiers."""
+    return parent_cfgs(parent, f'{parent}_mexit', _cfg, classifier=_classifier_names(depth, default_exit_layers(depth)))
 
 
 default_cfgs = generate_default_cfgs({

@@ -1,0 +1,437 @@
+""" LifeRegress: life-regression patch slimming for Vision Transformers (Chen et al., 003_*.txt) as timm models.
+
+One life-regression module after block ``life_layer`` (t_base) predicts every patch's life tau_i in one go (eqs. 1-3).
+At inference patches leave after the blocks in ``prune_layers`` (1-based, [4, 7, 10] in the paper, so blocks 5, 8 and 11
+are the first to run on fewer): each keeps the top-n_t patches by life (Property 1), n_t shrinking by the keep rate rho
+at each prune layer (Sec. III-D). [CLS] (and any register token) lives T = depth blocks and is always kept.
+
+- ``model(x)``: eval mode slims with the model's keep rate (default 0.7); ``keep_rate=1.0`` is the parent timm model.
+- ``model(x, keep_rate=r)``, ``model(x, budget=b)``: another keep rate, or the largest one whose FLOPs fit ``b`` of the
+  parent's (``keep_rate_for_budget``). ``token_schedule``, ``flops`` and ``flops_ratio`` tell what a rate costs.
+- Train mode drops nothing: soft weights beta_i(t) weigh every attention after ``life_layer`` (eqs. 6-7), so the life
+  predictor trains end to end through the usual cross-entropy (eq. 8).
+
+Two misprints of 003_*.txt are corrected. Eq. (10) lacks the square of (t - mu): as printed it is identically 0
+(sum (t - mu)(n_t - n_{t+1}) + (T - mu) n_T = N mu - N mu); the standard deviation of the lives implied by n_t is used.
+Eq. (7), 1 / (1 + exp(U (tau - t))), is flipped: it tends to 1 *after* the life ends, against eq. (4) and the text
+("beta approaches beta-bar as U grows"); beta_i(t) = sigmoid(U (tau_i - t)) is used, which tends to eq. (4)'s step.
+"""
+import math
+from numbers import Real
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx._symbolic_trace import is_fx_tracing
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._manipulate import checkpoint
+from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
+
+from ._base import NewPartsMixin, check_fraction, count_flops, embed_tokens, new_parts_filter, parent_cfgs
+
+__all__ = [
+    'DEFAULT_KEEP_RATE', 'LifeRegressVisionTransformer', 'LifeRegression', 'life_stats', 'renormalize_lives',
+    'soft_weights', 'token_counts',
+]
+
+DEFAULT_KEEP_RATE = 0.7
+
+
+def token_counts(num_patches: int, depth: int, prune_layers: Sequence[int], keep_rate: float) -> Tuple[int, ...]:
+    """n_t, the patches used by block t = 1..depth (Sec. III-D, 003_*.txt): N up to the first prune layer, then
+    ceil(rho * previous) after each prune layer (EViT's rounding, never below 1)."""
+    counts, n = [], num_patches
+    for t in range(1, depth + 1):
+        counts.append(n)
+        if t in prune_layers:
+            n = max(1, math.ceil(keep_rate * n - 1e-9))  # 1e-9: rho = k / n gives k whatever the float rounding
+    return tuple(counts)
+
+
+def life_stats(counts: Sequence[int]) -> Tuple[float, float]:
+    """Target mean and std of the lives implied by the schedule n_t (eqs. 9-10, 003_*.txt): n_t - n_{t+1} patches
+    live exactly t blocks, n_T live T. Eq. (10) with the square of (t - mu) it misses (see the module docstring)."""
+    depth, num = len(counts), counts[0]
+    lives = [(t, n - (counts[t] if t < depth else 0)) for t, n in enumerate(counts, 1)]  # (life, how many patches)
+    mu = sum(t * k for t, k in lives) / num
+    sigma = math.sqrt(sum((t - mu) ** 2 * k for t, k in lives) / num)
+    return mu, sigma
+
+
+def renormalize_lives(scores: torch.Tensor, mu: float, sigma: float, eps: float = 1e-6) -> torch.Tensor:
+    """tau_i = (s_i - mean(s)) / std(s) * sigma + mu over the last dim, eq. (3), 003_*.txt. Population std (eq. (10)'s
+    1/N), at least ``eps``: equal scores all get life mu."""
+    mean = scores.mean(-1, keepdim=True)
+    std = scores.std(-1, correction=0, keepdim=True)
+    return (scores - mean) / std.clamp_min(eps) * sigma + mu
+
+
+def soft_weights(lives: torch.Tensor, t: float, U: float) -> torch.Tensor:
+    """beta_i(t) = sigmoid(U (tau_i - t)), eq. (7) of 003_*.txt with its sign corrected: 1 for t << tau, 0.5 at
+    t = tau, 0 after; eq. (4)'s step as U grows."""
+    return torch.sigmoid(U * (lives - t))
+
+
+class LifeRegression(nn.Module):
+    """Life-regression module (Fig. 2, 003_*.txt): LayerNorm (eq. 1), bilinear score of each patch with [CLS] (eq. 2),
+    per-image renormalisation to the target mean and std of lives (eq. 3)."""
+
+    def __init__(self, dim: int, device=None, dtype=None) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.norm = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.proj = nn.Linear(dim, dim, bias=False, **dd)  # W of eq. (2) is proj.weight^T
+
+    def scores(self, x: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+        """s_i = x̄_cls^T W x̄_i (eqs. 1-2) of the patches of tokens x (B, L, D), as (x̄_cls W) · x̄_i: D^2 + N D
+        multiply-adds per image. Returns (B, N) float32."""
+        x = self.norm(x)
+        query = self.proj(x[:, 0])
+        return (x[:, num_prefix_tokens:] @ query.unsqueeze(-1)).squeeze(-1).float()
+
+    def forward(self, x: torch.Tensor, num_prefix_tokens: int, mu: float, sigma: float) -> torch.Tensor:
+        """Lives tau (B, N), float32, of the patches of tokens x (B, L, D), eqs. (1)-(3)."""
+        return renormalize_lives(self.scores(x, num_prefix_tokens), mu, sigma)
+
+
+def _check_layout(depth: int, life_layer: Any, prune_layers: Any) -> Tuple[int, Tuple[int, ...]]:
+    """Check ``life_layer`` (1..depth-1) and ``prune_layers`` (strictly increasing, in life_layer+1..depth-1)."""
+    if isinstance(life_layer, bool) or not isinstance(life_layer, int) or not 1 <= life_layer < depth:
+        raise ValueError(f'life_layer must be a block number in 1..{depth - 1} (1-based), got {life_layer!r}')
+    if isinstance(prune_layers, (int, str)) or not isinstance(prune_layers, Sequence) or not prune_layers:
+        raise ValueError(
+            f'prune_layers must be a non-empty sequence of block numbers in {life_layer + 1}..{depth - 1}, '
+            f'got {prune_layers!r}')
+    layers = list(prune_layers)
+    bad = [v for v in layers if isinstance(v, bool) or not isinstance(v, int) or not life_layer < v < depth]
+    if bad or any(a >= b for a, b in zip(layers, layers[1:])):
+        raise ValueError(
+            f'prune_layers must be strictly increasing block numbers in {life_layer + 1}..{depth - 1} (after '
+            f'life_layer={life_layer}, before the last block), got {layers}')
+    return life_layer, tuple(layers)
+
+
+def _check_temperature(U: Any) -> float:
+    if isinstance(U, bool) or not isinstance(U, Real) or not math.isfinite(U) or U <= 0:
+        raise ValueError(f'U (temperature of eq. 7) must be a finite number > 0, got {U!r}')
+    return float(U)
+
+
+class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
+    """timm ``VisionTransformer`` with LifeRegress patch slimming (003_*.txt)."""
+    new_prefixes = ('life.',)
+    new_parts_name = 'life predictor'
+    layout_arg = 'life_layer'
+
+    def __init__(
+            self,
+            life_layer: int = 3,
+            prune_layers: Sequence[int] = (4, 7, 10),
+            keep_rate: Optional[float] = None,
+            U: float = 1.5,
+            budget: Optional[float] = None,
+            **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            life_layer: t_base, the 1-based block after which the life module runs; before ``prune_layers[0]``. The
+                default 3 feeds layer 4, the first slimming layer (the paper clamps lives to [4, 12] "as predicted at
+                layer 4").
+            prune_layers: 1-based blocks after which patches leave (paper: 4, 7, 10).
+            keep_rate: Default rho in (0, 1] (default 0.7 without a budget, none with one).
+            U: Temperature of the soft weights, eq. (7) (paper: 1.5).
+            budget: Default share (0, 1] of the parent's FLOPs; caps the keep rate (see ``resolve_keep_rate``).
+            **kwargs: ``VisionTransformer`` arguments.
+        """
+        super().__init__(**kwargs)
+        if not self.has_class_token:
+            raise ValueError('LifeRegressVisionTransformer needs class_token=True: lives are scored against [CLS]')
+        self.depth = len(self.blocks)
+        self.life_layer, self.prune_layers = _check_layout(self.depth, life_layer, prune_layers)
+        self.U = _check_temperature(U)
+        if keep_rate is None and budget is None:
+            keep_rate = DEFAULT_KEEP_RATE
+        self.keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        self.budget = None if budget is None else check_fraction('budget', budget, low_open=True)
+        self.life = LifeRegression(self.embed_dim, device=kwargs.get('device'), dtype=kwargs.get('dtype'))
+        for name, module in self.life.named_modules():
+            init_weights_vit_timm(module, name)
+        self._reset_costs()
+
+    # --- timm API -------------------------------------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        """Parent groups; the life module joins the group of block ``life_layer``, the block it follows."""
+        return dict(
+            stem=r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^life\.', (self.life_layer - 1,)), (r'^norm', (99999,))],
+        )
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """timm's reset; FLOPs (the head's) are counted again."""
+        super().reset_classifier(num_classes, global_pool)
+        self._reset_costs()
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """timm's resize; the schedule follows the new patch count and FLOPs are counted again."""
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        self._reset_costs()
+
+    # --- keep rate, schedule and compute ----------------------------------------------------------------------
+
+    def _reset_costs(self) -> None:
+        """Forget counted FLOPs; a default budget is resolved again now (a check, and torch.fx cannot count)."""
+        self._flops: Dict[Tuple[str, int], int] = {}
+        self._budget_rates: Dict[float, float] = {}
+        if self.budget is not None:
+            self.keep_rate_for_budget(self.budget)
+
+    def resolve_keep_rate(self, keep_rate: Optional[float] = None, budget: Optional[float] = None) -> float:
+        """The keep rate a forward uses. Arguments replace the model's defaults as a pair (neither given: the
+        defaults). A budget caps the rate, min(keep_rate, ``keep_rate_for_budget(budget)``); alone it picks it."""
+        if keep_rate is None and budget is None:
+            keep_rate, budget = self.keep_rate, self.budget
+        rate = 1. if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        if budget is not None:
+            rate = min(rate, self.keep_rate_for_budget(budget))
+        return rate
+
+    def token_schedule(self, keep_rate: Optional[float] = None) -> Tuple[int, ...]:
+        """n_t, the patches (prefix tokens excluded) each block t = 1..depth runs on at the model's input size."""
+        return token_counts(self.patch_embed.num_patches, self.depth, self.prune_layers,
+                            self.resolve_keep_rate(keep_rate))
+
+    def _piece_flops(self, piece: str, tokens: int = 0) -> int:
+        """FLOPs of one image through 'embed', a 'block' (all alike in a ViT), 'life' or 'head' (final norm, pool,
+        classifier) at ``tokens`` tokens, by torch's flop counter, counted once."""
+        key = (piece, tokens)
+        if key not in self._flops:
+            ref = self.cls_token
+            if piece == 'embed':
+                x = torch.zeros(1, self.in_chans, *self.patch_embed.img_size, device=ref.device, dtype=ref.dtype)
+                self._flops[key] = count_flops(embed_tokens, self, x)[0]
+            else:
+                x = torch.zeros(1, tokens, self.embed_dim, device=ref.device, dtype=ref.dtype)
+                fn = {
+                    'block': self.blocks[0],
+                    'life': lambda z: self.life(z, self.num_prefix_tokens, 0., 1.),
+                    'head': lambda z: self.forward_head(self.norm(z)),
+                }[piece]
+                self._flops[key] = count_flops(fn, x)[0]
+        return self._flops[key]
+
+    def _schedule_flops(self, counts: Sequence[int]) -> int:
+        npt = self.num_prefix_tokens
+        total = self._piece_flops('embed') + sum(self._piece_flops('block', n + npt) for n in counts)
+        total += self._piece_flops('head', counts[-1] + npt)
+        if counts[-1] < counts[0]:  # the life module runs only when something is dropped
+            total += self._piece_flops('life', counts[0] + npt)
+        return total
+
+    def flops(self, keep_rate: Optional[float] = None) -> int:
+        """FLOPs per image at the model's input size and ``keep_rate`` (default: the model's), torch's flop counter.
+        At keep_rate=1.0 they are the parent timm model's."""
+        return self._schedule_flops(self.token_schedule(keep_rate))
+
+    def flops_ratio(self, keep_rate: Optional[float] = None) -> float:
+        """``flops(keep_rate)`` as a share of the parent's (keep_rate=1.0)."""
+        return self.flops(keep_rate) / self.flops(1.)
+
+    def keep_rate_for_budget(self, budget: float) -> float:
+        """Largest keep rate whose counted FLOPs are at most ``budget`` (a share (0, 1]) of the parent's.
+
+        The cost is a step function of rho (integer counts): bisection, then the right end of the step found (the
+        largest rho giving the same counts, min over prune layers of n_after / n_before). Cached per model.
+        """
+        budget = check_fraction('budget', budget, low_open=True)
+        if budget not in self._budget_rates:
+            num, full = self.patch_embed.num_patches, self.flops(1.)
+
+            def counts(rate: float) -> Tuple[int, ...]:
+                return token_counts(num, self.depth, self.prune_layers, rate)
+
+            def fits(rate: float) -> bool:
+                return self._schedule_flops(counts(rate)) / full <= budget + 1e-9
+
+            if fits(1.):
+                rate = 1.
+            else:
+                cheapest = self._schedule_flops(counts(0.)) / full
+                if cheapest > budget + 1e-9:
+                    raise ValueError(
+                        f'budget={budget:g} is below the cheapest schedule (one patch left after block '
+                        f'{self.prune_layers[0]}: {cheapest:.4f} of the parent\'s FLOPs); allowed: '
+                        f'{cheapest:.4f} <= budget <= 1')
+                lo, hi = 0., 1.
+                while hi - lo > 1 / (4 * num * num):  # steps are at least 1 / N^2 wide
+                    mid = (lo + hi) / 2
+                    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+                c = counts(lo)
+                rate = min(c[p] / c[p - 1] for p in self.prune_layers)
+            self._budget_rates[budget] = rate
+        return self._budget_rates[budget]
+
+    # --- forward ------------------------------------------------------------------------------------------------
+
+    def _run_block(self, i: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(self.blocks[i], x, attn_mask)
+        return self.blocks[i](x, attn_mask=attn_mask)
+
+    def life_attn_mask(self, lives: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive attention mask log beta_j(t) (B, 1, 1, L) over keys j for block t: eq. (6) as softmax(h + log beta).
+        Prefix tokens live T (``depth``)."""
+        lives = F.pad(lives, (self.num_prefix_tokens, 0), value=float(self.depth))
+        return F.logsigmoid(self.U * (lives - t)).to(dtype)[:, None, None, :]
+
+    def _keep_longest(self, x: torch.Tensor, lives: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per image, the prefix tokens and the ``n`` patches of longest life (Property 1: the top-n beta_i(t) are
+        the top-n tau_i) in their original order; their lives follow."""
+        npt = self.num_prefix_tokens
+        idx = lives.topk(n, dim=1).indices.sort(dim=1).values
+        patches = x[:, npt:].gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return torch.cat([x[:, :npt], patches], dim=1), lives.gather(1, idx)
+
+    def predict_lives(self, x: torch.Tensor, keep_rate: Optional[float] = None) -> torch.Tensor:
+        """Lives tau (B, N) of the patches of images x (eqs. 1-3), mu and sigma from ``keep_rate``'s schedule."""
+        x = embed_tokens(self, x)
+        for i in range(self.life_layer):
+            x = self.blocks[i](x)
+        npt = self.num_prefix_tokens
+        counts = token_counts(x.shape[1] - npt, self.depth, self.prune_layers, self.resolve_keep_rate(keep_rate))
+        return self.life(x, npt, *life_stats(counts))
+
+    def forward_features(self, x: torch.Tensor, keep_rate: Optional[float] = None) -> torch.Tensor:
+        """Tokens after the final norm at ``keep_rate`` (default: the model's, so ``forward(x)`` equals
+        ``forward_head(forward_features(x))``).
+
+        Eval: (B, prefix + n_T, D), patches dropped after each prune layer (no computation for them). Train: every
+        token, the soft weights of eqs. (6)-(7) in each attention after ``life_layer``, mu and sigma of eq. (3)
+        from the keep rate's schedule (eqs. 9-10).
+        """
+        rate = self.resolve_keep_rate() if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        x = embed_tokens(self, x)
+        npt = self.num_prefix_tokens
+        num = self.patch_embed.num_patches if is_fx_tracing() else x.shape[1] - npt
+        counts = token_counts(num, self.depth, self.prune_layers, rate)
+        slim = self.training or counts[-1] < counts[0]  # keep_rate 1 in eval: the parent's path, life module skipped
+        lives = None
+        for i in range(self.depth):
+            t = i + 1
+            mask = self.life_attn_mask(lives, t, x.dtype) if self.training and lives is not None else None
+            x = self._run_block(i, x, mask)
+            if slim and t == self.life_layer:
+                lives = self.life(x, npt, *life_stats(counts))
+            if not self.training and t < self.depth and counts[t] < counts[i]:
+                x, lives = self._keep_longest(x, lives, counts[t])
+        return self.norm(x)
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            keep_rate: Optional[float] = None,
+            budget: Optional[float] = None,
+    ) -> torch.Tensor:
+        """(B, num_classes) logits at ``keep_rate`` and/or ``budget`` (see ``resolve_keep_rate``).
+
+        torch.fx traces the model's default keep rate (a traced argument is a Proxy, not a value).
+        ``forward_intermediates`` (and ``features_only``) is the parent's full-token path: no slimming.
+        """
+        rate = self.resolve_keep_rate() if is_fx_tracing() else self.resolve_keep_rate(keep_rate, budget)
+        return self.forward_head(self.forward_features(x, keep_rate=rate))
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': '',
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': None,
+        'crop_pct': .9,
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        'paper_name': 'Life Regression based Patch Slimming for Vision Transformers',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    **parent_cfgs('deit_tiny_patch16_224', 'deit_tiny_liferegress', _cfg),
+    **parent_cfgs('deit_small_patch16_224', 'deit_small_liferegress', _cfg),
+    **parent_cfgs('deit_base_patch16_224', 'deit_base_liferegress', _cfg),
+    **parent_cfgs('vit_tiny_patch16_224', 'vit_tiny_liferegress', _cfg),
+    **parent_cfgs('vit_small_patch16_224', 'vit_small_liferegress', _cfg),
+    **parent_cfgs('vit_base_patch16_224', 'vit_base_liferegress', _cfg),
+    'test_vit_liferegress.r32': _cfg(input_size=(3, 32, 32), num_classes=10),
+})
+
+
+def _create_life_regress_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> LifeRegressVisionTransformer:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        LifeRegressVisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=new_parts_filter,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+@register_model
+def deit_tiny_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressVisionTransformer:
+    """DeiT-Ti with LifeRegress patch slimming (parent: ``deit_tiny_patch16_224``)."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_life_regress_vit('deit_tiny_liferegress', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_small_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressVisionTransformer:
+    """DeiT-S with LifeRegress patch slimming, the paper's main backbone (parent: ``deit_small_patch16_224``)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_life_regress_vit('deit_small_liferegress', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_base_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressVisionTransformer:
+    """DeiT-B with LifeRegress patch slimming (parent: ``deit_base_patch16_224``)."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_life_regress_vit('deit_base_liferegress', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_tiny_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressVisionTransformer:
+    """ViT-Ti/16 with LifeRegress patch slimming (parent: ``vit_tiny_patch16_224``)."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_life_regress_vit('vit_tiny_liferegress', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_small_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressVisionTransformer:
+    """ViT-S/16 with LifeRegress patch slimming (parent: ``vit_small_patch16_224``)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_life_regress_vit('vit_small_liferegress', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_base_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressVisionTransformer:
+    """ViT-B/16 with LifeRegress patch slimming (parent: ``vit_base_patch16_224``)."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_life_regress_vit('vit_base_liferegress', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_vit_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressVisionTransformer:
+    """Tiny test variant: 32 px, 16 patches, 4 blocks, lives predicted after block 1, patches leave after 2 and 3."""
+    model_args = dict(
+        img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2., life_layer=1, prune_layers=(2, 3))
+    return _create_life_regress_vit('test_vit_liferegress', pretrained, **dict(model_args, **kwargs))
