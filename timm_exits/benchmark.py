@@ -168,11 +168,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--json', default=None, help='also write every number to this JSON file')
     parser.add_argument('--quick', action='store_true',
-                        help='smoke test: vit_tiny_patch16_224, batches 1 4, mixed batch 8, 3 rounds, <= 1 warm-up')
+                        help='CI smoke test: vit_tiny_patch16_224, batches 1 4, mixed batch 8, 3 rounds, <= 1 warm-up, '
+                             '1 thread unless --threads')
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.batch_sizes, args.mixed_batch_size, args.rounds = ['vit_tiny_patch16_224'], [1, 4], 8, 3
-        args.warmup = min(args.warmup, 1)
+        args.warmup, args.threads = min(args.warmup, 1), args.threads or 1  # 1 thread: no OpenMP stalls on busy CI
     if args.rounds < 1 or args.warmup < 0:
         parser.error('--rounds must be >= 1 and --warmup >= 0')
     return args

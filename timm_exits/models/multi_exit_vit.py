@@ -253,7 +253,10 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
     @property
     def exit_costs(self) -> Tuple[float, ...]:
         """Per exit, share of the full model's FLOPs: blocks up to it plus its own head (the final one is 1.0)."""
-        return tuple(self._path_cost(layer, (layer,)) for layer in self.exit_layers)
+        flops = self._count_flops()
+        if 'costs' not in flops:  # cached with the counts: forward_dynamic reads it on every call
+            flops['costs'] = tuple(self._path_cost(layer, (layer,)) for layer in self.exit_layers)
+        return flops['costs']
 
     def _stop_layer(self, budget: Optional[float]) -> int:
         """Deepest exit whose cost fits ``budget``."""
