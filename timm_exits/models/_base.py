@@ -15,6 +15,11 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+try:  # torch >= 2.6 warns that is_fx_tracing is also true under torch.export; only symbolic tracing matters here
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
+except ImportError:
+    from torch.fx._symbolic_trace import is_fx_tracing
+
 from timm.models import get_pretrained_cfg, list_pretrained
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as vit_checkpoint_filter_fn
 
@@ -22,7 +27,7 @@ _logger = logging.getLogger(__name__)
 
 __all__ = [
     'NewPartsMixin', 'UntrainedWeightsWarning', 'check_fraction', 'check_layout', 'count_flops', 'embed_tokens',
-    'new_parts_filter', 'parent_cfgs',
+    'is_fx_tracing', 'new_parts_filter', 'parent_cfgs',
 ]
 
 
