@@ -8,5 +8,6 @@ from .models import (
     create_exit_head,
 )
 from .models import LifeRegression, LifeRegressVisionTransformer
+from .hub import MissingWeightsError, published_models, push
 
 __version__ = '0.1.0'

@@ -23,14 +23,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx._symbolic_trace import is_fx_tracing
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
-from ._base import NewPartsMixin, check_fraction, count_flops, embed_tokens, new_parts_filter, parent_cfgs
+from ..hub import explain_missing_weights, published_cfg
+from ._base import (
+    NewPartsMixin, check_fraction, count_flops, embed_tokens, is_fx_tracing, new_parts_filter, parent_cfgs,
+)
 
 __all__ = [
     'DEFAULT_KEEP_RATE', 'LifeRegressVisionTransformer', 'LifeRegression', 'life_stats', 'renormalize_lives',
@@ -367,6 +369,9 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 default_cfgs = generate_default_cfgs({
     **parent_cfgs('deit_tiny_patch16_224', 'deit_tiny_liferegress', _cfg),
     **parent_cfgs('deit_small_patch16_224', 'deit_small_liferegress', _cfg),
+    'deit_small_liferegress.in1k': published_cfg(  # trained life predictor, on the Hub (timm_exits.hub)
+        _cfg, 'deit_small_liferegress.in1k', 'python train_recipes/liferegress_imagenet.py --data-dir /data/imagenet',
+        crop_pct=.875, paper_ids='arXiv:2304.04926'),
     **parent_cfgs('deit_base_patch16_224', 'deit_base_liferegress', _cfg),
     **parent_cfgs('vit_tiny_patch16_224', 'vit_tiny_liferegress', _cfg),
     **parent_cfgs('vit_small_patch16_224', 'vit_small_liferegress', _cfg),
@@ -375,6 +380,7 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+@explain_missing_weights  # published weights not on the Hub yet: an error naming the repo and the recipe
 def _create_life_regress_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> LifeRegressVisionTransformer:
     out_indices = kwargs.pop('out_indices', 3)
     return build_model_with_cfg(

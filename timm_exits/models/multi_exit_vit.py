@@ -17,15 +17,17 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from torch.fx._symbolic_trace import is_fx_tracing
 
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
+from ..hub import explain_missing_weights, published_cfg
 from ..losses import attach_exit_losses
-from ._base import NewPartsMixin, check_fraction, count_flops, embed_tokens, new_parts_filter, parent_cfgs
+from ._base import (
+    NewPartsMixin, check_fraction, count_flops, embed_tokens, is_fx_tracing, new_parts_filter, parent_cfgs,
+)
 from .exit_heads import EXIT_HEADS, ExitHead, create_exit_head
 
 __all__ = ['EXIT_CRITERIA', 'ExitOutput', 'MultiExitVisionTransformer', 'default_exit_layers']
@@ -379,6 +381,13 @@ def _parent_cfgs(parent: str, depth: int = 12) -> Dict[str, Dict[str, Any]]:
     return parent_cfgs(parent, f'{parent}_mexit', _cfg, classifier=_classifier_names(depth, default_exit_layers(depth)))
 
 
+# published MEViT models: TransFG's evaluation transform (MEViT, 000_*.txt), resize to 600 x 600, centre crop 448
+_MEVIT_FGVC = dict(
+    input_size=(3, 448, 448), crop_pct=448 / 600, crop_mode='squash', interpolation='bilinear', paper_ids=None,
+    paper_name='Multi-Exit Vision Transformer with Custom Fine-Tuning for Fine-Grained Image Recognition',
+    classifier=_classifier_names(12, default_exit_layers(12)))
+
+
 default_cfgs = generate_default_cfgs({
     **_parent_cfgs('vit_tiny_patch16_224'),
     **_parent_cfgs('vit_small_patch16_224'),
@@ -391,9 +400,20 @@ default_cfgs = generate_default_cfgs({
         input_size=(3, 32, 32), num_classes=10, classifier=_classifier_names(4, default_exit_layers(4))),
     'test_vit_mexit_ls.r32': _cfg(
         input_size=(3, 32, 32), num_classes=10, classifier=_classifier_names(4, default_exit_layers(4))),
+    # fine-tuned weights published on the Hub as {TIMM_EXITS_HUB_ORG}/{name} (timm_exits.hub)
+    'vit_b16_mexit_cars': published_cfg(
+        _cfg, 'vit_b16_mexit_cars', 'python train_recipes/mevit_cars.py --data-dir /data/stanford_cars',
+        num_classes=196, **_MEVIT_FGVC),
+    'vit_b16_mexit_aircraft': published_cfg(
+        _cfg, 'vit_b16_mexit_aircraft', 'python train_recipes/mevit_aircraft.py --data-dir /data/fgvc_aircraft',
+        num_classes=100, **_MEVIT_FGVC),
+    'test_vit_mexit_named': published_cfg(
+        _cfg, 'test_vit_mexit_named', 'pytest tests/test_hub.py (tiny test model, random weights)',
+        input_size=(3, 32, 32), num_classes=10, classifier=_classifier_names(4, default_exit_layers(4))),
 })
 
 
+@explain_missing_weights  # published weights not on the Hub yet: an error naming the repo and the recipe
 def _create_multi_exit_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> MultiExitVisionTransformer:
     out_indices = kwargs.pop('out_indices', 3)
     depth = kwargs.get('depth', 12)
@@ -474,3 +494,33 @@ def test_vit_mexit_ls(pretrained: bool = False, **kwargs) -> MultiExitVisionTran
     model_args = dict(
         img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2., init_values=1e-2, reg_tokens=1)
     return _create_multi_exit_vit('test_vit_mexit_ls', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_b16_mexit_cars(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
+    """MEViT on Stanford Cars: ViT-B/16 at 448 px, 196 classes, linear exits after blocks 6..11 and the final head,
+    uncertainty criterion (eq. 3, 000_*.txt). Weights: ``{TIMM_EXITS_HUB_ORG}/vit_b16_mexit_cars``."""
+    model_args = dict(
+        img_size=448, patch_size=16, embed_dim=768, depth=12, num_heads=12, exit_layers=tuple(range(6, 12)),
+        exit_head='linear', exit_criterion='uncertainty')
+    return _create_multi_exit_vit('vit_b16_mexit_cars', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_b16_mexit_aircraft(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
+    """MEViT on FGVC-Aircraft: ViT-B/16 at 448 px, 100 variants, linear exits after blocks 6..11 and the final head,
+    uncertainty criterion (eq. 3, 000_*.txt). Weights: ``{TIMM_EXITS_HUB_ORG}/vit_b16_mexit_aircraft``."""
+    model_args = dict(
+        img_size=448, patch_size=16, embed_dim=768, depth=12, num_heads=12, exit_layers=tuple(range(6, 12)),
+        exit_head='linear', exit_criterion='uncertainty')
+    return _create_multi_exit_vit('vit_b16_mexit_aircraft', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_vit_mexit_named(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
+    """Tiny published-weights test variant (``vit_b16_mexit_cars`` in miniature): 32 px, 4 blocks, exits after blocks
+    2 and 3, uncertainty criterion. Weights: ``{TIMM_EXITS_HUB_ORG}/test_vit_mexit_named``."""
+    model_args = dict(
+        img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2., exit_layers=(2, 3),
+        exit_criterion='uncertainty')
+    return _create_multi_exit_vit('test_vit_mexit_named', pretrained, **dict(model_args, **kwargs))
