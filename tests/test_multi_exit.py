@@ -190,7 +190,8 @@ def test_criteria_against_hand_computed_values():
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(threshold=-0.1), 'threshold'), (dict(threshold=1.5), 'threshold'), (dict(threshold=float('nan')), 'threshold'),
+    (dict(threshold=-0.1), 'threshold'), (dict(threshold=1.5), 'threshold'),
+    (dict(threshold=float('nan')), 'threshold'),
     (dict(threshold='high'), 'threshold'), (dict(budget=0.), 'budget'), (dict(budget=-1), 'budget'),
     (dict(budget=1.01), 'budget'), (dict(budget=float('nan')), 'budget'), (dict(budget=0.2), r'budget=0.2 .*0\.5'),
 ])

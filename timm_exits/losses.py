@@ -6,9 +6,14 @@
 passes the final logits' gradient g back. For softmax criteria (cross-entropy, label smoothing, soft-target
 cross-entropy after mixup/cutmix) that gradient is g = k (softmax(z) - t), with k the loss scale (1/B for a mean, times
 the AMP loss scale, over the accumulation steps) and t the target distribution. k is read off the classes whose target
-is 0 (there g_j / p_j = k), then t = p - g / k, and each exit receives k * d(exit loss)/d(exit outputs): exactly the
-gradient of ``loss_scale * mean(criterion + sum of exit losses)``. Limits: a criterion that is not a softmax
-cross-entropy (e.g. timm's BCE) gives a meaningless k; label smoothing makes k slightly small (no class has t = 0).
+is 0 (there g_j / p_j = k; one k for the batch, see ``estimate_scale_and_target``), then t = p - g / k, and each exit
+receives k * d(exit loss)/d(exit outputs): exactly the gradient of ``loss_scale * mean(criterion + sum of exit
+losses)``. Limits: only a loss that is a function of softmax(z) has rows of g that sum to 0; anything else (timm's
+BCE) gives a meaningless k, so the backward raises a RuntimeError there instead of training the final head alone
+(a gradient constant along each row, e.g. ``model(x).mean().backward()``, is passed to every exit as it is).
+Label smoothing, mixup/cutmix, logit distillation at temperature 1 and JSD give the target the criterion pulls the
+final head to (smoothed, mixed, label and teacher mixed; the JSD pull); distillation at another temperature is not of
+the form k (p - t): k comes out too large and the targets are wrong.
 """
 from typing import Optional, Sequence, Tuple
 
@@ -17,7 +22,10 @@ import torch.nn.functional as F
 
 from timm.layers import register_notrace_function
 
-__all__ = ['attach_exit_losses', 'estimate_scale_and_target', 'mevit_exit_loss', 'uncertainty_target']
+__all__ = [
+    'attach_exit_losses', 'estimate_scale_and_target', 'gradient_kind', 'inplace_kl', 'mevit_exit_loss',
+    'uncertainty_mse', 'uncertainty_target',
+]
 
 
 def uncertainty_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -44,21 +52,76 @@ def mevit_exit_loss(
         target: (B, C) target distribution (one-hot, smoothed or mixed).
         teacher: (B, C) final classifier's distribution f_n(h_n); no gradient flows into it.
     """
-    log_p = logits.float().log_softmax(-1)
-    target = target.float()
-    loss = -(target * log_p).sum(-1) + (uncertainty.float() - uncertainty_target(logits, target)) ** 2
-    if teacher is not None:
-        teacher = teacher.detach().float()
-        loss = loss + (teacher * (teacher.clamp_min(1e-12).log() - log_p)).sum(-1)
-    return loss
+    loss = -(target.float() * logits.float().log_softmax(-1)).sum(-1) + uncertainty_mse(uncertainty, logits, target)
+    return loss if teacher is None else loss + inplace_kl(logits, teacher)
+
+
+def uncertainty_mse(uncertainty: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per sample (u_i - u~_i)^2, eq. (2) of 000_*.txt, with u~_i of eq. (4) from the exit's (B, C) logits."""
+    return (uncertainty.float() - uncertainty_target(logits, target)) ** 2
+
+
+def inplace_kl(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per sample KL(f_n || f_i), the in-place distillation of eq. (5), 000_*.txt; ``teacher`` is the final
+    classifier's (B, C) distribution, detached here: no gradient flows into it."""
+    teacher = teacher.detach().float()
+    return (teacher * (teacher.clamp_min(1e-12).log() - logits.float().log_softmax(-1))).sum(-1)
+
+
+def gradient_kind(grad: torch.Tensor, tol: float = 0.02) -> str:
+    """What the criterion's gradient g on the final logits is: 'softmax' (rows sum to ~0, as for any loss of
+    softmax(z)) or 'linear' (constant along each row, a linear function of the logits such as the
+    ``model(x).mean().backward()`` of timm's model tests: no target to infer, every exit takes the same gradient).
+
+    Raises:
+        RuntimeError: Neither, e.g. timm's BinaryCrossEntropy (train.py ``--bce-loss``): the exits' loss cannot be
+            inferred, and training the final head alone silently is not an option.
+    """
+    g = grad.detach().float()
+    total = g.abs().sum()
+    mean = g.mean(-1, keepdim=True)
+    if not bool(total > 0) or bool(mean.abs().sum() * g.shape[-1] <= tol * total):
+        return 'softmax'
+    if bool((g - mean).abs().sum() <= tol * total):
+        return 'linear'
+    raise RuntimeError(
+        'timm_exits: the gradient reaching a multi-exit model\'s train-mode output is not that of a softmax loss (its '
+        'rows do not sum to 0, e.g. BCE: timm train.py --bce-loss), so the exits\' MEViT losses cannot be inferred '
+        'from it. Use a softmax criterion (cross-entropy, label smoothing, mixup/cutmix soft targets, JSD), or train '
+        'with a timm_exits.tasks objective, which calls forward_exits with any criterion.')
 
 
 def estimate_scale_and_target(logits: torch.Tensor, grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the loss scale k and target t of a softmax criterion from its gradient g = k (softmax(z) - t)."""
+    """The loss scale k and per-row target t of a softmax criterion from its gradient g = k (softmax(z) - t).
+
+    timm's criteria average over the batch, so k is one number, the largest of three estimates over the batch:
+    - any t >= 0 makes g_j / p_j <= k (equal where a class with p_j >= 1e-4 has t_j = 0), and
+    - the sum of g over the classes other than the one pulled up hardest, over their sum of p, <= k (equal for a hard
+      label, also when the final head is sure of it: p ~ 1 leaves no informative class of its own);
+    - off-target classes share one target c (0, or smoothing / C under label smoothing), so between two of them g
+      grows like k p: the median over rows of that slope, between the most and least likely classes once each row's
+      two most likely and two hardest-pulled classes are set aside (the label, or mixup's pair).
+    The first two are exact for hard and mixed labels and logit distillation at temperature 1, the third for label
+    smoothing, where the first two fall short by c / p (as the final head fits the smoothed target, p -> c).
+
+    Returns:
+        k (B,), the same for every row, and t (B, C).
+    """
     p = logits.detach().float().softmax(-1)
     g = grad.float()
-    ratio = torch.where(p >= 1e-4, g / p.clamp_min(1e-4), torch.full_like(p, -float('inf')))
-    k = ratio.amax(-1).clamp_min(0.).nan_to_num(0.)
+    ratio = torch.where(p >= 1e-4, g / p.clamp_min(1e-4), torch.full_like(p, -float('inf'))).amax(-1)
+    others = torch.ones_like(p).scatter_(-1, g.argmin(-1, keepdim=True), 0.)
+    bulk = (g * others).sum(-1) / (p * others).sum(-1).clamp_min(1e-30)
+    k = torch.maximum(ratio, bulk).nan_to_num(0.).amax()
+    if p.shape[-1] > 6:
+        off = torch.ones_like(p, dtype=torch.bool)
+        off.scatter_(-1, p.topk(2, -1).indices, False).scatter_(-1, g.topk(2, -1, largest=False).indices, False)
+        hi = torch.where(off, p, -1.).argmax(-1, keepdim=True)
+        lo = torch.where(off, p, 2.).argmin(-1, keepdim=True)
+        dp = (p.gather(-1, hi) - p.gather(-1, lo)).squeeze(-1)
+        slope = (g.gather(-1, hi) - g.gather(-1, lo)).squeeze(-1) / dp.clamp_min(1e-30)
+        k = torch.maximum(k, torch.where(dp > 0, slope, torch.nan).nanmedian().nan_to_num(0.))
+    k = k.clamp_min(0.).expand(p.shape[0])
     t = (p - g / k.clamp_min(1e-30)[:, None]).clamp_min(0.)
     t = torch.where(k[:, None] > 0, t / t.sum(-1, keepdim=True).clamp_min(1e-12), p)
     return k, t
@@ -77,6 +140,8 @@ class _AttachExitLosses(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         final, *outputs = ctx.saved_tensors
         n = ctx.num_exits
+        if gradient_kind(grad) == 'linear':  # the same linear objective on every exit's logits
+            return (None, grad, *(grad.to(o.dtype) for o in outputs[:n]), *(torch.zeros_like(o) for o in outputs[n:]))
         k, target = estimate_scale_and_target(final, grad)
         teacher = final.detach().float().softmax(-1)
         with torch.enable_grad():
@@ -84,7 +149,7 @@ class _AttachExitLosses(torch.autograd.Function):
             logits, uncertainty = leaves[:n], leaves[n:]
             loss = sum(mevit_exit_loss(z, u, target, teacher) for z, u in zip(logits, uncertainty[:n]))
             # the final exit's uncertainty predictor: eq. (2) alone; the criterion already covers its CE
-            loss = loss + (uncertainty[n] - uncertainty_target(final, target)) ** 2
+            loss = loss + uncertainty_mse(uncertainty[n], final, target)
             grads = torch.autograd.grad((k * loss).sum(), leaves)
         return (None, grad, *(g.to(o.dtype) for g, o in zip(grads, outputs)))
 

@@ -447,8 +447,8 @@ def vit_small_patch16_224_mexit(pretrained: bool = False, **kwargs) -> MultiExit
 
 @register_model
 def vit_base_patch16_224_mexit(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
-    """ViT-B/16 with early exits, MEViT's backbone (parent: ``vit_base_patch16_224``; MEViT starts from ``.augreg_in21k``
-    or ``.orig_in21k``)."""
+    """ViT-B/16 with early exits, MEViT's backbone (parent: ``vit_base_patch16_224``; MEViT starts from
+    ``.augreg_in21k`` or ``.orig_in21k``)."""
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
     return _create_multi_exit_vit('vit_base_patch16_224_mexit', pretrained, **dict(model_args, **kwargs))
 
