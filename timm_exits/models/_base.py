@@ -20,14 +20,14 @@ try:  # torch >= 2.6 warns that is_fx_tracing is also true under torch.export; o
 except ImportError:
     from torch.fx._symbolic_trace import is_fx_tracing
 
-from timm.models import get_pretrained_cfg, list_pretrained
+from timm.models import build_model_with_cfg, get_pretrained_cfg, list_pretrained
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
     'NewPartsMixin', 'UntrainedWeightsWarning', 'check_fraction', 'check_layout', 'count_flops', 'embed_tokens',
-    'is_fx_tracing', 'new_parts_filter', 'parent_cfgs',
+    'build_vit_family', 'is_fx_tracing', 'new_parts_filter', 'parent_cfgs',
 ]
 
 
@@ -137,3 +137,17 @@ def check_layout(
         raise ValueError(
             f'checkpoint {what} do not match this model: {detail}. Create the model with the {layout_arg} '
             f'the checkpoint was trained with.{hint}')
+
+
+def build_vit_family(model_cls: type, variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """``build_model_with_cfg`` as timm builds its ViTs (intermediate-feature getter for ``features_only``), loading
+    pretrained weights through ``new_parts_filter``: the body of each family's ``_create_*``."""
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=new_parts_filter,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )

@@ -25,13 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
 from ..hub import explain_missing_weights, published_cfg
 from ._base import (
-    NewPartsMixin, check_fraction, count_flops, embed_tokens, is_fx_tracing, new_parts_filter, parent_cfgs,
+    NewPartsMixin, build_vit_family, check_fraction, count_flops, embed_tokens, is_fx_tracing, parent_cfgs,
 )
 
 __all__ = [
@@ -382,15 +382,7 @@ default_cfgs = generate_default_cfgs({
 
 @explain_missing_weights  # published weights not on the Hub yet: an error naming the repo and the recipe
 def _create_life_regress_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> LifeRegressVisionTransformer:
-    out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        LifeRegressVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=new_parts_filter,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_vit_family(LifeRegressVisionTransformer, variant, pretrained, **kwargs)
 
 
 @register_model

@@ -19,14 +19,14 @@ import torch
 import torch.nn as nn
 
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
 from ..hub import explain_missing_weights, published_cfg
 from ..losses import attach_exit_losses
 from ._base import (
-    NewPartsMixin, check_fraction, count_flops, embed_tokens, is_fx_tracing, new_parts_filter, parent_cfgs,
+    NewPartsMixin, build_vit_family, check_fraction, count_flops, embed_tokens, is_fx_tracing, parent_cfgs,
 )
 from .exit_heads import EXIT_HEADS, ExitHead, create_exit_head
 
@@ -415,20 +415,11 @@ default_cfgs = generate_default_cfgs({
 
 @explain_missing_weights  # published weights not on the Hub yet: an error naming the repo and the recipe
 def _create_multi_exit_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> MultiExitVisionTransformer:
-    out_indices = kwargs.pop('out_indices', 3)
     depth = kwargs.get('depth', 12)
     layers = _exit_layout(depth, kwargs.get('exit_layers'))
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
-    overlay.setdefault('classifier', _classifier_names(depth, layers))
-    return build_model_with_cfg(
-        MultiExitVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=new_parts_filter,
-        pretrained_cfg_overlay=overlay,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    overlay.setdefault('classifier', _classifier_names(depth, layers))  # every head of this layout
+    return build_vit_family(MultiExitVisionTransformer, variant, pretrained, pretrained_cfg_overlay=overlay, **kwargs)
 
 
 @register_model
