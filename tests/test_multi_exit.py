@@ -97,6 +97,10 @@ def test_threshold_exit_matches_first_passing_exit(tiny):
     expected_logits = torch.stack([all_logits[j][i] for i, j in enumerate(first.tolist())])
     assert torch.allclose(out.logits, expected_logits, atol=1e-5)
     assert torch.allclose(tiny(x, threshold=0.7), out.logits)
+    # the cost of a threshold exit counts every head evaluated on the way (the first exit's is its own cost)
+    path = torch.tensor(tiny.threshold_costs)
+    assert torch.allclose(out.cost, path[first].float())
+    assert path[0].item() == pytest.approx(tiny.exit_costs[0]) and (path[1:] > torch.tensor(tiny.exit_costs[1:])).all()
 
 
 def test_exited_images_leave_the_batch(tiny):

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 import timm
 from timm_exits.validate import (
-    DigitsDataset, budget_table, collect_outputs, evaluate, exit_path_costs, main, make_loader, practical_exits,
+    DigitsDataset, budget_table, collect_outputs, evaluate, main, make_loader, practical_exits,
     select_threshold, threshold_table,
 )
 
@@ -62,7 +62,7 @@ def test_simulated_thresholds_match_forward_dynamic(criterion):
     ds = DigitsDataset('val', 32)
     outputs = collect_outputs(model, make_loader(ds, 128), torch.device('cpu'))
     threshold = float(outputs['scores'][0].median())  # about half the images leave at the first exit
-    row = threshold_table(outputs['scores'], outputs['correct'], exit_path_costs(model), [threshold],
+    row = threshold_table(outputs['scores'], outputs['correct'], list(model.threshold_costs), [threshold],
                           criterion == 'confidence')[0]
     with torch.no_grad():
         out = model.forward_dynamic(ds.images, threshold=threshold)

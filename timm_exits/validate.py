@@ -39,7 +39,7 @@ _logger = logging.getLogger(__name__)
 
 __all__ = [
     'DigitsDataset', 'accuracies', 'atomic_write', 'build_transform', 'budget_table', 'choose_threshold',
-    'collect_outputs', 'create_dataset', 'evaluate', 'exit_path_costs', 'make_loader', 'practical_exits',
+    'collect_outputs', 'create_dataset', 'evaluate', 'make_loader', 'practical_exits',
     'plot_tradeoff', 'select_threshold', 'threshold_table', 'write_json',
 ]
 
@@ -326,7 +326,7 @@ def choose_threshold(
         ``{'criterion', 'threshold', 'target_drop', 'target_cost', 'calib_accuracy', 'calib_mean_cost',
         'calib_full_accuracy'}``.
     """
-    rows = threshold_table(outputs['scores'], outputs['correct'], exit_path_costs(model),
+    rows = threshold_table(outputs['scores'], outputs['correct'], list(model.threshold_costs),
                            candidate_thresholds(outputs['scores']), model.exit_criterion == 'confidence')
     full = accuracies(outputs['correct'])[-1]
     row = select_threshold(rows, full, max_drop, max_cost)
@@ -335,15 +335,8 @@ def choose_threshold(
             'calib_full_accuracy': full}
 
 
-def exit_path_costs(model: MultiExitVisionTransformer) -> List[float]:
-    """Cost of leaving at each exit with a threshold: blocks up to it plus every head evaluated on the way, as
-    ``forward_dynamic`` reports it."""
-    layers = model.exit_layers
-    return [model._path_cost(layer, layers[:i + 1]) for i, layer in enumerate(layers)]
-
-
 def _full_flops(model: nn.Module) -> int:
-    """FLOPs of one image through the full-depth model (the timm parent's), torch's flop counter."""
+    """FLOPs of one image through a plain model (no exits, no slimming), torch's flop counter."""
     ref = next(model.parameters())
     x = torch.zeros(1, model.patch_embed.proj.in_channels, *model.patch_embed.img_size, device=ref.device,
                     dtype=ref.dtype)
@@ -385,7 +378,6 @@ def evaluate(
     correct = outputs['correct']
     accs = accuracies(correct)
     result: Dict[str, Any] = {'model': model_name, 'dataset': dataset_name, 'num_images': int(correct.shape[1])}
-    full = _full_flops(model)
     ref = next(model.parameters())
     x = torch.randn(max(latency_batch, 1), model.patch_embed.proj.in_channels, *model.patch_embed.img_size,
                     device=ref.device, dtype=ref.dtype)
@@ -397,12 +389,13 @@ def evaluate(
             lat = _latencies({i: (lambda c=c: model(x, budget=c)) for i, c in enumerate(costs)}, len(x)) \
                 if latency_batch else {}
             result['exits'] = [
-                {'layer': layer, 'accuracy': acc, 'cost': cost, 'gflops': cost * full / 1e9,
+                {'layer': layer, 'accuracy': acc, 'cost': cost, 'gflops': cost * model.full_flops / 1e9,
                  'latency_ms': lat.get(i), 'practical': practical}
                 for i, (layer, acc, cost, practical) in enumerate(
                     zip(model.exit_layers, accs, costs, practical_exits(accs)))]
             result['thresholds'] = threshold_table(
-                outputs['scores'], correct, exit_path_costs(model), thresholds, model.exit_criterion == 'confidence')
+                outputs['scores'], correct, list(model.threshold_costs), thresholds,
+                model.exit_criterion == 'confidence')
             grid = [round(0.1 * i, 1) for i in range(1, 11)] if budgets is None else list(budgets)
             result['budgets'] = budget_table(accs, costs, sorted({*grid, *costs}))
         elif isinstance(model, LifeRegressVisionTransformer):
@@ -414,7 +407,7 @@ def evaluate(
                 for rate, acc in zip(keep_rates, accs)]
         else:
             result['accuracy'] = accs[0]
-            result['gflops'] = full / 1e9
+            result['gflops'] = _full_flops(model) / 1e9
     finally:
         model.train(was_training)
     result['plot'] = 'tradeoff.png'
@@ -516,7 +509,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             raise ValueError('--target-drop / --target-cost choose an early-exit threshold: a multi-exit model only')
         calib = collect_outputs(model, loader(args.calib_split), device) if args.calib_split else outputs
         choice = choose_threshold(model, calib, args.target_drop, args.target_cost)
-        applied = threshold_table(outputs['scores'], outputs['correct'], exit_path_costs(model),
+        applied = threshold_table(outputs['scores'], outputs['correct'], list(model.threshold_costs),
                                   [choice['threshold']], model.exit_criterion == 'confidence')[0]
         choice.update(split=args.split, accuracy=applied['accuracy'], mean_cost=applied['mean_cost'])
         write_json(choice, os.path.join(args.output, 'threshold.json'))

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 import timm
 from timm_exits.train import Recipe, Stage, train
 from timm_exits.validate import (
-    DigitsDataset, choose_threshold, collect_outputs, exit_path_costs, make_loader, threshold_table, write_json,
+    DigitsDataset, choose_threshold, collect_outputs, make_loader, threshold_table, write_json,
 )
 
 BACKBONE = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, mlp_ratio=2.)
@@ -73,7 +73,7 @@ def _threshold_choice(recipe: Recipe, out: str, max_drop: float = 1.) -> Dict[st
     outputs = {s: collect_outputs(model, make_loader(DigitsDataset(s, 32), 256), torch.device('cpu'))
                for s in ('val', 'test')}
     choice = choose_threshold(model, outputs['val'], max_drop=max_drop)
-    test = threshold_table(outputs['test']['scores'], outputs['test']['correct'], exit_path_costs(model),
+    test = threshold_table(outputs['test']['scores'], outputs['test']['correct'], list(model.threshold_costs),
                            [choice['threshold']])[0]
     return {**choice, 'test_accuracy': test['accuracy'], 'test_mean_cost': test['mean_cost']}
 

@@ -253,12 +253,27 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         return (f['embed'] + sum(f['blocks'][:layer]) + sum(f['exits'][h] for h in heads)) / f['full']
 
     @property
+    def full_flops(self) -> int:
+        """FLOPs of one image through the full-depth model (the timm parent's), torch's flop counter."""
+        return self._count_flops()['full']
+
+    @property
     def exit_costs(self) -> Tuple[float, ...]:
         """Per exit, share of the full model's FLOPs: blocks up to it plus its own head (the final one is 1.0)."""
         flops = self._count_flops()
         if 'costs' not in flops:  # cached with the counts: forward_dynamic reads it on every call
             flops['costs'] = tuple(self._path_cost(layer, (layer,)) for layer in self.exit_layers)
         return flops['costs']
+
+    @property
+    def threshold_costs(self) -> Tuple[float, ...]:
+        """Per exit, the share of full FLOPs an image leaving there spent with a threshold: blocks up to it plus every
+        exit head evaluated on the way (``forward_dynamic``'s ``cost``)."""
+        flops = self._count_flops()
+        if 'threshold_costs' not in flops:
+            layers = self.exit_layers
+            flops['threshold_costs'] = tuple(self._path_cost(layer, layers[:k + 1]) for k, layer in enumerate(layers))
+        return flops['threshold_costs']
 
     def _stop_layer(self, budget: Optional[float]) -> int:
         """Deepest exit whose cost fits ``budget``."""
@@ -300,6 +315,7 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
             raise ValueError('forward_dynamic needs a classifier: the model was built or reset with num_classes=0')
         stop = self._stop_layer(budget)
         checked = [layer for layer in self.exit_layers if layer <= stop] if threshold is not None else [stop]
+        costs = dict(zip(self.exit_layers, self.exit_costs if threshold is None else self.threshold_costs))
 
         batch = x.shape[0]
         x = embed_tokens(self, x)
@@ -313,7 +329,7 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
             if layer not in checked:
                 continue
             logits = self._exit_logits(layer, x)
-            cost = self._path_cost(layer, checked[:checked.index(layer) + 1])
+            cost = costs[layer]
             if layer == stop:
                 logits_out[rows] = logits
                 exit_out[rows] = layer
