@@ -260,7 +260,7 @@ def test_push_refuses_corrupt_checkpoints(tmp_path):
     (tmp_path / 'bad.pth.tar').write_bytes(b'not a checkpoint')
     with pytest.raises(ValueError, match='bad.safetensors is not a valid safetensors file'):
         hub.push(tmp_path / 'bad.safetensors', NAMED, local_dir=tmp_path / 'out', upload=False)
-    with pytest.raises(ValueError, match='bad.pth.tar is not a torch checkpoint, or is corrupt'):
+    with pytest.raises(ValueError, match='bad.pth.tar is truncated, corrupt or not a torch checkpoint'):
         hub.push(tmp_path / 'bad.pth.tar', NAMED, local_dir=tmp_path / 'out', upload=False)
     assert not (tmp_path / 'out').exists()
 

@@ -32,7 +32,7 @@ from timm.models import clean_state_dict
 
 __all__ = [
     'HIDDEN_LAYOUT', 'METADATA_KEY', 'check_checkpoint_args', 'checkpoint_model_args', 'install_checkpoint_loader',
-    'layout_args', 'load_checkpoint_into', 'read_checkpoint', 'read_checkpoint_args',
+    'layout_args', 'load_checkpoint_into', 'read_checkpoint', 'read_checkpoint_args', 'same_value',
 ]
 
 METADATA_KEY = 'timm_exits'
@@ -83,11 +83,15 @@ def _torch_load(path: Path, map_location: Union[str, torch.device]) -> Any:
             raise ValueError(
                 f'checkpoint {path} holds Python objects that torch.load(weights_only=True) refuses to unpickle '
                 f'({", ".join(unsafe[:4])}); save its state dict as safetensors where it was made') from e
-        raise ValueError(f'checkpoint {path} is not a torch checkpoint, or is corrupt: torch.load cannot unpickle it') from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(
-            f'checkpoint {path} is truncated or corrupt: torch.load cannot read it ({_first_line(e)}); write it '
-            f'again') from e
+        raise _unreadable(path, e) from e
+    except Exception as e:  # a cut or damaged file: torch raises RuntimeError, EOFError, KeyError, ... by where
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: Path, error: BaseException) -> ValueError:
+    return ValueError(
+        f'checkpoint {path} is truncated, corrupt or not a torch checkpoint: torch.load cannot read it '
+        f'({type(error).__name__}: {_first_line(error)}); write it again')
 
 
 def read_checkpoint(
@@ -186,7 +190,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
+    """Whether a recorded argument equals a live one (tuples as lists, 2.0 as 2)."""
     a, b = _plain(a), _plain(b)
     if isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
@@ -197,9 +202,9 @@ def check_checkpoint_args(model: nn.Module, args: Optional[Dict[str, Any]], sour
     """Refuse a checkpoint whose recorded arguments give another layout than ``model``'s where the weights cannot
     show it (``HIDDEN_LAYOUT``), or another ``num_classes``. The error names each keyword argument to pass."""
     _, kwargs, num_classes = checkpoint_model_args(args)
-    layout = layout_args(model)
+    layout = layout_args(model) if getattr(model, 'new_prefixes', None) else {}
     bad = [(k, kwargs[k], layout.get(k)) for k in HIDDEN_LAYOUT
-           if k in kwargs and kwargs[k] is not None and not _same(kwargs[k], layout.get(k))]
+           if layout and k in kwargs and kwargs[k] is not None and not same_value(kwargs[k], layout.get(k))]
     if bad:
         trained = ', '.join(f'{k}={v!r}' for k, v, _ in bad)
         have = ', '.join(f'{k}={m!r}' for k, _, m in bad)
