@@ -121,7 +121,8 @@ def read_checkpoint(
         raise FileNotFoundError(f'checkpoint {path} does not exist' + (' (it is a folder)' if path.is_dir() else ''))
     if path.suffix == '.safetensors':
         if use_ema:
-            raise ValueError(f'use_ema: checkpoint {path} is a safetensors state dict without EMA weights')
+            raise ValueError(
+                f'EMA weights asked for (--ema), but checkpoint {path} is a safetensors state dict without them')
         try:
             state_dict = load_file(path, device=str(map_location))
             with safe_open(path, 'pt') as f:
@@ -136,7 +137,8 @@ def read_checkpoint(
     keys = ema_keys if use_ema else (ema_keys + plain_keys if prefer_ema else plain_keys)
     key = next((k for k in keys if isinstance(ckpt.get(k), dict)), None)
     if use_ema and key is None:
-        raise ValueError(f'use_ema: checkpoint {path} has no state_dict_ema / model_ema (keys: {sorted(ckpt)})')
+        raise ValueError(f'EMA weights asked for (--ema), but checkpoint {path} has no state_dict_ema / model_ema '
+                         f'(keys: {sorted(ckpt)})')
     state_dict = clean_state_dict(ckpt[key] if key else ckpt)
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
