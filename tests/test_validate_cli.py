@@ -147,6 +147,12 @@ def test_untrained_parts_warn(run_dir, tmp_path, caplog):
     with caplog.at_level('INFO'):
         validate.main(['--model', 'test_vit_liferegress', '--output', str(tmp_path / 'b'), *FAST])
     assert 'test_vit_liferegress has random weights (neither --checkpoint nor --pretrained)' in caplog.text
+    caplog.clear()
+    with caplog.at_level('INFO'):  # --pretrained of weights without exits (a parent tag's file, offline)
+        validate.main(['--model', 'test_vit_mexit', '--pretrained', '--model-kwargs',
+                       f"pretrained_cfg_overlay={{'file': '{run_dir / 'backbone.safetensors'}'}}",
+                       '--output', str(tmp_path / 'c'), *FAST])
+    assert caplog.text.count('are UNTRAINED') == 1 and 'random weights' not in caplog.text
 
 
 def test_default_workers_never_above_the_cpus(monkeypatch):
