@@ -31,7 +31,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
 import torch.nn as nn
 from huggingface_hub import HfApi, ModelCardData
 from huggingface_hub.errors import (
