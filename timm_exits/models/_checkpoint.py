@@ -17,6 +17,7 @@ recorded layout checked). Every other model loads exactly as timm loads it.
 """
 import argparse
 import functools
+import inspect
 import json
 import math
 import pickle
@@ -251,17 +252,20 @@ def install_checkpoint_loader() -> None:
     if original is None or getattr(original, '_timm_exits', False):
         return
 
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
-    def load_checkpoint(model: nn.Module, checkpoint_path: str, use_ema: bool = True, device: Any = 'cpu',
-                        strict: bool = True, remap: bool = False, filter_fn: Any = None, weights_only: bool = True,
-                        **kwargs: Any) -> Any:
+    def load_checkpoint(model: nn.Module, checkpoint_path: str, *args: Any, **kwargs: Any) -> Any:
+        call = signature.bind(model, checkpoint_path, *args, **kwargs)
+        call.apply_defaults()
+        opts = call.arguments
         ours = bool(getattr(model, 'new_prefixes', None))
-        if not ours or remap or filter_fn is not None or not weights_only or kwargs \
+        if not ours or opts.get('remap') or opts.get('filter_fn') is not None or not opts.get('weights_only', True) \
                 or str(checkpoint_path).lower().endswith(('.npz', '.npy')):
-            return original(model, checkpoint_path, use_ema=use_ema, device=device, strict=strict, remap=remap,
-                            filter_fn=filter_fn, weights_only=weights_only, **kwargs)
-        state_dict, args = read_checkpoint(checkpoint_path, prefer_ema=use_ema, map_location=device)
-        return load_checkpoint_into(model, state_dict, args, checkpoint_path, strict=strict)
+            return original(model, checkpoint_path, *args, **kwargs)  # exactly timm's load
+        state_dict, recorded = read_checkpoint(
+            checkpoint_path, prefer_ema=bool(opts.get('use_ema', True)), map_location=opts.get('device', 'cpu'))
+        return load_checkpoint_into(model, state_dict, recorded, checkpoint_path, strict=opts.get('strict', True))
 
     load_checkpoint._timm_exits = True
     factory.load_checkpoint = load_checkpoint
