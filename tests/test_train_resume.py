@@ -173,6 +173,17 @@ def test_log_keeps_the_row_of_a_kill_after_the_checkpoint(runs, tmp_path, monkey
     _assert_products_match_checkpoint(out)
 
 
+def test_checkpoint_without_log_rows_keeps_the_log_file(runs, tmp_path):
+    out = _copy(runs, 'partial', tmp_path / 'run')
+    state = _checkpoint(out)
+    del state['log']  # as an earlier version wrote it
+    torch.save(state, out / 'last.pth.tar')
+    with open(out / 'log.jsonl', 'a') as f:
+        f.write('{"stage": "mev')  # the half line of a kill during an append
+    train(RECIPE, str(out))
+    assert _log_epochs(out) == [('mevit', 1), ('mevit', 2)]
+
+
 def test_temp_files_of_a_killed_run_are_removed(runs, tmp_path):
     out = _copy(runs, 'finished', tmp_path / 'run')
     for name in ('last.pth.tar.tmp123', 'log.jsonl.tmp9', 'eval.json.tmp77', 'tradeoff.png.tmp5', 'notes.tmp1'):
@@ -320,7 +331,8 @@ def test_step_cost_help_is_whole(capsys):
     (Stage, dict(task='mevit', epochs=1, lr=float('nan')), r'Stage.lr=nan is not allowed: a finite number in \(0'),
     (Stage, dict(task='mevit', epochs=1, lr=-1), r'Stage.lr=-1 is not allowed'),
     (Stage, dict(task='mevit', epochs=1, opt='bogus'), "Stage.opt='bogus' is not allowed: a timm optimizer name"),
-    (Stage, dict(task='mevit', epochs=1, momentum=1.), r'Stage.momentum=1.0 is not allowed: a finite number in \[0, 1\)'),
+    (Stage, dict(task='mevit', epochs=1, momentum=1.),
+     r'Stage.momentum=1.0 is not allowed: a finite number in \[0, 1\)'),
     (Stage, dict(task='mevit', epochs=1, early_stop=0), 'Stage.early_stop=0 is not allowed: an integer >= 1 or None'),
     (Stage, dict(task='mevit', epochs=1, part_lrs={'life': 0}), 'Stage.part_lrs='),
     (Stage, dict(task='mevit', epochs=1, plateau_factor=0), 'Stage.plateau_factor=0 is not allowed'),

@@ -562,6 +562,19 @@ class _Run:
     def path(self, name: str) -> str:
         return os.path.join(self.output, name)
 
+    def read_log(self) -> List[Dict[str, Any]]:
+        """The rows of ``log.jsonl`` (a checkpoint of an earlier version does not hold them)."""
+        if not os.path.exists(self.path(LOG)):
+            return []
+        rows = []
+        with open(self.path(LOG)) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # the half line of a kill
+                    pass
+        return rows
+
     def write_log(self, rows: List[Dict[str, Any]]) -> None:
         """``log.jsonl`` from the checkpoint's rows (removed when there are none), atomically."""
         if not rows:
@@ -596,7 +609,8 @@ class _Run:
             stage = recipe.stages[si]
             done = state['epoch'] + 1 >= stage.epochs or (
                 stage.early_stop is not None and state['bad_epochs'] >= stage.early_stop)
-            first_stage, rows, key = si + int(done), list(state.get('log', [])), (si, state['epoch'])
+            first_stage, rows, key = si + int(done), list(state['log']) if 'log' in state else self.read_log(), (
+                si, state['epoch'])
             self.model.load_state_dict(state['state_dict'])
             self.log(f'resumed from {self.checkpoint}: stage {si + 1}, epoch {state["epoch"] + 1} done')
         finished = first_stage >= len(recipe.stages)
