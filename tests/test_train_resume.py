@@ -286,15 +286,20 @@ def test_cli_errors(capsys, tmp_path, args, message):
     assert not (tmp_path / 'out' / 'eval.json').exists()
 
 
-def test_cli_output_errors(capsys, tmp_path):
+def test_cli_output_errors(capsys, tmp_path, monkeypatch):
     (tmp_path / 'file').write_text('')
     assert f"argument --output: '{tmp_path / 'file'}' is a file, not a folder" in _cli_error(
         capsys, ['--output', str(tmp_path / 'file')])
     assert f"argument --output: '{tmp_path / 'file' / 'sub'}' cannot be created" in _cli_error(
         capsys, ['--output', str(tmp_path / 'file' / 'sub')])
-    if os.geteuid() != 0:  # root writes anywhere
-        (tmp_path / 'ro').mkdir(mode=0o500)
-        assert 'is not writable' in _cli_error(capsys, ['--output', str(tmp_path / 'ro')])
+    (tmp_path / 'ro').mkdir(mode=0o500)
+    if os.geteuid() == 0:  # root writes anywhere: the folder answers as a read-only one would
+        def read_only(*args, **kwargs):
+            raise PermissionError(13, 'Permission denied')
+        monkeypatch.setattr(train_module.tempfile, 'TemporaryFile', read_only)
+    assert f"argument --output: '{tmp_path / 'ro'}' is not writable (Permission denied)" in _cli_error(
+        capsys, ['--output', str(tmp_path / 'ro')])
+    monkeypatch.undo()
     with pytest.raises(RunError, match="output: '.*file' is a file, not a folder"):
         train(RECIPE, str(tmp_path / 'file'))
     with pytest.raises(RunError, match="init_checkpoint: 'missing.pth' does not exist"):

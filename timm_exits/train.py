@@ -18,11 +18,12 @@ Files of a run folder (every one written atomically: temp file + ``os.replace``)
   adds none twice.
 - The finished products, written by the final step in this order: ``model.safetensors`` (the final weights; loads
   with ``timm.create_model(..., checkpoint_path=...)``; safetensors metadata ``'timm_exits'``: JSON of model,
-  model_kwargs, num_classes, and the checkpoint's 0-based stage and epoch, ``'recipe'``: the recipe), then
-  ``eval.json`` (the schema of ``timm_exits.validate``) and ``tradeoff.png``. Starting to train removes them, so no
-  reader sees weights of an unfinished run; the final step is idempotent: a rerun of a finished run (or of one killed
-  during the final step) rewrites them from ``last.pth.tar`` when one is missing or the weights do not carry the
-  checkpoint's (stage, epoch). ``eval.json`` only ever lies next to the weights it describes.
+  model_kwargs, num_classes, the checkpoint's 0-based stage and epoch (-1, -1 for a recipe without stages) and
+  ``format`` 1; ``'recipe'`` and ``'data_dir'``: the run's arguments), then ``eval.json`` (the schema of
+  ``timm_exits.validate``) and ``tradeoff.png``. Starting to train removes them, so no reader sees weights of an
+  unfinished run; the final step is idempotent: a rerun of a finished run (or of one killed during the final step)
+  rewrites them from ``last.pth.tar`` when one is missing or the weights do not carry the checkpoint's (stage, epoch).
+  ``eval.json`` only ever lies next to the weights it describes.
 - Temporary files a kill leaves (``<file>.tmp<pid>``) are removed when the next run starts. A rerun with arguments
   that change the result (anything but workers, log interval, evaluation batch size, device) refuses and lists the
   differences, unless ``allow_changed_args``; ``resume=False`` starts over.
