@@ -10,7 +10,7 @@ import logging
 import math
 import warnings
 from numbers import Real
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -84,11 +84,25 @@ def count_flops(fn: Callable, *args: Any) -> Tuple[int, Any]:
     none), and the count must not depend on the caller's context.
     """
     device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), 'cpu')
-    with torch.inference_mode(False), torch.enable_grad(), _no_autocast(device_type), \
+    with _jit_tracer_paused(), torch.inference_mode(False), torch.enable_grad(), _no_autocast(device_type), \
             FlopCounterMode(display=False) as counter:
         out = fn(*args)
-    out = out.detach() if isinstance(out, torch.Tensor) else out
+        out = out.detach() if isinstance(out, torch.Tensor) else out
     return counter.get_total_flops(), out
+
+
+@contextlib.contextmanager
+def _jit_tracer_paused() -> Iterator[None]:
+    """Counting inside ``torch.jit.trace`` (a budget's first use) stays out of the recorded graph."""
+    state = torch._C._get_tracing_state()
+    if state is None:
+        yield
+        return
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 def _no_autocast(device_type: str) -> Any:

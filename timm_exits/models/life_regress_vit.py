@@ -31,7 +31,8 @@ from timm.models.vision_transformer import VisionTransformer, init_weights_vit_t
 
 from ..hub import explain_missing_weights, published_cfg
 from ._base import (
-    NewPartsMixin, build_vit_family, check_fraction, count_flops, embed_tokens, is_fx_tracing, parent_cfgs,
+    NewPartsMixin, build_vit_family, check_fraction, check_weights_reachable, count_flops, embed_tokens,
+    is_fx_tracing, parent_cfgs,
 )
 
 __all__ = [
@@ -382,6 +383,8 @@ default_cfgs = generate_default_cfgs({
 
 @explain_missing_weights  # published weights not on the Hub yet: an error naming the repo and the recipe
 def _create_life_regress_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> LifeRegressVisionTransformer:
+    if pretrained:  # offline and not cached: a clear error now, not a minute of retries
+        check_weights_reachable(variant, **kwargs)
     return build_vit_family(LifeRegressVisionTransformer, variant, pretrained, **kwargs)
 
 

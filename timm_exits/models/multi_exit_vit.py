@@ -554,6 +554,8 @@ def _create_multi_exit_vit(variant: str, pretrained: bool = False, **kwargs: Any
     layers = _exit_layout(depth, kwargs.get('exit_layers'))
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
     overlay.setdefault('classifier', _classifier_names(depth, layers))  # every head of this layout
+    if pretrained:  # offline and not cached: a clear error now, not a minute of retries
+        check_weights_reachable(variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=overlay)
     return build_vit_family(MultiExitVisionTransformer, variant, pretrained, pretrained_cfg_overlay=overlay, **kwargs)
 
 
