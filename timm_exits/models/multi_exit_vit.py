@@ -70,6 +70,7 @@ def _classifier_names(depth: int, exit_layers: Sequence[int]) -> Tuple[str, ...]
 
 class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
     """timm ``VisionTransformer`` with early exits after chosen blocks and per-image dynamic inference."""
+    __jit_unused_properties__ = ['full_flops', 'exit_costs', 'threshold_costs', 'worst_case_threshold_cost']
     new_prefixes = ('exits.', 'uncertainty.')
     new_parts_name = 'exit heads'
     layout_arg = 'exit_layers / exit_head'
@@ -470,7 +471,11 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         if torch.jit.is_scripting():  # scripted: full depth (the dynamic path is @torch.jit.unused)
             if threshold is None and budget is None and self.threshold is None and self.budget is None:
                 return self.forward_head(self.forward_features(x))
-            return self._forward_dynamic_logits(x, threshold, budget)
+            return self._forward_dynamic_logits(x, threshold, budget, True)
+        return self._forward_eager(x, threshold, budget)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor, threshold: Optional[float], budget: Optional[float]) -> torch.Tensor:
         # the model's default threshold / budget apply in eval mode only: train mode trains every exit
         defaults = not self.training
         if is_fx_tracing() or (threshold is None and budget is None and not (
@@ -542,8 +547,8 @@ default_cfgs = generate_default_cfgs({
     'vit_b16_mexit_aircraft': published_cfg(
         _cfg, 'vit_b16_mexit_aircraft', 'python train_recipes/mevit_aircraft.py --data-dir /data/fgvc_aircraft',
         num_classes=100, **_MEVIT_FGVC),
-    'test_vit_mexit_named': published_cfg(
-        _cfg, 'test_vit_mexit_named', 'pytest tests/test_hub.py (tiny test model, random weights)',
+    'vit_mexit_named_tiny': published_cfg(
+        _cfg, 'vit_mexit_named_tiny', 'pytest tests/test_hub.py (tiny test model, random weights)',
         input_size=(3, 32, 32), num_classes=10, classifier=_classifier_names(4, default_exit_layers(4))),
 })
 
@@ -645,10 +650,10 @@ def vit_b16_mexit_aircraft(pretrained: bool = False, **kwargs) -> MultiExitVisio
 
 
 @register_model
-def test_vit_mexit_named(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
+def vit_mexit_named_tiny(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
     """Tiny published-weights test variant (``vit_b16_mexit_cars`` in miniature): 32 px, 4 blocks, exits after blocks
-    2 and 3, uncertainty criterion. Weights: ``{TIMM_EXITS_HUB_ORG}/test_vit_mexit_named``."""
+    2 and 3, uncertainty criterion. Weights: ``{TIMM_EXITS_HUB_ORG}/vit_mexit_named_tiny``."""
     model_args = dict(
         img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2., exit_layers=(2, 3),
         exit_criterion='uncertainty')
-    return _create_multi_exit_vit('test_vit_mexit_named', pretrained, **dict(model_args, **kwargs))
+    return _create_multi_exit_vit('vit_mexit_named_tiny', pretrained, **dict(model_args, **kwargs))
