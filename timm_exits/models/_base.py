@@ -79,13 +79,14 @@ def embed_tokens(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
 def count_flops(fn: Callable, *args: Any) -> Tuple[int, Any]:
     """FLOPs of ``fn(*args)`` by ``torch.utils.flop_counter`` (matmuls, convs, attention), and its output (detached).
 
-    Runs with grad enabled, outside inference mode and autocast: the counter's module tracker needs every tensor that
-    requires grad to have a grad_fn (a parameter expanded under ``no_grad``, as in timm's ``map`` pooling head, has
-    none), and the count must not depend on the caller's context.
+    Runs with grad enabled (except in inference mode) and without autocast: the counter's module tracker needs every
+    tensor that requires grad to have a grad_fn (a parameter expanded under ``no_grad``, as in timm's ``map`` pooling
+    head, has none), and the count must not depend on the caller's autocast.
     """
     device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), 'cpu')
-    with _jit_tracer_paused(), torch.inference_mode(False), torch.enable_grad(), _no_autocast(device_type), \
-            FlopCounterMode(display=False) as counter:
+    # inside inference mode the weights may be inference tensors (a model built there), which autograd refuses
+    grad_mode = torch.no_grad() if torch.is_inference_mode_enabled() else torch.enable_grad()
+    with _jit_tracer_paused(), grad_mode, _no_autocast(device_type), FlopCounterMode(display=False) as counter:
         out = fn(*args)
         out = out.detach() if isinstance(out, torch.Tensor) else out
     return counter.get_total_flops(), out
