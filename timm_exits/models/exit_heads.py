@@ -114,6 +114,7 @@ class CnnExit(ExitHead):
     def __init__(self, embed_dim: int, num_classes: int, drop: float = 0., device=None, dtype=None, **kwargs):
         super().__init__(embed_dim, num_classes, embed_dim, device=device, dtype=dtype, **kwargs)
         dd = dict(device=device, dtype=dtype)
+        self.cls_mode = type(self).cls_mode  # an instance attribute: TorchScript does not see class attributes
         in_chs = 2 * embed_dim if self.cls_mode == 'project' else embed_dim
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6, **dd)
         self.conv = nn.Conv2d(in_chs, embed_dim, kernel_size=3, padding=1, **dd)

@@ -69,8 +69,8 @@ def renormalize_lives(scores: torch.Tensor, mu: float, sigma: float, eps: float 
     """tau_i = (s_i - mean(s)) / std(s) * sigma + mu over the last dim, eq. (3), 003_*.txt. Population std (eq. (10)'s
     1/N), at least ``eps``: equal scores all get life mu."""
     mean = scores.mean(-1, keepdim=True)
-    std = scores.std(-1, correction=0, keepdim=True)
-    return (scores - mean) / std.clamp_min(eps) * sigma + mu
+    var = (scores - mean).square().mean(-1, keepdim=True)  # not .std(): no warning on an empty batch
+    return (scores - mean) / var.clamp_min(eps * eps).sqrt() * sigma + mu
 
 
 def soft_weights(lives: torch.Tensor, t: float, U: float) -> torch.Tensor:
@@ -126,6 +126,7 @@ def _check_temperature(U: Any) -> float:
 
 class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
     """timm ``VisionTransformer`` with LifeRegress patch slimming (003_*.txt)."""
+    __jit_ignored_attributes__ = ['_flops', '_budget_rates']
     new_prefixes = ('life.',)
     new_parts_name = 'life predictor'
     layout_arg = 'life_layer'

@@ -71,6 +71,7 @@ def _classifier_names(depth: int, exit_layers: Sequence[int]) -> Tuple[str, ...]
 class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
     """timm ``VisionTransformer`` with early exits after chosen blocks and per-image dynamic inference."""
     __jit_unused_properties__ = ['full_flops', 'exit_costs', 'threshold_costs', 'worst_case_threshold_cost']
+    __jit_ignored_attributes__ = ['_flops']
     new_prefixes = ('exits.', 'uncertainty.')
     new_parts_name = 'exit heads'
     layout_arg = 'exit_layers / exit_head'
