@@ -76,7 +76,7 @@ def test_jit_trace_matches_eager_on_another_input(mexit, slim, inputs):
     for name, call in _static_calls(mexit, slim):
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter('ignore')  # torch.jit.trace's deprecation warning
-            traced = torch.jit.trace(call, x1)
+            traced = torch.jit.trace(call, x1, check_trace=False)  # checked below, against eager on x2
             assert torch.allclose(traced(x2), call(x2), atol=1e-5), name
 
 
@@ -89,12 +89,13 @@ def test_torch_export_matches_eager_on_another_input(mexit, slim, inputs):
 
 
 @needs_onnx
-@pytest.mark.parametrize('dynamo', [False, pytest.param(True, marks=pytest.mark.skipif(
-    not HAS_ONNXSCRIPT, reason='pip install timm-exits[deploy] (onnxscript)'))])
+@pytest.mark.parametrize('dynamo', [False, pytest.param(True, marks=[pytest.mark.slow, pytest.mark.skipif(
+    not HAS_ONNXSCRIPT, reason='pip install timm-exits[deploy] (onnxscript)')])])
 def test_onnx_export_matches_eager_in_onnxruntime(mexit, slim, inputs, tmp_path, dynamo):
     import onnxruntime as ort
     x1, x2, _ = inputs
-    for name, call in _static_calls(mexit, slim):
+    calls = _static_calls(mexit, slim)
+    for name, call in calls[1:2] + calls[3:4] if dynamo else calls:  # the dynamo exporter is slow: one per family
         path = tmp_path / f'{name.replace(" ", "_")}.onnx'
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -142,6 +143,7 @@ def test_threshold_trace_would_be_wrong(mexit, inputs):
     assert (e1 > mexit.exit_layers[0]).all() and (e2[:2] == mexit.exit_layers[0]).all()
 
 
+@pytest.mark.slow
 def test_torch_compile_of_a_threshold_call_gives_the_eager_answer(mexit, inputs):
     _, x2, threshold = inputs
     compiled = torch.compile(Call(mexit, threshold=threshold))
