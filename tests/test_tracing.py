@@ -151,11 +151,16 @@ def test_torch_compile_of_a_threshold_call_gives_the_eager_answer(mexit, inputs)
         assert torch.allclose(compiled(x2), mexit(x2, threshold=threshold), atol=1e-5)
 
 
+AUTOCAST = [('cpu', torch.bfloat16), pytest.param('cuda', torch.float16, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='no CUDA device'))]
+
+
+@pytest.mark.parametrize('device,dtype', AUTOCAST)
 @pytest.mark.parametrize('kind', ['threshold', 'budget', 'both'])
 @pytest.mark.parametrize('name', ['test_vit_mexit', 'test_vit_mexit_ls'])
-def test_autocast_bfloat16_agrees_with_float32(name, kind):
-    model = spread_exit_heads(timm.create_model(name, exit_head=['cnn_add', 'linear'])).eval()
-    x = torch.randn(32, 3, 32, 32)
+def test_autocast_agrees_with_float32(name, kind, device, dtype):
+    model = spread_exit_heads(timm.create_model(name, exit_head=['cnn_add', 'linear'])).eval().to(device)
+    x = torch.randn(32, 3, 32, 32, device=device)
     with torch.no_grad():
         scores = model.exit_scores(model.exit_layers[0], model.forward_exits(x)[0])
     threshold = float(scores.quantile(0.5))
@@ -168,20 +173,23 @@ def test_autocast_bfloat16_agrees_with_float32(name, kind):
     }[kind]
     with torch.no_grad():
         ref = model.forward_dynamic(x, **kwargs)
-        with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype):
             out = model.forward_dynamic(x, **kwargs)
             logits = model(x, **kwargs)
     assert len(x) >= 8 and torch.equal(out.exit_layer, ref.exit_layer) and torch.equal(out.cost, ref.cost)
-    assert logits.dtype == out.logits.dtype == torch.bfloat16
+    assert logits.dtype == out.logits.dtype == dtype
     assert torch.allclose(out.logits.float(), ref.logits, atol=0.15, rtol=0.05)
     assert torch.equal(logits, out.logits)
 
 
+@pytest.mark.parametrize('device,dtype', AUTOCAST)
 @pytest.mark.parametrize('kwargs', [dict(keep_rate=0.5), dict(budget=0.8)])
-def test_autocast_bfloat16_liferegress(slim, kwargs):
-    x = torch.randn(4, 3, 32, 32)
+def test_autocast_liferegress(kwargs, device, dtype):
+    torch.manual_seed(0)
+    slim = timm.create_model('test_vit_liferegress').eval().to(device)
+    x = torch.randn(4, 3, 32, 32, device=device)
     with torch.no_grad():
         ref = slim(x, **kwargs)
-        with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype):
             out = slim(x, **kwargs)
-    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref, atol=0.15, rtol=0.05)
+    assert out.dtype == dtype and torch.allclose(out.float(), ref, atol=0.15, rtol=0.05)
