@@ -211,3 +211,14 @@ def test_benchmark_accepts_the_multi_exit_name():
     from timm_exits.benchmark import build_models
     parent, model = build_models('deit_tiny_patch16_224_mexit')
     assert type(parent).__name__ == 'VisionTransformer' and model.default_cfg['architecture'].endswith('_mexit')
+
+
+@pytest.mark.parametrize('module,name', [('benchmark', 'bogus'), ('benchmark', 'test_vit_mexit'),
+                                         ('benchmark_slim', 'bogus_liferegress')])
+def test_benchmark_rejects_unknown_models_in_one_line(module, name, capsys):
+    import importlib
+    main = importlib.import_module(f'timm_exits.{module}').main
+    with pytest.raises(SystemExit) as info:
+        main(['--models', name])
+    assert info.value.code == 2
+    assert f'error: --models {name}: no ' in capsys.readouterr().err

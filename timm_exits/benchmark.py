@@ -162,7 +162,8 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
         f'\n{name}: with a threshold and no budget an image no exit lets go costs {cost:.3f} of the full model'
         + (' (MORE than the full model: set a budget to cap it)' if cost > 1 else '') + '.'
         for name, cost in worst.items())
-    return '\n'.join(lines) + f'\n\nTargets (not asserted; "!" marks a miss): {targets}.' + ('\n' + notes if notes else '')
+    table = '\n'.join(lines) + f'\n\nTargets (not asserted; "!" marks a miss): {targets}.'
+    return table + ('\n' + notes if notes else '')
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -185,7 +186,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.models, args.batch_sizes, args.mixed_batch_size, args.rounds = ['vit_tiny_patch16_224'], [1, 4], 8, 3
         args.warmup, args.threads = min(args.warmup, 1), args.threads or 1  # 1 thread: no OpenMP stalls on busy CI
     if args.rounds < 1 or args.warmup < 0:
-        parser.error('--rounds must be >= 1 and --warmup >= 0')
+        parser.error(f'--rounds must be >= 1 and --warmup >= 0, got {args.rounds} and {args.warmup}')
+    if min(args.batch_sizes) < 1 or args.mixed_batch_size < 0:
+        parser.error(f'--batch-sizes must be >= 1 and --mixed-batch-size >= 0, got {args.batch_sizes} and '
+                     f'{args.mixed_batch_size}')
+    known = {n for n in timm.list_models('*_mexit') if timm.is_model(n[:-len('_mexit')]) and not n.startswith('test_')}
+    for name in args.models:
+        parent = name[:-len('_mexit')] if name.endswith('_mexit') else name
+        if f'{parent}_mexit' not in known:
+            parser.error(f'--models {name}: no multi-exit model for it; allowed: {sorted(known)} or their parents')
     return args
 
 

@@ -165,7 +165,10 @@ def check_weights_reachable(variant: str, **kwargs: Any) -> None:
     for about a minute and ends in a bare ``LocalEntryNotFoundError``. Other sources (a file, a URL) are left to timm.
     """
     cfg = resolve_pretrained_cfg(
-        variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+        variant,
+        pretrained_cfg=kwargs.get('pretrained_cfg'),
+        pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'),
+    )
     if not cfg or _resolve_pretrained_source is None:
         return
     load_from, loc = _resolve_pretrained_source(cfg.to_dict())

@@ -274,7 +274,8 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
             flops['full'] = flops['embed'] + sum(flops['blocks']) + flops['exits'][self.depth]
             layers = self.exit_layers
             flops['costs'] = tuple(self._path_cost(flops, layer, (layer,)) for layer in layers)
-            flops['threshold_costs'] = tuple(self._path_cost(flops, layer, layers[:k + 1]) for k, layer in enumerate(layers))
+            flops['threshold_costs'] = tuple(
+                self._path_cost(flops, layer, layers[:k + 1]) for k, layer in enumerate(layers))
             self._flops[img_size] = flops
         return self._flops[img_size]
 
