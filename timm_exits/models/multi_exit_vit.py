@@ -5,12 +5,15 @@ carries an uncertainty predictor u_i = sigmoid(w^T f_i(h_i) + b) (eq. 3, 000_*.t
 
 - ``model(x)``: full depth, the parent timm model's answer (its ``forward_features`` + ``forward_head``).
 - ``model(x, threshold=t)``: each image leaves at its first exit whose criterion passes.
-- ``model(x, budget=b)``: never past the deepest exit that costs at most ``b`` of the parent's FLOPs.
+- ``model(x, budget=b)``: no image spends more than ``b`` of the parent's FLOPs (heads passed through included): it
+  runs at most to the deepest exit whose cost fits (with a threshold, whose threshold path fits).
 - ``model.forward_dynamic(x, ...)``: logits plus the exit each image took and what it cost.
 - ``model.forward_exits(x)``: every exit's logits on the whole batch (training, analysis).
 
 Early exit is per image (002_*.txt showed why a batch-wide decision gives no speed-up): images that leave are removed
-from the running batch, so later blocks run on fewer rows, and an image's result does not depend on its batch.
+from the running batch, so later blocks run on fewer rows, and an image's result does not depend on its batch. A
+threshold makes the path depend on the data, so ``torch.jit.trace``, ``torch.onnx.export`` and ``torch.export`` of such
+a call raise (they would replay the example batch's exits); full depth and a budget alone export faithfully.
 """
 import math
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
