@@ -222,3 +222,18 @@ def test_benchmark_rejects_unknown_models_in_one_line(module, name, capsys):
         main(['--models', name])
     assert info.value.code == 2
     assert f'error: --models {name}: no ' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('name', ['test_vit_mexit', 'test_vit_mexit_ls', 'test_vit_liferegress'])
+def test_forward_intermediates_as_timm_checks_it(name):
+    """timm's test_model_forward_intermediates (its module filter does not collect plugin models): the final output of
+    forward_intermediates equals forward_features, with and without grad checkpointing."""
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        output, intermediates = model.forward_intermediates(x, output_fmt='NCHW')
+        assert len(intermediates) == len(model.feature_info) and all(y.shape == (1, 32, 4, 4) for y in intermediates)
+        assert torch.allclose(output, model.forward_features(x))
+        model.set_grad_checkpointing()
+        output3, _ = model.forward_intermediates(x, output_fmt='NCHW')
+    assert torch.allclose(output, output3, rtol=1e-4, atol=1e-5)
