@@ -237,3 +237,14 @@ def test_forward_intermediates_as_timm_checks_it(name):
         model.set_grad_checkpointing()
         output3, _ = model.forward_intermediates(x, output_fmt='NCHW')
     assert torch.allclose(output, output3, rtol=1e-4, atol=1e-5)
+
+
+def test_liferegress_dynamic_img_size_follows_the_input_grid():
+    model = timm.create_model('test_vit_liferegress', dynamic_img_size=True).eval()
+    x = torch.randn(2, 3, 48, 40)  # 30 patches instead of 16
+    counts = model._plan(model.resolve_keep_rate(), 30)[0]
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        final, inter = model.forward_intermediates(x)
+    assert feats.shape == (2, 1 + counts[-1], 32) and counts[0] == 30 and counts[-1] < 30
+    assert torch.allclose(final, feats) and all(y.shape == (2, 32, 6, 5) for y in inter)
