@@ -24,21 +24,23 @@ except ImportError:
 from huggingface_hub import constants as hf_constants, try_to_load_from_cache
 from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import get_session
-from timm.models import build_model_with_cfg, get_pretrained_cfg, list_pretrained, resolve_pretrained_cfg
+from timm.models import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 try:  # timm's own choice of weights source (file, state_dict, hf-hub, url), private: the check is skipped without it
     from timm.models._builder import _resolve_pretrained_source
 except ImportError:
     _resolve_pretrained_source = None
+
+from timm.models import build_model_with_cfg, get_pretrained_cfg, list_pretrained
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
     'NewPartsMixin', 'UntrainedWeightsWarning', 'check_fraction', 'check_layout', 'count_flops', 'embed_tokens',
-    'build_vit_family', 'check_weights_reachable', 'is_fx_tracing', 'new_parts_filter', 'parent_cfgs', 'tracing_tool',
-    'WeightsUnavailableError',
+    'build_vit_family', 'is_fx_tracing', 'new_parts_filter', 'parent_cfgs',
 ]
+__all__ += ['WeightsUnavailableError', 'check_weights_reachable', 'tracing_tool']
 
 
 class UntrainedWeightsWarning(UserWarning):
