@@ -1,4 +1,4 @@
-"""Hub side (issue 5): named cfgs, missing-weights errors, push (strict layout, atomic export, card), round trips.
+"""Hub side: named cfgs, missing-weights errors, push (strict layout, atomic export, card), round trips.
 
 No network: Hub traffic goes to a fake Hub on 127.0.0.1 (``tests/_hub_server.py``). huggingface_hub reads HF_ENDPOINT,
 HF_HUB_CACHE and HF_HUB_OFFLINE when it is imported, so everything that talks to the fake Hub runs in a subprocess.
@@ -260,9 +260,74 @@ def test_push_refuses_corrupt_checkpoints(tmp_path):
     (tmp_path / 'bad.pth.tar').write_bytes(b'not a checkpoint')
     with pytest.raises(ValueError, match='bad.safetensors is not a valid safetensors file'):
         hub.push(tmp_path / 'bad.safetensors', NAMED, local_dir=tmp_path / 'out', upload=False)
-    with pytest.raises(ValueError, match='weights_only=True'):
+    with pytest.raises(ValueError, match='bad.pth.tar is truncated, corrupt or not a torch checkpoint'):
         hub.push(tmp_path / 'bad.pth.tar', NAMED, local_dir=tmp_path / 'out', upload=False)
     assert not (tmp_path / 'out').exists()
+
+
+def test_push_refuses_recipe_hidden_layout(tmp_path):
+    """A recipe checkpoint (safetensors metadata or the 'recipe' key) trained with another exit criterion."""
+    model = timm.create_model('test_vit_mexit', exit_criterion='uncertainty')
+    meta = {'model': 'test_vit_mexit', 'model_kwargs': {'exit_criterion': 'uncertainty'}, 'num_classes': 10,
+            'stage': 0, 'epoch': 3, 'format': 1}
+    save_file(model.state_dict(), tmp_path / 'model.safetensors', metadata={'timm_exits': json.dumps(meta)})
+    torch.save({'state_dict': model.state_dict(), 'recipe': meta}, tmp_path / 'last.pth.tar')
+    for name in ('model.safetensors', 'last.pth.tar'):
+        with pytest.raises(ValueError, match=f"{name} was trained with exit_criterion='uncertainty'.*"
+                                             f"this model has exit_criterion='confidence'"):
+            hub.push(tmp_path / name, 'test_vit_mexit', 'me/x', local_dir=tmp_path / 'out', upload=False)
+    folder, _ = hub.push(tmp_path / 'model.safetensors', 'test_vit_mexit', 'me/x', local_dir=tmp_path / 'out',
+                         upload=False, model_kwargs=dict(exit_criterion='uncertainty'))
+    assert json.loads((folder / 'training_args.json').read_text()) == meta
+    assert json.loads((folder / 'config.json').read_text())['model_args']['exit_criterion'] == 'uncertainty'
+
+
+@pytest.mark.parametrize('how', ['absolute', 'relative', 'symlink'])
+def test_push_publishes_no_file_outside_the_run_folder(tmp_path, how, caplog):
+    """An eval JSON whose "plot" names a file outside the checkpoint's folder: that file never reaches the export."""
+    run, outside = tmp_path / 'run', tmp_path / 'elsewhere'
+    run.mkdir(), outside.mkdir()
+    secret = outside / 'secret.png'
+    secret.write_bytes(b'\x89PNG\r\n\x1a\n' + b'SECRET' * 10)  # even a real PNG header: outside is outside
+    save_file(timm.create_model(NAMED).state_dict(), run / 'model.safetensors')
+    plot = {'absolute': str(secret), 'relative': '../elsewhere/secret.png', 'symlink': 'tradeoff.png'}[how]
+    if how == 'symlink':
+        (run / 'tradeoff.png').symlink_to(secret)
+    (run / 'eval.json').write_text(json.dumps(dict(EVAL, plot=plot)))
+    with caplog.at_level('WARNING'):
+        folder, _ = hub.push(run / 'model.safetensors', NAMED, evaluation=run / 'eval.json',
+                             local_dir=tmp_path / 'out', upload=False)
+    assert 'not inside the checkpoint' in caplog.text
+    for file in folder.iterdir():
+        assert b'SECRET' not in file.read_bytes(), file
+    assert sorted(p.name for p in folder.iterdir()) <= ['README.md', 'config.json', 'model.safetensors',
+                                                         'tradeoff.png']
+
+
+def test_push_refuses_system_file_as_plot(tmp_path, caplog):
+    system = Path('/etc/passwd')
+    if not system.is_file():
+        pytest.skip('no /etc/passwd here')
+    save_file(timm.create_model(NAMED).state_dict(), tmp_path / 'model.safetensors')
+    (tmp_path / 'eval.json').write_text(json.dumps(dict(EVAL, plot=str(system))))
+    with caplog.at_level('WARNING'):
+        folder, _ = hub.push(tmp_path / 'model.safetensors', NAMED, evaluation=tmp_path / 'eval.json',
+                             local_dir=tmp_path / 'out', upload=False)
+    content = system.read_bytes()
+    assert all(file.read_bytes() != content for file in folder.iterdir())
+    assert f'evaluation plot {system} is not inside' in caplog.text
+
+
+def test_push_copies_png_inside_run_folder_only(tmp_path, caplog):
+    save_file(timm.create_model(NAMED).state_dict(), tmp_path / 'model.safetensors')
+    (tmp_path / 'notes.png').write_text('not a png')  # inside, but not an image
+    (tmp_path / 'eval.json').write_text(json.dumps(dict(EVAL, plot='notes.png')))
+    with caplog.at_level('WARNING'):
+        folder, _ = hub.push(tmp_path / 'model.safetensors', NAMED, evaluation=tmp_path / 'eval.json',
+                             local_dir=tmp_path / 'out', upload=False)
+    assert 'is not a PNG file' in caplog.text
+    if (folder / 'tradeoff.png').exists():
+        assert (folder / 'tradeoff.png').read_bytes().startswith(b'\x89PNG\r\n\x1a\n')
 
 
 def test_export_leaves_nothing_on_error(tmp_path, monkeypatch):
@@ -295,14 +360,14 @@ def test_local_dir_round_trip_life_layout(tmp_path):
     model = timm.create_model('test_vit_liferegress', **kwargs).eval()
     recipe = dict(name='tiny', model='test_vit_liferegress', model_kwargs=dict(kwargs, prune_layers=[3]))
     torch.save({'state_dict': model.state_dict(), 'epoch': 1, 'recipe': recipe}, tmp_path / 'life.pth.tar')
-    (tmp_path / 'plot.png').write_bytes(b'\x89PNG fake')
+    (tmp_path / 'plot.png').write_bytes(b'\x89PNG\r\n\x1a\n fake')
     evaluation = {'model': 'test_vit_liferegress', 'dataset': 'random', 'plot': 'plot.png',
                   'keep_rates': [{'keep_rate': 0.5, 'accuracy': 70.0, 'flops_ratio': 0.81}]}
     (tmp_path / 'eval.json').write_text(json.dumps(evaluation))
     folder, url = hub.push(
         tmp_path / 'life.pth.tar', 'test_vit_liferegress', 'me/tiny-life', tmp_path / 'eval.json', tmp_path / 'out',
         upload=False, model_kwargs=kwargs)
-    assert url is None and (folder / 'tradeoff.png').read_bytes() == b'\x89PNG fake'
+    assert url is None and (folder / 'tradeoff.png').read_bytes() == b'\x89PNG\r\n\x1a\n fake'
     assert json.loads((folder / 'training_args.json').read_text()) == recipe  # timm_exits.train's checkpoint format
     assert '| 0.5 | 70.00 | 0.810 | - | - |' in (folder / 'README.md').read_text()
     loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()

@@ -158,6 +158,31 @@ def test_create_task_checks_names_and_models():
         LifeRegressTask(model, 'both')
 
 
+@pytest.mark.parametrize('task,kwargs,message', [
+    ('end_to_end', dict(exit_weight=-1), r"exit_weight must be a finite number >= 0 \(a loss weight\), got -1"),
+    ('end_to_end', dict(final_weight=float('nan')), 'final_weight must be a finite number >= 0 .*got nan'),
+    ('mevit', dict(uncertainty_weight=float('inf')), 'uncertainty_weight must be a finite number >= 0 .*got inf'),
+    ('mevit', dict(exit_weight=True), 'exit_weight must be .*got True'),
+    ('mevit', dict(exit_weight='1'), "exit_weight must be .*got '1'"),
+    ('mevit', dict(num_sampled=-1), 'num_sampled must be an int >= 0 or None .*got -1'),
+    ('mevit', dict(num_sampled=1.5), 'num_sampled must be an int >= 0 or None .*got 1.5'),
+    ('mevit', dict(num_sampled='2'), "num_sampled must be an int >= 0 or None .*got '2'"),
+    ('mevit', dict(num_sampled=True), 'num_sampled must be an int >= 0 or None .*got True'),
+    ('classifier_wise', dict(train_head='yes'), "train_head must be True or False, got 'yes'"),
+    ('classifier_wise', dict(train_head=1), 'train_head must be True or False, got 1'),
+    ('end_to_end', dict(detach_exits='no'), "detach_exits must be True or False, got 'no'"),
+])
+def test_task_arguments_are_checked(task, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        create_task(task, timm.create_model('test_vit_mexit'), **kwargs)
+
+
+def test_task_weights_at_zero_and_numpy_ints_are_accepted():
+    import numpy as np
+    task = create_task('end_to_end', timm.create_model('test_vit_mexit'), exit_weight=0, num_sampled=np.int64(1))
+    assert task.exit_weight == 0. and task.num_sampled == 1 and type(task.num_sampled) is int
+
+
 # --- timm train.py's step, rebuilt from timm's public pieces --------------------------------------------------------
 
 def _train_py_step(model, setting: str):

@@ -40,6 +40,14 @@ def _small_digits(monkeypatch):
     monkeypatch.setattr(DigitsDataset, '__init__', _small_digits_init)
 
 
+@pytest.fixture(scope='module', autouse=True)
+def _single_threaded():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: more threads only add contention
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_train_writes_checkpoint_weights_and_evaluation(tmp_path):
     result = train(TINY, str(tmp_path))
     assert set(result) == {'model', 'dataset', 'num_images', 'exits', 'thresholds', 'budgets', 'plot'}

@@ -20,6 +20,8 @@ classification term is ``criterion(exit_logits, target)``. Multi-exit tasks run 
 Bakhtiarnia's branches have no uncertainty predictor; there the tasks still fit each exit's u_i (eq. 3 of 000) to
 eq. (4)'s target on detached logits, which leaves the classifiers' objective exactly the paper's.
 """
+import math
+from numbers import Integral, Real
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -34,7 +36,8 @@ from .models.multi_exit_vit import MultiExitVisionTransformer
 
 __all__ = [
     'BackboneTask', 'ClassifierWiseTask', 'EndToEndTask', 'ExitsForward', 'LIFE_STAGES', 'LifeRegressTask', 'MEViTTask',
-    'MultiExitTask', 'TASKS', 'create_task', 'freeze_parts', 'in_parts', 'sample_exits', 'target_distribution',
+    'MultiExitTask', 'TASKS', 'check_bool', 'check_weight', 'create_task', 'freeze_parts', 'in_parts', 'sample_exits',
+    'target_distribution',
 ]
 
 LIFE_STAGES = ('predictor', 'backbone', 'joint')
@@ -55,6 +58,20 @@ def sample_exits(num_exits: int, num_sampled: Optional[int],
         mask[0] = 1.
         mask[others] = 1.
     return mask
+
+
+def check_weight(name: str, value: Any) -> float:
+    """``value`` as a float if it is a finite number >= 0 (a loss weight), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f'{name} must be a finite number >= 0 (a loss weight), got {value!r}')
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool, else a ValueError naming ``name`` (a string such as 'yes' is not accepted)."""
+    if not isinstance(value, bool):
+        raise ValueError(f'{name} must be True or False, got {value!r}')
+    return value
 
 
 def in_parts(name: str, prefixes: Sequence[str]) -> bool:
@@ -216,13 +233,20 @@ class MultiExitTask(_WrappedModelTask):
     ) -> None:
         if not isinstance(model, MultiExitVisionTransformer):
             raise ValueError(f'{type(self).__name__} needs a MultiExitVisionTransformer, got {type(model).__name__}')
-        if num_sampled is not None and num_sampled < 0:
-            raise ValueError(f'num_sampled must be >= 0 or None (every exit), got {num_sampled}')
+        if num_sampled is not None and (isinstance(num_sampled, bool) or not isinstance(num_sampled, Integral)
+                                        or num_sampled < 0):
+            raise ValueError(f'num_sampled must be an int >= 0 or None (every exit), got {num_sampled!r}')
+        final_weight, exit_weight, uncertainty_weight = (
+            check_weight(n, v) for n, v in (('final_weight', final_weight), ('exit_weight', exit_weight),
+                                            ('uncertainty_weight', uncertainty_weight)))
+        for name, value in (('distill', distill), ('detach_uncertainty', detach_uncertainty),
+                            ('detach_exits', detach_exits)):
+            check_bool(name, value)
         super().__init__(ExitsForward(model, detach_uncertainty, detach_exits), criterion, **kwargs)
         self.final_weight = final_weight
         self.exit_weight = exit_weight
         self.distill = distill
-        self.num_sampled = num_sampled
+        self.num_sampled = None if num_sampled is None else int(num_sampled)
         self.uncertainty_weight = uncertainty_weight
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -279,6 +303,7 @@ class ClassifierWiseTask(MultiExitTask):
     """
 
     def __init__(self, model: MultiExitVisionTransformer, train_head: bool = False, **kwargs: Any) -> None:
+        check_bool('train_head', train_head)
         kwargs.setdefault('detach_uncertainty', True)
         parts = ('exits', 'uncertainty', *(('head',) if train_head else ()))
         super().__init__(

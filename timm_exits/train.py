@@ -7,23 +7,43 @@ them (LifeRegress's Algorithm 1, 003_*.txt; seed 004's frozen-then-unfrozen epoc
 (``create_optimizer_v2``), schedules (``create_scheduler_v2``; torch's ``ReduceLROnPlateau`` for Bakhtiarnia's
 plateau rule) and AMP loss scaling (``NativeScaler``).
 
-- Resumes after an interruption: ``last.pth.tar`` (model, optimizer, schedule, scaler, stage and epoch) is written
-  atomically (temp file + ``os.replace``) after every epoch, and each epoch reseeds every RNG from (seed, stage, epoch),
-  so a resumed run ends in the same state as an uninterrupted one.
-- Logs progress, and after each epoch the validation accuracy of every exit (or keep rate) to the log and to
-  ``log.jsonl``. At the end: ``model.safetensors`` (loads with ``timm.create_model(..., checkpoint_path=...)``),
-  ``eval.json`` (the schema of ``timm_exits.validate``) and ``tradeoff.png``.
-- One process, or DDP under ``torchrun --nproc_per_node N`` (gloo on CPU, nccl on CUDA): the data is sharded by
-  ``DistributedSampler`` and rank 0 validates and writes.
+Files of a run folder (every one written atomically: temp file + ``os.replace``):
+
+- ``last.pth.tar``: the only file written during training, after every epoch: model, optimizer, schedule, AMP scaler,
+  stage and epoch, the log rows so far, the recipe (``dataclasses.asdict``) and the data folder. It is the run's one
+  source of truth; each epoch reseeds every RNG from (seed, stage, epoch), so a resumed run ends in the same state as
+  an uninterrupted one.
+- ``log.jsonl``: one row per epoch (training loss, validation accuracy of every exit or keep rate, lr, seconds),
+  rewritten from the checkpoint's rows after each checkpoint and when a run starts: a kill loses no row, a resume
+  adds none twice.
+- The finished products, written by the final step in this order: ``model.safetensors`` (the final weights; loads
+  with ``timm.create_model(..., checkpoint_path=...)``; safetensors metadata ``'timm_exits'``: JSON of model,
+  model_kwargs, num_classes, the checkpoint's 0-based stage and epoch (-1, -1 for a recipe without stages) and
+  ``format`` 1; ``'recipe'`` and ``'data_dir'``: the run's arguments), then ``eval.json`` (the schema of
+  ``timm_exits.validate``) and ``tradeoff.png``. Starting to train removes them, so no reader sees weights of an
+  unfinished run; the final step is idempotent: a rerun of a finished run (or of one killed during the final step)
+  rewrites them from ``last.pth.tar`` when one is missing or the weights do not carry the checkpoint's (stage, epoch).
+  ``eval.json`` only ever lies next to the weights it describes.
+- Temporary files a kill leaves (``<file>.tmp<pid>``) are removed when the next run starts. A rerun with arguments
+  that change the result (anything but workers, log interval, evaluation batch size, device) refuses and lists the
+  differences, unless ``allow_changed_args``; ``resume=False`` starts over.
+
+A run that would make no optimizer step (a batch larger than the training split, ``grad_accum`` above the batches of
+an epoch) stops before training. One process, or DDP under ``torchrun --nproc_per_node N`` (gloo on CPU, nccl on
+CUDA): the data is sharded by ``DistributedSampler`` and rank 0 validates and writes.
 
 ``python -m timm_exits.train step-cost --model deit_tiny_patch16_224`` measures what a multi-exit training step costs
 against plain fine-tuning of the timm parent (interleaved timing).
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
+import math
 import os
+import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -37,10 +57,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 import timm
 from timm.data import Mixup
 from timm.loss import create_classification_loss
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.optim import create_optimizer_v2, list_optimizers, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import NativeScaler, ParseKwargs, dispatch_clip_grad, random_seed
 from timm.utils.distributed import init_distributed_device_so
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .tasks import TASKS, create_task, in_parts
@@ -50,10 +71,52 @@ from .validate import (
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ['Recipe', 'Stage', 'build_model', 'build_optimizer', 'main', 'step_cost', 'train']
+__all__ = ['Recipe', 'RunError', 'Stage', 'build_model', 'build_optimizer', 'main', 'step_cost', 'train']
 
 CHECKPOINT = 'last.pth.tar'
+WEIGHTS = 'model.safetensors'
+EVAL = 'eval.json'
+PLOT = 'tradeoff.png'
+LOG = 'log.jsonl'
+PRODUCTS = (EVAL, PLOT, WEIGHTS)  # removal order: the evaluation never outlives the weights it describes
+RUN_FILES = (CHECKPOINT, LOG) + PRODUCTS
+METADATA_KEY = 'timm_exits'
+METADATA_FORMAT = 1
 SCHEDULES = ('cosine', 'plateau', 'none')
+# Recipe fields that do not change the trained weights or the evaluation (not compared when a run resumes)
+UNCOMPARED_FIELDS = ('name', 'workers', 'log_interval', 'eval_batch_size')
+
+
+class RunError(ValueError):
+    """A run that cannot start: bad output folder or device, zero optimizer steps, arguments that differ from the
+    run found in the output folder. Raised before anything trains."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(owner: str, name: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f'{owner}.{name}={value!r} is not allowed: {allowed}')
+
+
+def _require_int(owner: str, name: str, value: Any, low: int, optional: bool = False) -> None:
+    _require(owner, name, value, (optional and value is None) or (_is_int(value) and value >= low),
+             f'an integer >= {low}' + (' or None' if optional else ''))
+
+
+def _require_number(owner: str, name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False,
+                    high_open: bool = True, optional: bool = False) -> None:
+    ok = _is_number(value) and (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high)
+    interval = f'{"(" if low_open else "["}{low:g}, {high:g}{")" if high_open else "]"}'
+    _require(owner, name, value, (optional and value is None) or ok,
+             f'a finite number in {interval}' + (' or None' if optional else ''))
 
 
 @dataclass
@@ -94,10 +157,25 @@ class Stage:
     name: str = ''
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f'task={self.task!r} is not known; allowed: {sorted(TASKS)}')
-        if self.sched not in SCHEDULES:
-            raise ValueError(f'sched={self.sched!r} is not known; allowed: {list(SCHEDULES)}')
+        _require('Stage', 'task', self.task, self.task in TASKS, f'one of {sorted(TASKS)}')
+        _require('Stage', 'sched', self.sched, self.sched in SCHEDULES, f'one of {list(SCHEDULES)}')
+        _require_int('Stage', 'epochs', self.epochs, 1)
+        opt = self.opt.lower() if isinstance(self.opt, str) else None
+        _require('Stage', 'opt', self.opt, opt is not None and opt.split('lookahead_')[-1] in list_optimizers(),
+                 'a timm optimizer name (timm.optim.list_optimizers())')
+        _require_number('Stage', 'lr', self.lr, 0., low_open=True)
+        _require_number('Stage', 'momentum', self.momentum, 0., 1.)
+        _require_number('Stage', 'weight_decay', self.weight_decay, 0.)
+        _require_int('Stage', 'warmup_epochs', self.warmup_epochs, 0)
+        _require_number('Stage', 'min_lr', self.min_lr, 0.)
+        _require_number('Stage', 'plateau_factor', self.plateau_factor, 0., 1., low_open=True)
+        _require_int('Stage', 'plateau_patience', self.plateau_patience, 0)
+        _require_int('Stage', 'early_stop', self.early_stop, 1, optional=True)
+        _require('Stage', 'part_lrs', self.part_lrs, isinstance(self.part_lrs, dict) and all(
+            isinstance(k, str) and _is_number(v) and v > 0 for k, v in self.part_lrs.items()),
+                 'a dict of model part name to a finite learning rate > 0')
+        _require('Stage', 'task_kwargs', self.task_kwargs, isinstance(self.task_kwargs, dict), 'a dict')
+        _require('Stage', 'name', self.name, isinstance(self.name, str), 'a string')
         self.name = self.name or self.task
 
 
@@ -155,6 +233,33 @@ class Recipe:
     latency_batch: int = 0
     log_interval: int = 20
 
+    def __post_init__(self) -> None:
+        _require('Recipe', 'name', self.name, isinstance(self.name, str), 'a string')
+        _require('Recipe', 'model', self.model, isinstance(self.model, str) and timm.is_model(self.model),
+                 'a registered timm model name (timm.list_models())')
+        _require('Recipe', 'dataset', self.dataset, isinstance(self.dataset, str) and bool(self.dataset),
+                 "'digits', 'folder' or 'torch/<name>'")
+        _require('Recipe', 'stages', self.stages, isinstance(self.stages, (list, tuple)) and all(
+            isinstance(st, Stage) for st in self.stages), 'a list of Stage')
+        _require('Recipe', 'model_kwargs', self.model_kwargs, isinstance(self.model_kwargs, dict), 'a dict')
+        _require('Recipe', 'pretrained', self.pretrained, isinstance(self.pretrained, bool), 'True or False')
+        _require('Recipe', 'init_checkpoint', self.init_checkpoint, isinstance(self.init_checkpoint, str),
+                 "a file path or ''")
+        _require_int('Recipe', 'num_classes', self.num_classes, 1, optional=True)
+        for name in ('batch_size', 'eval_batch_size', 'grad_accum', 'log_interval'):
+            _require_int('Recipe', name, getattr(self, name), 1)
+        for name in ('workers', 'resize_crop', 'latency_batch', 'seed'):
+            _require_int('Recipe', name, getattr(self, name), 0)
+        _require_number('Recipe', 'smoothing', self.smoothing, 0., 1.)
+        _require_number('Recipe', 'mixup', self.mixup, 0.)
+        _require_number('Recipe', 'cutmix', self.cutmix, 0.)
+        _require_number('Recipe', 'clip_grad', self.clip_grad, 0., low_open=True, optional=True)
+        _require('Recipe', 'aug', self.aug, isinstance(self.aug, dict), 'a dict')
+        _require('Recipe', 'amp', self.amp, isinstance(self.amp, bool), 'True or False')
+        _require('Recipe', 'keep_rates', self.keep_rates, isinstance(self.keep_rates, (list, tuple)) and bool(
+            self.keep_rates) and all(_is_number(k) and 0 < k <= 1 for k in self.keep_rates),
+                 'a non-empty sequence of numbers in (0, 1]')
+
 
 def build_model(recipe: Recipe) -> nn.Module:
     """The recipe's model: pretrained tag, or ``init_checkpoint`` through the pretrained filter (backbone loaded
@@ -194,6 +299,145 @@ def _build_scheduler(optimizer: torch.optim.Optimizer, stage: Stage, updates_per
     return None
 
 
+
+# --- run folder -------------------------------------------------------------------------------------------------------
+
+class _Absent:
+    def __repr__(self) -> str:
+        return '(absent)'
+
+
+_ABSENT = _Absent()
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as plain JSON values: tuples become lists, other objects their ``str``."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _fingerprint(recipe: Dict[str, Any], data_dir: str) -> Dict[str, Any]:
+    """What a resumed run must share with the run in the folder: the recipe (``dataclasses.asdict``) without the
+    fields that change neither weights nor evaluation, and the data folder of datasets read from disk."""
+    fp = {k: v for k, v in _jsonable(recipe).items() if k not in UNCOMPARED_FIELDS}
+    if fp.get('dataset') != 'digits':
+        fp['data_dir'] = data_dir
+    return fp
+
+
+def _flatten(value: Any, prefix: str = '') -> Dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: Dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f'{prefix}.{k}' if prefix else str(k)))
+        return out
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f'{prefix}[{i}]'))
+        return out
+    return {prefix: value}
+
+
+def _differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """``'stages[0].lr: 0.003 -> 0.01'`` for every leaf where ``new`` differs from ``old``."""
+    a, b = _flatten(old), _flatten(new)
+    keys = list(dict.fromkeys([*b, *a]))
+    return [f'{k}: {a.get(k, _ABSENT)!r} -> {b.get(k, _ABSENT)!r}' for k in keys
+            if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+def _device_problem(device: str) -> Optional[str]:
+    """Why ``device`` cannot run here, or None."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return f'{device!r} is not a torch device (allowed: cpu, cuda, cuda:N, mps, ...)'
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            return f'{device!r}: CUDA is not available on this machine (use cpu)'
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f'{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)'
+    if dev.type == 'mps' and not torch.backends.mps.is_available():
+        return f'{device!r}: MPS is not available on this machine (use cpu)'
+    return None
+
+
+def _output_problem(output: str) -> Optional[str]:
+    """Why ``output`` cannot hold a run (creating it if needed), or None."""
+    if not output:
+        return "'' is not a folder"
+    if os.path.exists(output) and not os.path.isdir(output):
+        return f'{output!r} is a file, not a folder'
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as e:
+        return f'{output!r} cannot be created ({e.strerror or e})'
+    try:
+        with tempfile.TemporaryFile(dir=output):
+            pass
+    except OSError as e:
+        return f'{output!r} is not writable ({e.strerror or e})'
+    return None
+
+
+def _file_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not a readable file, or None."""
+    if not os.path.exists(path):
+        return f'{path!r} does not exist'
+    if not os.path.isfile(path):
+        return f'{path!r} is not a file'
+    return None
+
+
+def _read_metadata(path: str) -> Optional[Dict[str, str]]:
+    """The safetensors metadata of ``path`` (empty when unreadable), None when there is no file."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, 'pt') as f:
+            return f.metadata() or {}
+    except Exception:  # a foreign or damaged file is simply not this run's product
+        return {}
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _resume_state(recipe: Recipe, output: str, data_dir: str, resume: bool,
+                  allow_changed_args: bool) -> Tuple[Optional[Dict[str, Any]], List[str]]:
+    """The checkpoint in ``output`` (None: none, or not resuming) and how the arguments differ from its run's (or,
+    without a checkpoint, from those of its finished products); ``RunError`` on differences unless allowed."""
+    if not resume:
+        return None, []
+    path = os.path.join(output, CHECKPOINT)
+    state = torch.load(path, map_location='cpu', weights_only=True) if os.path.exists(path) else None
+    if state is not None:
+        source, old, old_dir = CHECKPOINT, state.get('recipe'), state.get('data_dir', '')
+    else:
+        meta = _read_metadata(os.path.join(output, WEIGHTS)) or {}
+        source, old_dir = WEIGHTS, meta.get('data_dir', '')
+        try:
+            old = json.loads(meta['recipe']) if 'recipe' in meta else None
+        except ValueError:
+            old = None
+    diffs = [] if old is None else _differences(
+        _fingerprint(old, old_dir), _fingerprint(dataclasses.asdict(recipe), os.path.abspath(data_dir) if data_dir
+                                                 else ''))
+    if diffs and not allow_changed_args:
+        raise RunError(
+            f'{output!r} holds a run ({source}) with other arguments, resuming would mix them: ' + '; '.join(diffs)
+            + '. Rerun with its arguments, allow_changed_args=True (--allow-changed-args) to continue it with '
+            'these, or resume=False (--no-resume) to start over')
+    if state is not None and state['stage'] >= len(recipe.stages):
+        raise RunError(f'{path} ended stage {state["stage"] + 1}, the recipe has {len(recipe.stages)} stages: use '
+                       'resume=False (--no-resume) to start over')
+    return state, diffs
+
+
 class _Run:
     """State of one training run on one process."""
 
@@ -201,6 +445,7 @@ class _Run:
                  compile_backend: str = '') -> None:
         self.recipe = recipe
         self.output = output
+        self.data_dir = os.path.abspath(data_dir) if data_dir else ''
         info = init_distributed_device_so(device=device)
         self.device = torch.device(info['device'])
         self.rank, self.world_size, self.distributed = info['global_rank'], info['world_size'], info['distributed']
@@ -228,7 +473,18 @@ class _Run:
                                           seed=recipe.seed, drop_last=True)
         self.train_loader = DataLoader(self.train_set, batch_size=recipe.batch_size, sampler=self.sampler,
                                        num_workers=recipe.workers, drop_last=True)
-        self.updates_per_epoch = max(len(self.train_loader) // recipe.grad_accum, 1)
+        batches = len(self.train_loader)
+        if recipe.stages and batches == 0:
+            per_process = '' if self.world_size == 1 else f' ({len(self.sampler)} per process on {self.world_size})'
+            raise RunError(
+                f'batch_size={recipe.batch_size} makes no optimizer step: the {recipe.train_split!r} split has '
+                f'{len(self.train_set)} images{per_process} and the last incomplete batch is dropped; allowed: '
+                f'batch_size <= {len(self.sampler)}')
+        if recipe.stages and recipe.grad_accum > batches:
+            raise RunError(
+                f'grad_accum={recipe.grad_accum} makes no optimizer step: an epoch has {batches} batches of '
+                f'batch_size={recipe.batch_size}; allowed: grad_accum <= {batches}')
+        self.updates_per_epoch = max(batches // recipe.grad_accum, 1)
         num_classes = self.model.num_classes
         mixup = recipe.mixup > 0 or recipe.cutmix > 0
         self.mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.smoothing,
@@ -304,23 +560,78 @@ class _Run:
                          f'loss {total / count:.4f} lr {optimizer.param_groups[0]["lr"]:.3g} {rate:.1f} img/s')
         return total / max(count, 1)
 
+    def path(self, name: str) -> str:
+        return os.path.join(self.output, name)
+
+    def read_log(self) -> List[Dict[str, Any]]:
+        """The rows of ``log.jsonl`` (a checkpoint of an earlier version does not hold them)."""
+        if not os.path.exists(self.path(LOG)):
+            return []
+        rows = []
+        with open(self.path(LOG)) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # the half line of a kill
+                    pass
+        return rows
+
+    def write_log(self, rows: List[Dict[str, Any]]) -> None:
+        """``log.jsonl`` from the checkpoint's rows (removed when there are none), atomically."""
+        if not rows:
+            _remove(self.path(LOG))
+            return
+
+        def write(tmp: str) -> None:
+            with open(tmp, 'w') as f:
+                f.writelines(json.dumps(r) + '\n' for r in rows)
+        atomic_write(self.path(LOG), write)
+
     def save(self, state: Dict[str, Any]) -> None:
-        """Training checkpoint and the model's weights, atomically, on rank 0."""
+        """The training checkpoint, then the log rebuilt from its rows, atomically, on rank 0."""
         if self.primary:
             model_state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-            atomic_write(self.checkpoint, lambda tmp: torch.save({'state_dict': model_state, **state}, tmp))
-            atomic_write(os.path.join(self.output, 'model.safetensors'), lambda tmp: save_file(model_state, tmp))
+            atomic_write(self.checkpoint, lambda tmp: torch.save({**state, 'state_dict': model_state}, tmp))
+            self.write_log(state['log'])
         if self.distributed:
             dist.barrier()
 
-    def run(self, resume: bool = True, stop_after: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    def run(self, resume: bool = True, stop_after: Optional[int] = None, allow_changed_args: bool = False,
+            resumed: Optional[Tuple[Optional[Dict[str, Any]], List[str]]] = None) -> Optional[Dict[str, Any]]:
+        """Train what is left, then the final step; ``resumed``: ``_resume_state``'s answer when already known."""
         recipe = self.recipe
-        state = torch.load(self.checkpoint, map_location='cpu', weights_only=True) \
-            if resume and os.path.exists(self.checkpoint) else None
+        _require_int('train', 'stop_after', stop_after, 1, optional=True)
+        state, diffs = resumed or _resume_state(recipe, self.output, self.data_dir, resume, allow_changed_args)
+        if diffs:
+            self.log(f'continuing {self.output} with changed arguments: ' + '; '.join(diffs))
+        first_stage, rows, key = 0, [], (-1, -1)  # key: (stage, epoch) of the weights, (-1, -1): untrained
         if state is not None:
+            si = state['stage']
+            stage = recipe.stages[si]
+            done = state['epoch'] + 1 >= stage.epochs or (
+                stage.early_stop is not None and state['bad_epochs'] >= stage.early_stop)
+            first_stage, rows, key = si + int(done), list(state['log']) if 'log' in state else self.read_log(), (
+                si, state['epoch'])
             self.model.load_state_dict(state['state_dict'])
-            self.log(f'resumed from {self.checkpoint}: stage {state["stage"] + 1}, epoch {state["epoch"] + 1} done')
-        first_stage = 0 if state is None else state['stage'] + int(state['stage_done'])
+            self.log(f'resumed from {self.checkpoint}: stage {si + 1}, epoch {state["epoch"] + 1} done')
+        finished = first_stage >= len(recipe.stages)
+        if self.primary:
+            for name in os.listdir(self.output):  # what a killed run left
+                if any(name.startswith(f'{f}.tmp') for f in RUN_FILES):
+                    _remove(self.path(name))
+            if not resume:
+                _remove(self.checkpoint)
+            if not resume or not finished or diffs:  # training starts or the products may describe other arguments
+                for name in PRODUCTS:
+                    _remove(self.path(name))
+            if state is not None and diffs:  # the checkpoint records the arguments the run continues with
+                state.update(recipe=dataclasses.asdict(recipe), data_dir=self.data_dir)
+                atomic_write(self.checkpoint, lambda tmp: torch.save(state, tmp))
+            self.write_log(rows)
+        if self.distributed:
+            dist.barrier()
+        if finished:
+            self.log(f'{self.output}: training finished')
         epochs_run = 0
         for si in range(first_stage, len(recipe.stages)):
             stage = recipe.stages[si]
@@ -356,37 +667,68 @@ class _Run:
                     scheduler.step(metric)
                 best, bad = (metric, 0) if best is None or metric > best + 1e-9 else (best, bad + 1)
                 done = epoch + 1 == stage.epochs or (stage.early_stop is not None and bad >= stage.early_stop)
+                rows.append({'stage': stage.name, 'epoch': epoch + 1, 'train_loss': loss, 'val_accuracy': accs,
+                             'metric': metric, 'lr': optimizer.param_groups[0]['lr'], 'seconds': time.time() - start})
                 self.save({
                     'stage': si, 'epoch': epoch, 'stage_done': done, 'best': best, 'bad_epochs': bad,
                     'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict() if scheduler else None,
-                    'scaler': scaler.state_dict() if scaler else None, 'recipe': dataclasses.asdict(recipe)})
-                record = {'stage': stage.name, 'epoch': epoch + 1, 'train_loss': loss, 'val_accuracy': accs,
-                          'metric': metric, 'lr': optimizer.param_groups[0]['lr'], 'seconds': time.time() - start}
+                    'scaler': scaler.state_dict() if scaler else None, 'log': rows,
+                    'recipe': dataclasses.asdict(recipe), 'data_dir': self.data_dir})
+                key = (si, epoch)
                 self.log(f'[{stage.name}] epoch {epoch + 1}/{stage.epochs}: loss {loss:.4f}, val accuracy '
-                         + ', '.join(f'{k}: {v:.2f}' for k, v in accs.items()) + f' ({record["seconds"]:.0f} s)')
-                if self.primary:
-                    with open(os.path.join(self.output, 'log.jsonl'), 'a') as f:
-                        f.write(json.dumps(record) + '\n')
+                         + ', '.join(f'{k}: {v:.2f}' for k, v in accs.items()) + f' ({rows[-1]["seconds"]:.0f} s)')
                 epochs_run += 1
                 if done and epoch + 1 < stage.epochs:
                     self.log(f'[{stage.name}] early stop: no improvement in {bad} epochs')
                 if done:
                     break
             state = None
-        return self.finish()
+        return self.finish(key)
 
-    def finish(self) -> Optional[Dict[str, Any]]:
-        """Final evaluation on rank 0: ``eval.json`` and ``tradeoff.png``."""
+    def metadata(self, key: Tuple[int, int]) -> Dict[str, str]:
+        """safetensors metadata of the final weights: model, kwargs, classes and the checkpoint's (stage, epoch)."""
+        info = {'model': self.recipe.model, 'model_kwargs': _jsonable(self.recipe.model_kwargs),
+                'num_classes': int(self.model.num_classes), 'stage': int(key[0]), 'epoch': int(key[1]),
+                'format': METADATA_FORMAT}
+        return {METADATA_KEY: json.dumps(info), 'recipe': json.dumps(_jsonable(dataclasses.asdict(self.recipe))),
+                'data_dir': self.data_dir}
+
+    def finish(self, key: Tuple[int, int]) -> Optional[Dict[str, Any]]:
+        """Final step on rank 0, idempotent: ``model.safetensors`` of the weights at ``key`` (the checkpoint's stage
+        and epoch), then ``eval.json`` and ``tradeoff.png``; what is already there and matches is kept."""
         result = None
         if self.primary:
-            test = self.recipe.test_split or self.recipe.val_split
-            out = collect_outputs(self.model, self.test_loader, self.device, self.recipe.keep_rates, self.autocast)
-            result = evaluate(self.model, self.test_loader, self.device, self.recipe.model,
-                              f'{self.recipe.dataset}:{test}', self.recipe.keep_rates,
-                              latency_batch=self.recipe.latency_batch, outputs=out)
-            write_json(result, os.path.join(self.output, 'eval.json'))
-            plot_tradeoff(result, os.path.join(self.output, result['plot']))
-            self.log(f'evaluation written to {os.path.join(self.output, "eval.json")}')
+            expected = self.metadata(key)
+            found = _read_metadata(self.path(WEIGHTS))
+            try:
+                same = found is not None and json.loads(found.get(METADATA_KEY, 'null')) == json.loads(
+                    expected[METADATA_KEY]) and _fingerprint(json.loads(found.get('recipe', '{}')), found.get(
+                        'data_dir', '')) == _fingerprint(dataclasses.asdict(self.recipe), self.data_dir)
+            except ValueError:
+                same = False
+            if not same:
+                for name in PRODUCTS:  # the evaluation goes first: it never lies next to other weights
+                    _remove(self.path(name))
+                model_state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+                atomic_write(self.path(WEIGHTS), lambda tmp: save_file(model_state, tmp, metadata=expected))
+            if os.path.exists(self.path(EVAL)):
+                with open(self.path(EVAL)) as f:
+                    result = json.load(f)
+            else:
+                test = self.recipe.test_split or self.recipe.val_split
+                out = collect_outputs(self.model, self.test_loader, self.device, self.recipe.keep_rates,
+                                      self.autocast)
+                result = evaluate(self.model, self.test_loader, self.device, self.recipe.model,
+                                  f'{self.recipe.dataset}:{test}', self.recipe.keep_rates,
+                                  latency_batch=self.recipe.latency_batch, outputs=out)
+                write_json(result, self.path(EVAL))
+            plot = self.path(os.path.basename(result['plot']))
+            if not os.path.exists(plot):
+                plot_tradeoff(result, plot)
+            if same:
+                self.log(f'{self.path(WEIGHTS)} and {self.path(EVAL)} were up to date')
+            else:
+                self.log(f'weights written to {self.path(WEIGHTS)}, evaluation to {self.path(EVAL)}')
         if self.distributed:
             dist.barrier()
         return result
@@ -401,45 +743,91 @@ def train(
         download: bool = False,
         stop_after: Optional[int] = None,
         compile_backend: str = '',
+        allow_changed_args: bool = False,
 ) -> Optional[Dict[str, Any]]:
     """Run ``recipe``, writing to ``output``; returns the evaluation (rank 0), or None when stopped early.
 
     Args:
-        resume: Continue from ``output/last.pth.tar`` when it exists.
+        resume: Continue from ``output/last.pth.tar`` when it exists (a finished run only rewrites missing or
+            outdated products); False starts over, removing what the folder holds of an earlier run.
         download: Let torchvision download the dataset.
-        stop_after: Stop after this many epochs in this call (a time-limited job); the next call resumes.
+        stop_after: Stop after this many epochs (>= 1) in this call (a time-limited job); the next call resumes.
         compile_backend: ``torch.compile`` the trainable module with this backend.
+        allow_changed_args: Continue the run in ``output`` even if it was started with other arguments (else
+            ``RunError`` lists the differences).
+
+    Raises:
+        RunError: The run cannot start (see the class); nothing was written.
     """
-    os.makedirs(output, exist_ok=True)
-    run = _Run(recipe, output, data_dir, device, download, compile_backend)
+    _require_int('train', 'stop_after', stop_after, 1, optional=True)
+    problem = _device_problem(device)
+    if problem:
+        raise RunError(f'device: {problem}')
+    if recipe.init_checkpoint:
+        problem = _file_problem(recipe.init_checkpoint)
+        if problem:
+            raise RunError(f'init_checkpoint: {problem}')
+    problem = _output_problem(output)
+    if problem:
+        raise RunError(f'output: {problem}')
+    resumed = _resume_state(recipe, output, data_dir, resume, allow_changed_args)
     try:
-        return run.run(resume=resume, stop_after=stop_after)
+        run = _Run(recipe, output, data_dir, device, download, compile_backend)
+        return run.run(resume=resume, stop_after=stop_after, resumed=resumed)
     finally:
-        if run.distributed and dist.is_initialized():
+        if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f'{text} is not allowed: an integer >= {low}')
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f'{text} is not allowed: a finite number > 0')
+    return value
+
+
 def main(recipes: Union[Recipe, Dict[str, Recipe]], argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
-    """Command line of a recipe file: ``python train_recipes/<recipe>.py --data-dir DIR [--output DIR] ...``."""
+    """Command line of a recipe file: ``python train_recipes/<recipe>.py --data-dir DIR [--output DIR] ...``.
+
+    Bad arguments, and runs that cannot start (``RunError``), print one ``error:`` line and exit with status 2."""
     variants = recipes if isinstance(recipes, dict) else {'default': recipes}
     parser = argparse.ArgumentParser(description='Train a timm_exits recipe (resumes from OUTPUT/last.pth.tar).')
     parser.add_argument('--variant', default=next(iter(variants)), choices=list(variants))
     parser.add_argument('--data-dir', default='', help='dataset root (torchvision root or ImageFolder root)')
     parser.add_argument('--dataset-download', action='store_true', help='let torchvision download the dataset')
     parser.add_argument('--output', default='', help='output folder (default: output/<recipe name>)')
-    parser.add_argument('--epochs', type=int, nargs='+', default=None, help='epochs of each stage')
-    parser.add_argument('--lr', type=float, nargs='+', default=None, help='learning rate of each stage')
-    parser.add_argument('--batch-size', type=int, default=None)
-    parser.add_argument('--grad-accum', type=int, default=None)
-    parser.add_argument('--workers', type=int, default=None)
+    parser.add_argument('--epochs', type=_int_at_least(1), nargs='+', default=None, help='epochs of each stage')
+    parser.add_argument('--lr', type=_positive_float, nargs='+', default=None, help='learning rate of each stage')
+    parser.add_argument('--batch-size', type=_int_at_least(1), default=None)
+    parser.add_argument('--grad-accum', type=_int_at_least(1), default=None, help='micro-batches per update')
+    parser.add_argument('--workers', type=_int_at_least(0), default=None)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--amp', action='store_true', help='mixed precision (float16 + loss scaling on CUDA)')
     parser.add_argument('--torchcompile', nargs='?', const='inductor', default='', help='torch.compile backend')
     parser.add_argument('--init-checkpoint', default=None, help='plain timm checkpoint to start from')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
-    parser.add_argument('--latency-batch', type=int, default=None)
-    parser.add_argument('--no-resume', action='store_true', help='start over even if OUTPUT/last.pth.tar exists')
-    parser.add_argument('--stop-after', type=int, default=None, help='stop after N epochs (resume later)')
+    parser.add_argument('--latency-batch', type=_int_at_least(0), default=None)
+    parser.add_argument('--no-resume', action='store_true',
+                        help='start over even if OUTPUT holds a run (its checkpoint and products are removed)')
+    parser.add_argument('--allow-changed-args', action='store_true',
+                        help='continue the run in OUTPUT although it was started with other arguments')
+    parser.add_argument('--stop-after', type=_int_at_least(1), default=None,
+                        help='stop after N epochs (resume later)')
     args = parser.parse_args(argv)
     recipe = variants[args.variant]
     changes: Dict[str, Any] = {k: v for k, v in dict(
@@ -454,15 +842,29 @@ def main(recipes: Union[Recipe, Dict[str, Recipe]], argv: Optional[Sequence[str]
         values = getattr(args, key)
         if values is not None:
             if len(values) != len(stages):
-                raise ValueError(f'--{key} needs one value per stage ({len(stages)}: '
-                                 f'{[s.name for s in stages]}), got {values}')
+                parser.error(f'argument --{key}: one value per stage ({len(stages)}: '
+                             f'{", ".join(s.name for s in stages)}), got {len(values)}: {" ".join(map(str, values))}')
             stages = [dataclasses.replace(s, **{key: v}) for s, v in zip(stages, values)]
     changes['stages'] = stages
-    recipe = dataclasses.replace(recipe, **changes)
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
+    try:
+        recipe = dataclasses.replace(recipe, **changes)
+    except ValueError as e:
+        parser.error(str(e))
+    for flag, problem in (('--device', _device_problem(args.device)),
+                          ('--init-checkpoint', args.init_checkpoint and _file_problem(args.init_checkpoint))):
+        if problem:
+            parser.error(f'argument {flag}: {problem}')
     output = args.output or os.path.join('output', recipe.name)
-    return train(recipe, output, args.data_dir, args.device, resume=not args.no_resume,
-                 download=args.dataset_download, stop_after=args.stop_after, compile_backend=args.torchcompile)
+    problem = _output_problem(output)
+    if problem:
+        parser.error(f'argument --output: {problem}')
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
+    try:
+        return train(recipe, output, args.data_dir, args.device, resume=not args.no_resume,
+                     download=args.dataset_download, stop_after=args.stop_after, compile_backend=args.torchcompile,
+                     allow_changed_args=args.allow_changed_args)
+    except RunError as e:
+        parser.error(str(e))
 
 
 # --- step cost --------------------------------------------------------------------------------------------------------
@@ -472,6 +874,9 @@ def step_cost(model: str = 'deit_tiny_patch16_224', batch_size: int = 32, rounds
     """Median time of one training step (forward, backward, SGD step) of each objective, interleaved, as a ratio to
     plain fine-tuning of the timm parent: 'mevit' (``MEViTTask``), 'end_to_end', and 'hook' (timm's
     ``ClassificationTask`` on the multi-exit model: what timm's train.py runs). Random weights and data."""
+    for name, value, low in (('batch_size', batch_size, 1), ('rounds', rounds, 1), ('warmup', warmup, 0),
+                             ('num_classes', num_classes, 1)):
+        _require_int('step_cost', name, value, low)
     from timm.task import ClassificationTask
     from .benchmark import time_interleaved
     torch.manual_seed(0)
@@ -504,21 +909,29 @@ def step_cost(model: str = 'deit_tiny_patch16_224', batch_size: int = 32, rounds
 
 
 def _step_cost_main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(description=step_cost.__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(prog='python -m timm_exits.train step-cost',
+                                     description=inspect.cleandoc(step_cost.__doc__).replace('``', ''))
     parser.add_argument('--model', default='deit_tiny_patch16_224', help='timm parent of a *_mexit model')
-    parser.add_argument('--batch-size', type=int, default=32)
-    parser.add_argument('--rounds', type=int, default=8)
-    parser.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
+    parser.add_argument('--batch-size', type=_int_at_least(1), default=32)
+    parser.add_argument('--rounds', type=_int_at_least(1), default=8, help='timed rounds')
+    parser.add_argument('--threads', type=_int_at_least(0), default=0, help='torch threads (0: torch default)')
     args = parser.parse_args(argv)
+    if not timm.is_model(f'{args.model}_mexit'):
+        parser.error(f'argument --model: {args.model!r} has no multi-exit variant {args.model + "_mexit"!r}')
     if args.threads:
         torch.set_num_threads(args.threads)
     print(json.dumps(dict(model=args.model, batch_size=args.batch_size, threads=torch.get_num_threads(),
                           **step_cost(args.model, args.batch_size, args.rounds)), indent=1))
 
 
+USAGE = ('usage: python -m timm_exits.train step-cost [-h] [--model M] [--batch-size B] [--rounds R] [--threads T]\n'
+         '(recipes run as scripts: python train_recipes/<recipe>.py --help)\n')
+
 if __name__ == '__main__':
-    import sys
-    if sys.argv[1:2] != ['step-cost']:
-        raise SystemExit('usage: python -m timm_exits.train step-cost [--model M] [--batch-size B] [--rounds R]\n'
-                         'recipes run as scripts: python train_recipes/<recipe>.py --help')
-    _step_cost_main(sys.argv[2:])
+    if sys.argv[1:2] == ['step-cost']:
+        _step_cost_main(sys.argv[2:])
+    elif sys.argv[1:2] in (['-h'], ['--help']):
+        sys.stdout.write(USAGE)
+    else:
+        sys.stderr.write(USAGE + f'error: the command is step-cost, got {" ".join(sys.argv[1:]) or "nothing"}\n')
+        raise SystemExit(2)

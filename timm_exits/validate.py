@@ -19,7 +19,10 @@ imagenet; downloads only with ``--dataset-download``).
 import argparse
 import json
 import logging
+import math
 import os
+import tempfile
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -31,16 +34,19 @@ import timm
 from timm.data import create_transform, resolve_data_config
 from timm.utils import ParseKwargs
 
-from .models._base import count_flops
+from .models._base import UntrainedWeightsWarning, count_flops, new_parts_filter
+from .models._checkpoint import (
+    HIDDEN_LAYOUT, check_checkpoint_args, checkpoint_model_args, load_checkpoint_into, read_checkpoint, same_value,
+)
 from .models.life_regress_vit import LifeRegressVisionTransformer
 from .models.multi_exit_vit import MultiExitVisionTransformer
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    'DigitsDataset', 'accuracies', 'atomic_write', 'build_transform', 'budget_table', 'choose_threshold',
-    'collect_outputs', 'create_dataset', 'evaluate', 'make_loader', 'practical_exits',
-    'plot_tradeoff', 'select_threshold', 'threshold_table', 'write_json',
+    'DigitsDataset', 'accuracies', 'atomic_write', 'available_cpus', 'build_parser', 'build_transform', 'budget_table',
+    'choose_threshold', 'collect_outputs', 'create_dataset', 'evaluate', 'main', 'make_loader', 'practical_exits',
+    'plot_tradeoff', 'run', 'select_threshold', 'threshold_table', 'write_json',
 ]
 
 DEFAULT_KEEP_RATES = (1.0, 0.9, 0.8, 0.7)
@@ -71,10 +77,16 @@ def atomic_write(path: str, write: Callable[[str], Any]) -> None:
 
 
 def write_json(obj: Any, path: str) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+    """Write ``obj`` as indented JSON, atomically. A NaN or infinity (not JSON; readers turn it into null) is refused
+    with a ValueError naming the file, before anything is written."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f'{path}: refusing to write a NaN or infinite value ({e})') from e
+
     def _write(tmp: str) -> None:
         with open(tmp, 'w') as f:
-            json.dump(obj, f, indent=2)
+            f.write(text)
     atomic_write(path, _write)
 
 
@@ -186,18 +198,28 @@ def collect_outputs(
         device: torch.device,
         keep_rates: Sequence[float] = DEFAULT_KEEP_RATES,
         autocast: Optional[Callable] = None,
+        progress: bool = False,
+        desc: str = 'eval',
 ) -> Dict[str, torch.Tensor]:
     """Per image, whether each exit (multi-exit), each keep rate (LifeRegress) or the output is right.
 
+    Args:
+        progress: Show a tqdm progress bar (batches) on stderr.
+        desc: Label of the progress bar.
+
     Returns:
         ``{'correct': (K, N) bool}`` and, for a multi-exit model, ``'scores': (K, N)``, each exit's criterion value.
+
+    Raises:
+        ValueError: The loader yields no images (an accuracy over nothing is not a number).
     """
+    from tqdm import tqdm
     model = _unwrap(model)
     was_training = model.training
     model.eval()
     correct, scores = [], []
     try:
-        for x, y in loader:
+        for x, y in tqdm(loader, desc=desc, unit='batch', disable=not progress, dynamic_ncols=True):
             x, y = x.to(device), y.to(device)
             with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
                 if isinstance(model, MultiExitVisionTransformer):
@@ -211,6 +233,8 @@ def collect_outputs(
             correct.append(torch.stack([z.argmax(-1) == y for z in outs]).cpu())
     finally:
         model.train(was_training)
+    if not correct or sum(c.shape[1] for c in correct) == 0:
+        raise ValueError('no images to evaluate: the dataset split is empty')
     out = {'correct': torch.cat(correct, 1)}
     if scores:
         out['scores'] = torch.cat([s.cpu() for s in scores], 1)
@@ -459,55 +483,227 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoad
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--model', required=True, help='timm model name (timm_exits registers its models)')
-    parser.add_argument('--checkpoint', default='', help='weights: .safetensors or a training checkpoint')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
-    parser.add_argument('--num-classes', type=int, default=None)
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'must be an integer >= {low}, got {text!r}')
+        if value < low:
+            raise argparse.ArgumentTypeError(f'must be an integer >= {low}, got {value}')
+        return value
+    return parse
+
+
+def _number(low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
+    allowed = f'a number in {"(" if low_open else "["}{low:g}, {high:g}]' if math.isfinite(high) else \
+        f'a finite number {">" if low_open else ">="} {low:g}'
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'must be {allowed}, got {text!r}')
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f'must be {allowed}, got {text}')
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m timm_exits.validate``."""
+    parser = argparse.ArgumentParser(prog='python -m timm_exits.validate', description=__doc__.split('\n\n')[0])
+    parser.add_argument('--model', default=None,
+                        help='timm model name (timm_exits registers its models); default: the one the checkpoint names')
+    parser.add_argument('--checkpoint', default='', help='weights: .safetensors or a training checkpoint; the model '
+                        'kwargs and num_classes it records are used unless given here')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                        help='create_model kwargs k=v (win over the checkpoint\'s, except a conflicting layout)')
+    parser.add_argument('--num-classes', type=_int_at_least(0), default=None,
+                        help='default: the checkpoint\'s, else the model\'s')
     parser.add_argument('--pretrained', action='store_true', help='load the pretrained tag instead of a checkpoint')
     parser.add_argument('--dataset', default='folder', help='digits, folder or torch/<name>')
     parser.add_argument('--data-dir', default='')
     parser.add_argument('--dataset-download', action='store_true', help='let torchvision download the dataset')
     parser.add_argument('--split', default='test', help='split evaluated')
-    parser.add_argument('--resize-crop', type=int, default=0, help='TransFG eval transform: resize then centre crop')
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--workers', type=int, default=4)
+    parser.add_argument('--resize-crop', type=_int_at_least(0), default=0,
+                        help='TransFG eval transform: resize then centre crop')
+    parser.add_argument('--batch-size', type=_int_at_least(1), default=64)
+    workers = min(4, available_cpus())
+    parser.add_argument('--workers', type=_int_at_least(0), default=workers,
+                        help=f'data loading processes (default: {workers}, never above the CPUs available)')
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--keep-rates', type=float, nargs='+', default=list(DEFAULT_KEEP_RATES))
-    parser.add_argument('--latency-batch', type=int, default=0, help='time each exit / keep rate at this batch size')
+    parser.add_argument('--keep-rates', type=_number(0., 1., low_open=True), nargs='+',
+                        default=list(DEFAULT_KEEP_RATES), help='LifeRegress keep rates, each in (0, 1]')
+    parser.add_argument('--latency-batch', type=_int_at_least(0), default=0,
+                        help='time each exit / keep rate at this batch size')
     parser.add_argument('--output', default='eval', help='folder for eval.json, tradeoff.png, threshold.json')
     parser.add_argument('--calib-split', default='', help='split on which the threshold is chosen')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     target = parser.add_mutually_exclusive_group()
-    target.add_argument('--target-drop', type=float, default=None, help='largest accuracy drop in points')
-    target.add_argument('--target-cost', type=float, default=None, help='largest mean share of the full FLOPs')
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    target.add_argument('--target-drop', type=_number(0.), default=None,
+                        help='largest accuracy drop in points (>= 0)')
+    target.add_argument('--target-cost', type=_number(0., 1., low_open=True), default=None,
+                        help='largest mean share of the full FLOPs, in (0, 1]')
+    return parser
 
-    device = torch.device(args.device)
-    kwargs = dict(args.model_kwargs)
-    if args.num_classes is not None:
-        kwargs['num_classes'] = args.num_classes
-    model = timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint or None,
-                              **kwargs).to(device).eval()
+
+def _check_data(args: argparse.Namespace, split: str, flag: str) -> None:
+    """Refuse an unknown dataset or split, naming the flag, before any model is built."""
+    name = args.dataset
+    if name == 'digits':
+        if split not in DigitsDataset.splits:
+            raise ValueError(f'{flag} {split!r} is not a split of digits; allowed: {list(DigitsDataset.splits)}')
+    elif name == 'folder':
+        folder = os.path.join(args.data_dir, split)
+        if not os.path.isdir(folder):
+            raise ValueError(
+                f'{flag} {split!r}: --dataset folder reads an ImageFolder at --data-dir/{split}, and {folder!r} is not '
+                f'a folder')
+    else:
+        key = name.split('/', 1)[1] if name.startswith('torch/') else ''
+        if key not in TORCHVISION_DATASETS:
+            raise ValueError(
+                f'--dataset {name!r} is not known; allowed: digits, folder, '
+                f'{", ".join("torch/" + k for k in TORCHVISION_DATASETS)}')
+        splits = TORCHVISION_DATASETS[key][1]
+        if split not in splits:
+            raise ValueError(f'{flag} {split!r} is not a split of {name}; allowed: {list(splits)}')
+
+
+def _check_output(folder: str) -> None:
+    """Create ``folder`` and make sure a file can be written there (before minutes of evaluation)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix='.write-test'):
+            pass
+    except OSError as e:
+        raise ValueError(f'--output {folder!r} cannot be written: {e.strerror or e}') from e
+
+
+def _model_arguments(
+        args: argparse.Namespace,
+        recorded: Optional[Dict[str, Any]],
+) -> Tuple[str, Dict[str, Any]]:
+    """Model name and create_model kwargs: the checkpoint's recorded ones, the command line's on top; a command line
+    layout argument the weights cannot show that disagrees with the checkpoint's is an error."""
+    ck_model, ck_kwargs, ck_classes = checkpoint_model_args(recorded)
+    name = args.model or ck_model
+    if not name:
+        raise ValueError('--model is required: ' + (
+            'the checkpoint does not name its model' if args.checkpoint else 'no --checkpoint to read it from'))
+    kwargs = {k: v for k, v in ck_kwargs.items() if v is not None}
+    for key, value in args.model_kwargs.items():
+        if key in HIDDEN_LAYOUT and key in kwargs and not same_value(value, kwargs[key]):
+            raise ValueError(
+                f'--model-kwargs {key}={value!r} conflicts with the checkpoint, trained with {key}={kwargs[key]!r} (a '
+                f'layout the weights cannot show); drop it or pass {key}={kwargs[key]!r}')
+        kwargs[key] = value
+    num_classes = args.num_classes if args.num_classes is not None else ck_classes
+    if num_classes is not None:
+        kwargs['num_classes'] = num_classes
+    if ck_kwargs or ck_classes is not None:
+        taken = {k: v for k, v in kwargs.items() if k not in args.model_kwargs and not (
+            k == 'num_classes' and args.num_classes is not None)}
+        _logger.info(f'from the checkpoint: model {ck_model}, kwargs {taken}')
+    return name, kwargs
+
+
+def _create_model(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        if 'Unknown model' in str(e):
+            raise ValueError(
+                f'--model {name!r} is not a registered model; list them with timm.list_models(\'*mexit*\') or '
+                f'timm.list_models(\'*liferegress*\') after import timm_exits') from e
+        raise
+    except TypeError as e:  # an unknown keyword argument of the model's constructor
+        raise ValueError(f'--model {name} with kwargs {kwargs}: {e}') from e
+
+
+def _load_weights(model: nn.Module, path: str, state_dict: Dict[str, torch.Tensor],
+                  recorded: Optional[Dict[str, Any]]) -> None:
+    """Load the checkpoint strictly; one without the exits / life predictor (a plain backbone) loads its backbone
+    through the pretrained filter, which warns that the new parts are untrained."""
+    prefixes = getattr(model, 'new_prefixes', ())
+    if prefixes and not any(k.startswith(prefixes) for k in state_dict):
+        _logger.warning(f'warning: checkpoint {path} has no {model.new_parts_name}; loading its backbone only')
+        check_checkpoint_args(model, recorded, f'checkpoint {path}')
+        try:
+            model.load_state_dict(new_parts_filter(state_dict, model), strict=True)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f'checkpoint {path} does not fit this model: {e}') from e
+        return
+    load_checkpoint_into(model, state_dict, recorded, path)
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Evaluate as the command line asks (see ``main``); bad input raises ValueError / OSError naming the flag."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f'--device {args.device!r} is not a torch device; e.g. cpu, cuda, cuda:1, mps') from e
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'--device {args.device!r}: CUDA is not available here; use --device cpu')
+    for split, flag in ((args.split, '--split'), (args.calib_split, '--calib-split')):
+        if split:
+            _check_data(args, split, flag)
+    _check_output(args.output)
+    targets = args.target_drop is not None or args.target_cost is not None
+
+    state_dict, recorded = None, None
+    if args.checkpoint:
+        try:
+            state_dict, recorded = read_checkpoint(args.checkpoint, prefer_ema=True)
+        except FileNotFoundError as e:
+            raise ValueError(f'--checkpoint: {e}') from e
+    name, kwargs = _model_arguments(args, recorded)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', UntrainedWeightsWarning)  # new_parts_filter logs it once, below
+        model = _create_model(name, args.pretrained, kwargs)
+        if state_dict is not None:
+            _load_weights(model, args.checkpoint, state_dict, recorded)
+    if state_dict is None and not args.pretrained:
+        _logger.warning(f'warning: {name} has random weights (neither --checkpoint nor --pretrained): the numbers '
+                        f'below say nothing about a trained model')
+    if targets and not isinstance(model, MultiExitVisionTransformer):
+        raise ValueError('--target-drop / --target-cost choose an early-exit threshold: a multi-exit model only')
+    try:
+        model = model.to(device).eval()
+    except RuntimeError as e:
+        raise ValueError(f'--device {args.device!r}: cannot move the model there ({e})') from e
 
     def loader(split: str) -> DataLoader:
         ds = create_dataset(args.dataset, split, model, False, args.data_dir, args.dataset_download,
                             **({'resize_crop': args.resize_crop} if args.dataset != 'digits' else {}))
+        if len(ds) == 0:
+            raise ValueError(f'--dataset {args.dataset} split {split!r} has no images')
         return make_loader(ds, args.batch_size, args.workers)
 
-    os.makedirs(args.output, exist_ok=True)
+    progress = not args.no_progress
     test_loader = loader(args.split)
-    outputs = collect_outputs(model, test_loader, device, args.keep_rates)
-    result = evaluate(model, test_loader, device, args.model, args.dataset, args.keep_rates,
+    outputs = collect_outputs(model, test_loader, device, args.keep_rates, progress=progress, desc=args.split)
+    result = evaluate(model, test_loader, device, name, args.dataset, args.keep_rates,
                       latency_batch=args.latency_batch, outputs=outputs)
+    try:
+        plot_tradeoff(result, os.path.join(args.output, result['plot']))
+    except ImportError:
+        _logger.warning('warning: no trade-off plot: matplotlib is not installed (pip install matplotlib)')
+        result.pop('plot')
     write_json(result, os.path.join(args.output, 'eval.json'))
-    plot_tradeoff(result, os.path.join(args.output, result['plot']))
     _logger.info(json.dumps({k: v for k, v in result.items() if k not in ('thresholds', 'budgets')}, indent=1))
-    if args.target_drop is not None or args.target_cost is not None:
-        if not isinstance(model, MultiExitVisionTransformer):
-            raise ValueError('--target-drop / --target-cost choose an early-exit threshold: a multi-exit model only')
-        calib = collect_outputs(model, loader(args.calib_split), device) if args.calib_split else outputs
+    if targets:
+        calib = collect_outputs(model, loader(args.calib_split), device, progress=progress,
+                                desc=args.calib_split) if args.calib_split else outputs
         choice = choose_threshold(model, calib, args.target_drop, args.target_cost)
         applied = threshold_table(outputs['scores'], outputs['correct'], list(model.threshold_costs),
                                   [choice['threshold']], model.exit_criterion == 'confidence')[0]
@@ -515,6 +711,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         write_json(choice, os.path.join(args.output, 'threshold.json'))
         _logger.info(f'threshold: {json.dumps(choice)}')
     return result
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """``python -m timm_exits.validate``: bad input prints one ``error: ...`` line and exits with status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    try:
+        return run(args)
+    except (ValueError, OSError, RuntimeError, ImportError) as e:
+        parser.exit(2, f'error: {" ".join(str(e).split())}\n')
 
 
 if __name__ == '__main__':

@@ -1,7 +1,7 @@
 """ Offline demonstration on real data: scikit-learn's bundled digits (1797 8x8 grey images, upsampled to 32 px;
 nothing is downloaded), small ViTs trained from scratch on this CPU with the recipes' trainer.
 
-    python train_recipes/digits_demo.py [--output output/digits_demo] [--epochs 30] [--seed 0]
+    python train_recipes/digits_demo.py [--output output/digits_demo] [--epochs 30] [--seed 0] [--no-resume]
 
 Runs (each resumable, in its own folder), then a table (``table.md``, ``summary.json``):
 (a) MEViT's sandwich rule + in-place distillation (000) against plain end-to-end training (001), exit by exit, and
@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import timm
-from timm_exits.train import Recipe, Stage, train
+from timm_exits.train import Recipe, RunError, Stage, train
 from timm_exits.validate import (
     DigitsDataset, choose_threshold, collect_outputs, make_loader, threshold_table, write_json,
 )
@@ -126,16 +126,27 @@ def summarize(results: Dict[str, Dict[str, Any]], out: str, seconds: float) -> s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--output', default=os.path.join('output', 'digits_demo'))
-    parser.add_argument('--epochs', type=int, default=30, help='epochs of the from-scratch runs')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--epochs', type=int, default=30, help='epochs of the from-scratch runs (>= 1)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of every run (>= 0)')
+    parser.add_argument('--no-resume', action='store_true', help='start every run over')
+    parser.add_argument('--allow-changed-args', action='store_true',
+                        help='continue runs in OUTPUT although they were started with another --epochs / --seed')
     args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f'argument --epochs: {args.epochs} is not allowed: an integer >= 1')
+    if args.seed < 0:
+        parser.error(f'argument --seed: {args.seed} is not allowed: an integer >= 0')
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
     start = time.time()
     runs = recipes(args.output, args.epochs, args.seed)
     results: Dict[str, Any] = {'_recipes': runs}
     for name, recipe in runs.items():
         logging.info(f'== {name}')
-        results[name] = train(recipe, os.path.join(args.output, name))
+        try:
+            results[name] = train(recipe, os.path.join(args.output, name), resume=not args.no_resume,
+                                  allow_changed_args=args.allow_changed_args)
+        except RunError as e:
+            parser.error(f'run {name!r}: {e}')
     print(summarize(results, args.output, time.time() - start))
 
 

@@ -1,4 +1,4 @@
-""" Fine-tuned timm-exits checkpoints on the Hugging Face Hub: named models, publishing and loading (issue 5).
+""" Fine-tuned timm-exits checkpoints on the Hugging Face Hub: named models, publishing and loading.
 
 Download. Named models (``vit_b16_mexit_cars``, ``vit_b16_mexit_aircraft``, ``deit_small_liferegress.in1k``) carry a
 pretrained cfg pointing at ``{org}/{name}`` on the Hub, ``org`` from the ``TIMM_EXITS_HUB_ORG`` environment variable
@@ -16,7 +16,9 @@ Publishing::
 builds ``NAME``, loads the checkpoint strictly (another exit / life layout is refused), exports timm's ``config.json``
 and ``model.safetensors`` (``save_for_hf``), ``training_args.json`` and a ``README.md`` rendered from ``hub_cards/``
 (results table and trade-off plot from the evaluation JSON of ``python -m timm_exits.validate``) into a temporary
-folder that is renamed into place only when complete, then uploads it with ``HfApi.upload_folder``.
+folder that is renamed into place only when complete, then uploads it with ``HfApi.upload_folder``. The export holds
+only files push wrote, plus the evaluation's plot if it is a PNG inside the checkpoint's folder (symlinks resolved);
+a plot anywhere else is ignored with a warning and drawn again from the JSON.
 """
 import argparse
 import functools
@@ -29,19 +31,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
 import torch.nn as nn
 from huggingface_hub import HfApi, ModelCardData
 from huggingface_hub.errors import (
     EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
 )
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 import timm
-from timm.models import (
-    clean_state_dict, get_pretrained_cfg, resolve_pretrained_cfg, save_for_hf,
-)
+from timm.models import get_pretrained_cfg, resolve_pretrained_cfg, save_for_hf
+
+from ..models._checkpoint import check_checkpoint_args, layout_args, read_checkpoint
 
 __all__ = [
     'CARDS_DIR', 'DEFAULT_HUB_ORG', 'HUB_ORG_ENV', 'MissingWeightsError', 'card_metadata',
@@ -56,7 +56,7 @@ PLOT_NAME = 'tradeoff.png'
 RECIPE_NOTE = 'recipe: '
 CARDS_DIR = Path(__file__).resolve().parents[2] / 'hub_cards'
 _NOT_FOUND = (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, OfflineModeIsEnabled)
-_HIDDEN_LAYOUT = ('exit_criterion', 'life_layer', 'prune_layers', 'U', 'keep_rate')  # not visible in the weights
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 _logger = logging.getLogger(__name__)
 
 
@@ -141,77 +141,12 @@ def explain_missing_weights(create_fn: Callable[..., nn.Module]) -> Callable[...
     return create
 
 
-def layout_args(model: nn.Module) -> Dict[str, Any]:
-    """Constructor arguments fixing the exit / life layout of a timm-exits model, JSON-ready (timm's ``model_args``)."""
-    from ..models import LifeRegressVisionTransformer, MultiExitVisionTransformer
-    if isinstance(model, MultiExitVisionTransformer):
-        heads = model.exit_head_types
-        args = dict(
-            exit_layers=list(model.exit_layers[:-1]),
-            exit_head=heads[0] if len(set(heads)) == 1 else list(heads),
-            exit_criterion=model.exit_criterion,
-            threshold=model.threshold,
-            budget=model.budget,
-        )
-    elif isinstance(model, LifeRegressVisionTransformer):
-        args = dict(
-            life_layer=model.life_layer, prune_layers=list(model.prune_layers), keep_rate=model.keep_rate, U=model.U,
-            budget=model.budget)
-    else:
-        raise ValueError(
-            f'{type(model).__name__} is not a timm-exits model (MultiExitVisionTransformer or '
-            f'LifeRegressVisionTransformer); publish it with timm.models.push_to_hf_hub')
-    return {k: v for k, v in args.items() if v is not None}
-
-
 # --- checkpoint input ------------------------------------------------------------------------------------------------
 
-def read_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Optional[Dict]]:
-    """State dict (``module.`` / ``_orig_mod.`` prefixes stripped) and training args of a ``.safetensors`` file or a
-    ``.pth`` / ``.pth.tar`` checkpoint (``state_dict`` / ``state_dict_ema`` / ``model``, and ``args`` of timm's
-    train.py or ``recipe`` of ``timm_exits.train``), read without unpickling code (``weights_only=True``,
-    argparse.Namespace allowed for ``args``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'checkpoint {path} does not exist')
-    if path.suffix == '.safetensors':
-        try:
-            return clean_state_dict(load_file(path)), None
-        except SafetensorError as e:
-            raise ValueError(f'checkpoint {path} is not a valid safetensors file ({e})') from e
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # a corrupt zip, a pickle with other globals: torch raises several types
-        raise ValueError(
-            f'checkpoint {path} cannot be read as a torch checkpoint with weights_only=True ({e}); convert it to '
-            f'safetensors where it was made') from e
-    if not isinstance(ckpt, dict):
-        raise ValueError(f'checkpoint {path} holds a {type(ckpt).__name__}, not a state dict or a checkpoint dict')
-    keys = ('state_dict_ema', 'model_ema') if use_ema else ('state_dict', 'model')
-    key = next((k for k in keys if isinstance(ckpt.get(k), dict)), None)
-    if use_ema and key is None:
-        raise ValueError(f'--ema: checkpoint {path} has no state_dict_ema / model_ema (keys: {sorted(ckpt)})')
-    state_dict = clean_state_dict(ckpt[key] if key else ckpt)
-    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f'checkpoint {path} holds no state dict: non-tensor entries {bad[:4]} (keys: {sorted(ckpt)})')
-    args = (ckpt.get('args') or ckpt.get('recipe')) if key else None
-    return state_dict, vars(args) if isinstance(args, argparse.Namespace) else args
-
-
 def check_training_args(model: nn.Module, args: Optional[Dict[str, Any]]) -> None:
-    """Refuse training args whose ``model_kwargs`` set a layout the weights cannot show (exit criterion, life layer,
-    prune layers, U, keep rate) different from the model's."""
-    kwargs = (args or {}).get('model_kwargs') or {}
-    layout = layout_args(model)
-    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items() if v is not None}
-    bad = [f'{k}={plain[k]!r} (model: {layout.get(k)!r})' for k in _HIDDEN_LAYOUT
-           if k in plain and plain[k] != layout.get(k)]
-    if bad:
-        raise ValueError(
-            f'the checkpoint was trained with model_kwargs {", ".join(bad)}: a different layout than this model. '
-            f'Name the model with that layout (--model / --model-kwargs).')
+    """Refuse recorded training args (train.py's ``args``, a recipe's ``recipe`` or safetensors metadata) whose
+    ``model_kwargs`` set a layout the weights cannot show (``HIDDEN_LAYOUT``) or another ``num_classes``."""
+    check_checkpoint_args(model, args)
 
 
 def load_evaluation(path: Union[str, Path]) -> Dict[str, Any]:
@@ -291,17 +226,39 @@ def _results(evaluation: Optional[Dict[str, Any]]) -> str:
     return '\n\n'.join(parts)
 
 
-def _plot(evaluation: Optional[Dict[str, Any]], out_dir: Path) -> str:
-    """Markdown for the trade-off plot: the evaluation's own plot copied, else drawn like Fig. 2 of 000_*.txt
-    (accuracy against mean compute, exits marked, practical exits circled) with matplotlib, if installed."""
+def _allowed_plot(evaluation: Dict[str, Any], allowed_dir: Optional[Union[str, Path]]) -> Optional[Path]:
+    """The evaluation's plot file if it may be published: a regular PNG file whose real path (symlinks resolved) lies
+    inside ``allowed_dir`` (the checkpoint's folder); None, with a warning, for anything else."""
+    name = evaluation.get('plot')
+    if not name:
+        return None
+    src = Path(evaluation.get('_dir', '.')) / str(name)
+    real = src.resolve()
+    root = Path(allowed_dir).resolve() if allowed_dir is not None else None
+    if root is None or not real.is_relative_to(root):
+        _logger.warning(f'evaluation plot {src} is not inside the checkpoint\'s folder {root}: not published; '
+                        f'drawing the trade-off plot from the evaluation JSON instead')
+        return None
+    if not real.is_file():
+        _logger.warning(f'evaluation plot {src} does not exist; drawing the trade-off plot here')
+        return None
+    with open(real, 'rb') as f:
+        if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+            _logger.warning(f'evaluation plot {src} is not a PNG file: not published; drawing the trade-off plot here')
+            return None
+    return real
+
+
+def _plot(evaluation: Optional[Dict[str, Any]], out_dir: Path, allowed_dir: Optional[Union[str, Path]] = None) -> str:
+    """Markdown for the trade-off plot: the evaluation's own plot copied when it is a PNG inside ``allowed_dir``
+    (``_allowed_plot``), else drawn like Fig. 2 of 000_*.txt (accuracy against mean compute, exits marked, practical
+    exits circled) with matplotlib, if installed."""
     if evaluation is None:
         return ''
-    src = Path(evaluation['_dir']) / evaluation['plot'] if evaluation.get('plot') else None
-    if src is not None and src.is_file():
+    src = _allowed_plot(evaluation, allowed_dir)
+    if src is not None:
         shutil.copyfile(src, out_dir / PLOT_NAME)
         return f'![Accuracy against compute]({PLOT_NAME})'
-    if src is not None:
-        _logger.warning(f'evaluation plot {src} does not exist; drawing the trade-off plot here')
     exits, curves = evaluation['exits'], [(k, evaluation[k]) for k in ('thresholds', 'budgets') if evaluation[k]]
     rates = evaluation['keep_rates']
     if not (exits or curves or rates):
@@ -425,10 +382,14 @@ def export(
         training_args: Optional[Dict[str, Any]] = None,
         label_names: Optional[Union[str, Path]] = None,
         cards_dir: Union[str, Path] = CARDS_DIR,
+        source_dir: Optional[Union[str, Path]] = None,
 ) -> Path:
     """Write the Hub folder of ``model`` to ``out_dir`` (new or empty): config.json + model.safetensors (timm's
     ``save_for_hf``, ``model_args`` with the whole layout), training_args.json, tradeoff.png, README.md. Written
-    into a temporary folder beside ``out_dir`` and renamed into place when complete; removed on any error."""
+    into a temporary folder beside ``out_dir`` and renamed into place when complete; removed on any error.
+
+    The evaluation's own plot is copied only from inside ``source_dir`` (the checkpoint's folder); with None, or a
+    plot elsewhere, the plot is drawn from the evaluation JSON. No other file is read into the export."""
     out = Path(out_dir).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f'export folder {out} exists and is not empty; name a new one')
@@ -441,7 +402,7 @@ def export(
             safe_serialization=True)
         if training_args:
             (tmp / 'training_args.json').write_text(json.dumps(training_args, indent=2, default=str))
-        plot = _plot(evaluation, tmp)
+        plot = _plot(evaluation, tmp, source_dir)
         card = render_card(model, name, repo_id, evaluation, plot, bool(training_args), cards_dir)
         (tmp / 'README.md').write_text(card, encoding='utf-8')
         os.replace(tmp, out)
@@ -480,14 +441,14 @@ def push(
         repo_id = model.pretrained_cfg.get('hf_hub_id')  # a named model goes to its own repo
     if not repo_id:
         raise ValueError(f'--repo is needed: {model_name} has no Hub repo of its own')
+    check_checkpoint_args(model, args, f'checkpoint {checkpoint}')
     try:
         model.load_state_dict(state_dict, strict=True)
     except (ValueError, RuntimeError) as e:
         raise ValueError(f'checkpoint {checkpoint} does not fit {model_name}: {e}') from e
-    check_training_args(model, args)
     with tempfile.TemporaryDirectory() as scratch:
         folder = export(model, local_dir or Path(scratch) / 'export', model_name, repo_id, evaluation, args,
-                        label_names, cards_dir)
+                        label_names, cards_dir, source_dir=Path(checkpoint).resolve().parent)
         url = None
         if upload:
             api = HfApi(library_name='timm-exits')

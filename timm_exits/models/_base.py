@@ -7,6 +7,7 @@ checkpoint, with their layout checked, or are kept as initialised, with a warnin
 """
 import logging
 import math
+import os
 import warnings
 from numbers import Real
 from typing import Any, Callable, Dict, Tuple
@@ -23,11 +24,14 @@ except ImportError:
 from timm.models import build_model_with_cfg, get_pretrained_cfg, list_pretrained
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as vit_checkpoint_filter_fn
 
+from ._checkpoint import install_checkpoint_loader
+
 _logger = logging.getLogger(__name__)
+install_checkpoint_loader()  # create_model(checkpoint_path=...) of these models: files named, recorded layout checked
 
 __all__ = [
-    'NewPartsMixin', 'UntrainedWeightsWarning', 'check_fraction', 'check_layout', 'count_flops', 'embed_tokens',
-    'build_vit_family', 'is_fx_tracing', 'new_parts_filter', 'parent_cfgs',
+    'NewPartsMixin', 'UntrainedWeightsWarning', 'build_vit_family', 'check_fraction', 'check_layout',
+    'check_num_classes', 'count_flops', 'embed_tokens', 'is_fx_tracing', 'new_parts_filter', 'parent_cfgs',
 ]
 
 
@@ -92,12 +96,30 @@ class NewPartsMixin:
     layout_arg: str = ''
 
     def load_state_dict(self, state_dict: Dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict``, raising a ValueError that names ``layout_arg`` on a layout mismatch."""
+        """``nn.Module.load_state_dict``, raising a ValueError that names ``num_classes`` when the classifiers are
+        sized for other classes, and ``layout_arg`` on another layout of the added parts."""
+        check_num_classes(state_dict, self)
         found = {k: v for k, v in state_dict.items() if k.startswith(self.new_prefixes)}
         if found or strict:
             expected = {k: v for k, v in self.state_dict().items() if k.startswith(self.new_prefixes)}
             check_layout(found, expected, self.new_parts_name, self.layout_arg, allow_missing=not strict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def check_num_classes(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Raise a ValueError naming ``num_classes`` when the checkpoint's final classifier (``head.weight``) is sized
+    for another number of classes than ``model``'s."""
+    found = state_dict.get('head.weight')
+    if not isinstance(found, torch.Tensor) or found.ndim != 2:
+        return
+    own = model.state_dict().get('head.weight')
+    if own is not None and own.shape[1:] == found.shape[1:] and own.shape[0] == found.shape[0]:
+        return
+    if own is not None and own.shape[1:] != found.shape[1:]:
+        return  # another embedding width: the backbone's own shape errors say so
+    raise ValueError(
+        f'the checkpoint classifies {found.shape[0]} classes (head.weight {tuple(found.shape)}), this model '
+        f'num_classes={getattr(model, "num_classes", None)}: create the model with num_classes={found.shape[0]}')
 
 
 def new_parts_filter(state_dict: Dict[str, torch.Tensor], model: NewPartsMixin) -> Dict[str, torch.Tensor]:
@@ -143,6 +165,9 @@ def build_vit_family(model_cls: type, variant: str, pretrained: bool = False, **
     """``build_model_with_cfg`` as timm builds its ViTs (intermediate-feature getter for ``features_only``), loading
     pretrained weights through ``new_parts_filter``: the body of each family's ``_create_*``."""
     out_indices = kwargs.pop('out_indices', 3)
+    file = (kwargs.get('pretrained_cfg_overlay') or {}).get('file')
+    if pretrained and file and not os.path.isfile(file):
+        raise FileNotFoundError(f'pretrained_cfg_overlay file={file!r} does not exist')
     return build_model_with_cfg(
         model_cls,
         variant,
