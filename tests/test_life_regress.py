@@ -382,8 +382,18 @@ def test_timm_cfg_fields_name_real_modules():
 def test_forward_intermediates_and_features_only(tiny):
     x = torch.randn(2, 3, 32, 32)
     final, inter = tiny.forward_intermediates(x)
-    assert len(inter) == 4 and inter[0].shape == (2, 32, 4, 4)
-    assert torch.allclose(final, tiny.forward_features(x, keep_rate=1.))  # the full-token path
+    assert len(inter) == 4 and all(y.shape == (2, 32, 4, 4) for y in inter)
+    assert torch.allclose(final, tiny.forward_features(x), atol=1e-6)  # timm's rule: the slimmed final tokens
+    full, full_inter = tiny.forward_intermediates(x, keep_rate=1.)
+    assert torch.allclose(full, tiny.forward_features(x, keep_rate=1.), atol=1e-6)  # the parent's path
+    assert full.shape[1] == 17 and final.shape[1] == 1 + tiny.token_schedule()[-1]
+    # up to the first prune layer (block 2) the same as the parent; after it, a dropped patch keeps its block-2 features
+    for a, b in zip(inter[:2], full_inter[:2]):
+        assert torch.allclose(a, b, atol=1e-6)
+    unchanged = (inter[2] == inter[1]).all(dim=1).flatten(1).sum(1)  # per image, patches not updated by block 3
+    assert (unchanged == 16 - tiny.token_schedule()[2]).all()
+    nlc = tiny.forward_intermediates(x, output_fmt='NLC', intermediates_only=True, indices=[2])
+    assert torch.equal(nlc[0], inter[2].flatten(2).transpose(1, 2))
     feats = timm.create_model('test_vit_liferegress', features_only=True, out_indices=(1, 3))
     assert [f.shape for f in feats(x)] == [torch.Size([2, 32, 4, 4])] * 2
 

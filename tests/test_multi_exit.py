@@ -128,8 +128,10 @@ def test_budget_semantics(tiny):
             assert (out.exit_layer == layer).all()
             assert torch.allclose(out.logits, all_logits[k], atol=1e-5)
             assert (out.cost <= budget + 1e-9).all()
-    # threshold and budget combine: nothing passes the budget's exit, and unconfident images answer from it
-    out = tiny.forward_dynamic(x, threshold=0.9, budget=costs[1])
+    # threshold and budget combine: the budget picks the deepest exit whose threshold path (heads passed included)
+    # fits, nothing passes it, and unconfident images answer from it
+    assert tiny._stop_layer(costs[1], threshold_path=True) == tiny.exit_layers[0]  # heads on the way cost too
+    out = tiny.forward_dynamic(x, threshold=0.9, budget=tiny.threshold_costs[1])
     assert (out.exit_layer <= tiny.exit_layers[1]).all()
     confident_first = tiny.exit_scores(tiny.exit_layers[0], all_logits[0]) >= 0.9
     assert torch.equal(out.exit_layer == tiny.exit_layers[0], confident_first)

@@ -63,9 +63,11 @@ def truncated_parent(parent: nn.Module, depth: int) -> nn.Module:
 
 
 def build_models(name: str) -> Tuple[nn.Module, MultiExitVisionTransformer]:
-    """The timm parent and its multi-exit model with the same (random) backbone weights, both in eval mode."""
-    parent = timm.create_model(name).eval()
-    model = timm.create_model(f'{name}_mexit').eval()
+    """The timm parent and its multi-exit model with the same (random) backbone weights, both in eval mode. ``name``
+    is the parent or the multi-exit model (``..._mexit``)."""
+    parent_name = name[:-len('_mexit')] if name.endswith('_mexit') else name
+    parent = timm.create_model(parent_name).eval()
+    model = timm.create_model(f'{parent_name}_mexit').eval()
     assert isinstance(model, MultiExitVisionTransformer)
     model.load_state_dict({**model.state_dict(), **parent.state_dict()})
     return parent, model
@@ -102,7 +104,10 @@ def benchmark_model(
     x = torch.randn(batch, model.in_chans, *model.patch_embed.img_size, generator=gen)
     trunc = truncated_parent(parent, first)
     budget = model.exit_costs[0]
-    row: Dict[str, Any] = {'exit_layer': first, 'full_max_abs_diff': float((model(x) - parent(x)).abs().max())}
+    row: Dict[str, Any] = {
+        'exit_layer': first, 'full_max_abs_diff': float((model(x) - parent(x)).abs().max()),
+        'worst_case_threshold_cost': model.worst_case_threshold_cost,
+    }
     candidates = {
         'parent': lambda: parent(x),
         trunc_name: lambda: trunc(x),
@@ -152,14 +157,20 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
         ]
         lines.append('| ' + ' | '.join(cells) + ' |')
     targets = ', '.join(f'{key} {op} {value}' for key, (op, value) in TARGETS.items())
-    return '\n'.join(lines) + f'\n\nTargets (not asserted; "!" marks a miss): {targets}.'
+    worst = {r['model']: r['worst_case_threshold_cost'] for r in rows if 'worst_case_threshold_cost' in r}
+    notes = ''.join(
+        f'\n{name}: with a threshold and no budget an image no exit lets go costs {cost:.3f} of the full model'
+        + (' (MORE than the full model: set a budget to cap it)' if cost > 1 else '') + '.'
+        for name, cost in worst.items())
+    table = '\n'.join(lines) + f'\n\nTargets (not asserted; "!" marks a miss): {targets}.'
+    return table + ('\n' + notes if notes else '')
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command line; ``--quick`` replaces models, batches and rounds by a seconds-long smoke test."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], prog='python -m timm_exits.benchmark')
     parser.add_argument('--models', nargs='+', default=['deit_small_patch16_224', 'vit_base_patch16_224'],
-                        help='timm parent names; the multi-exit model is the name + "_mexit"')
+                        help='timm parent names or their multi-exit models ("..._mexit"); both are built')
     parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 32])
     parser.add_argument('--mixed-batch-size', type=int, default=64, help='batch of the mixed-exit run (0: none)')
     parser.add_argument('--rounds', type=int, default=10, help='timed rounds')
@@ -175,7 +186,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.models, args.batch_sizes, args.mixed_batch_size, args.rounds = ['vit_tiny_patch16_224'], [1, 4], 8, 3
         args.warmup, args.threads = min(args.warmup, 1), args.threads or 1  # 1 thread: no OpenMP stalls on busy CI
     if args.rounds < 1 or args.warmup < 0:
-        parser.error('--rounds must be >= 1 and --warmup >= 0')
+        parser.error(f'--rounds must be >= 1 and --warmup >= 0, got {args.rounds} and {args.warmup}')
+    if min(args.batch_sizes) < 1 or args.mixed_batch_size < 0:
+        parser.error(f'--batch-sizes must be >= 1 and --mixed-batch-size >= 0, got {args.batch_sizes} and '
+                     f'{args.mixed_batch_size}')
+    known = {n for n in timm.list_models('*_mexit') if timm.is_model(n[:-len('_mexit')]) and not n.startswith('test_')}
+    for name in args.models:
+        parent = name[:-len('_mexit')] if name.endswith('_mexit') else name
+        if f'{parent}_mexit' not in known:
+            parser.error(f'--models {name}: no multi-exit model for it; allowed: {sorted(known)} or their parents')
     return args
 
 

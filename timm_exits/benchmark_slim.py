@@ -41,10 +41,18 @@ def oracle_forward(model: LifeRegressVisionTransformer, x: torch.Tensor, counts:
     return model.forward_head(model.norm(x))
 
 
-def build_models(parent_name: str) -> Tuple[nn.Module, LifeRegressVisionTransformer]:
-    """The timm parent and its LifeRegress model (``*_patch16_224`` -> ``*_liferegress``), same backbone weights."""
+def model_names(name: str) -> Tuple[str, str]:
+    """(timm parent, LifeRegress model) of a parent (``*_patch16_224``) or a LifeRegress name (``*_liferegress``)."""
+    if name.endswith('_liferegress'):
+        return name[:-len('_liferegress')] + '_patch16_224', name
+    return name, name.replace('_patch16_224', '_liferegress')
+
+
+def build_models(name: str) -> Tuple[nn.Module, LifeRegressVisionTransformer]:
+    """The timm parent and its LifeRegress model (``*_patch16_224`` <-> ``*_liferegress``), same backbone weights."""
+    parent_name, slim_name = model_names(name)
     parent = timm.create_model(parent_name).eval()
-    model = timm.create_model(parent_name.replace('_patch16_224', '_liferegress')).eval()
+    model = timm.create_model(slim_name).eval()
     model.load_state_dict({**model.state_dict(), **parent.state_dict()})
     return parent, model
 
@@ -84,7 +92,8 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """Run the benchmark, print the markdown table, optionally write JSON; return the result rows."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], prog='python -m timm_exits.benchmark_slim')
-    parser.add_argument('--models', nargs='+', default=['deit_small_patch16_224'], help='timm parent names')
+    parser.add_argument('--models', nargs='+', default=['deit_small_patch16_224'],
+                        help='timm parent names (deit_small_patch16_224) or LifeRegress names (deit_small_liferegress)')
     parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 32])
     parser.add_argument('--keep-rates', nargs='+', type=float, default=[0.7])
     parser.add_argument('--rounds', type=int, default=10)
@@ -97,6 +106,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     if args.quick:
         args.models, args.batch_sizes, args.rounds, args.warmup = ['deit_tiny_patch16_224'], [1, 2], 2, 1
         args.threads = args.threads or 1
+    known = set(timm.list_models())
+    for name in args.models:
+        if not all(n in known for n in model_names(name)):
+            allowed = sorted(n for n in timm.list_models('*_liferegress') if not n.startswith('test_'))
+            parser.error(f'--models {name}: no LifeRegress model for it; allowed: {allowed} or their parents')
+    if args.rounds < 1 or args.warmup < 0 or min(args.batch_sizes) < 1 or not all(0 < r <= 1 for r in args.keep_rates):
+        parser.error(f'--rounds must be >= 1, --warmup >= 0, --batch-sizes >= 1 and --keep-rates in (0, 1]; got '
+                     f'{args.rounds}, {args.warmup}, {args.batch_sizes}, {args.keep_rates}')
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []

@@ -5,12 +5,13 @@ that timm's checkpoints do not have. ``new_parts_filter`` loads those checkpoint
 timm's own ``checkpoint_filter_fn`` (pos-embed resampling, npz/CLIP conversions), the new parts either come from the
 checkpoint, with their layout checked, or are kept as initialised, with a warning that they are untrained.
 """
+import contextlib
 import logging
 import math
 import os
 import warnings
 from numbers import Real
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,16 @@ try:  # torch >= 2.6 warns that is_fx_tracing is also true under torch.export; o
     from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
 except ImportError:
     from torch.fx._symbolic_trace import is_fx_tracing
+
+from huggingface_hub import constants as hf_constants, try_to_load_from_cache
+from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.utils import get_session
+from timm.models import resolve_pretrained_cfg
+from timm.models._hub import hf_split
+try:  # timm's own choice of weights source (file, state_dict, hf-hub, url), private: the check is skipped without it
+    from timm.models._builder import _resolve_pretrained_source
+except ImportError:
+    _resolve_pretrained_source = None
 
 from timm.models import build_model_with_cfg, get_pretrained_cfg, list_pretrained
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as vit_checkpoint_filter_fn
@@ -33,22 +44,33 @@ __all__ = [
     'NewPartsMixin', 'UntrainedWeightsWarning', 'build_vit_family', 'check_fraction', 'check_layout',
     'check_num_classes', 'count_flops', 'embed_tokens', 'is_fx_tracing', 'new_parts_filter', 'parent_cfgs',
 ]
+__all__ += ['WeightsUnavailableError', 'check_weights_reachable', 'tracing_tool']
 
 
 class UntrainedWeightsWarning(UserWarning):
     """Pretrained backbone loaded, but the parts this package adds (exits, life predictor) are untrained."""
 
 
-def check_fraction(name: str, value: Any, low: float = 0., high: float = 1., low_open: bool = False) -> float:
-    """Return ``value`` as a float if it lies in [low, high] ((low, high] when ``low_open``), else raise ValueError."""
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+def check_fraction(
+        name: str,
+        value: Any,
+        low: float = 0.,
+        high: float = 1.,
+        low_open: bool = False,
+        high_open: bool = False,
+        allow_none: bool = True,
+) -> float:
+    """Return ``value`` as a float if it lies in [low, high] (an end excluded when ``low_open`` / ``high_open``), else
+    raise a ValueError naming ``name``, the value and the allowed interval."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    allowed = f'a number in {interval}' + (' or None' if allow_none else '')
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f'{name} must be a number in {interval} or None, got {value!r}')
+        raise ValueError(f'{name} must be {allowed}, got {value!r}')
     value = float(value)
-    if math.isnan(value) or value > high or value < low or (low_open and value == low):
-        raise ValueError(f'{name} must be a number in {interval} or None, got {value!r}')
+    if math.isnan(value) or value > high or value < low or (low_open and value == low) or (high_open and value == high):
+        raise ValueError(f'{name} must be {allowed}, got {value!r}')
     return value
 
 
@@ -61,10 +83,55 @@ def embed_tokens(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
 
 
 def count_flops(fn: Callable, *args: Any) -> Tuple[int, Any]:
-    """FLOPs of ``fn(*args)`` by ``torch.utils.flop_counter`` (matmuls, convs, attention), and its output."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """FLOPs of ``fn(*args)`` by ``torch.utils.flop_counter`` (matmuls, convs, attention), and its output (detached).
+
+    Runs with grad enabled (except in inference mode) and without autocast: the counter's module tracker needs every
+    tensor that requires grad to have a grad_fn (a parameter expanded under ``no_grad``, as in timm's ``map`` pooling
+    head, has none), and the count must not depend on the caller's autocast.
+    """
+    device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), 'cpu')
+    # inside inference mode the weights may be inference tensors (a model built there), which autograd refuses
+    grad_mode = torch.no_grad() if torch.is_inference_mode_enabled() else torch.enable_grad()
+    with _jit_tracer_paused(), grad_mode, _no_autocast(device_type), FlopCounterMode(display=False) as counter:
         out = fn(*args)
+        out = out.detach() if isinstance(out, torch.Tensor) else out
     return counter.get_total_flops(), out
+
+
+@contextlib.contextmanager
+def _jit_tracer_paused() -> Iterator[None]:
+    """Counting inside ``torch.jit.trace`` (a budget's first use) stays out of the recorded graph."""
+    state = torch._C._get_tracing_state()
+    if state is None:
+        yield
+        return
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
+def _no_autocast(device_type: str) -> Any:
+    """A context that turns autocast off on ``device_type`` (a no-op where autocast does not exist, e.g. meta)."""
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
+def tracing_tool() -> Optional[str]:
+    """The tool recording this forward as one fixed graph ('torch.jit.trace', 'torch.onnx.export', 'torch.export'),
+    or None (eager, ``torch.compile``, ``torch.jit.script``). Such a graph replays one path for every input."""
+    if torch.jit.is_scripting():
+        return None
+    if torch.onnx.is_in_onnx_export():
+        return 'torch.onnx.export'
+    if torch.jit.is_tracing():
+        return 'torch.jit.trace'
+    if torch.compiler.is_exporting():
+        return 'torch.export'
+    return None
 
 
 def parent_cfgs(
@@ -87,6 +154,53 @@ def parent_cfgs(
             cfg.pop(key, None)
         out[f'{name}.{tagged.split(".", 1)[1]}'] = cfg_fn(**{**cfg, **overrides})
     return out
+
+
+class WeightsUnavailableError(LocalEntryNotFoundError):
+    """Pretrained weights are not in the local cache and cannot be downloaded (offline mode or an unreachable Hub)."""
+
+
+def _cached(repo_id: str, filename: str, revision: Optional[str]) -> bool:
+    return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
+
+
+def check_weights_reachable(variant: str, **kwargs: Any) -> None:
+    """Before a ``pretrained=True`` build: raise ``WeightsUnavailableError`` at once, naming the weights file and how to
+    supply it offline, when timm would fetch it from the Hub but it is not cached and the Hub cannot be reached
+    (``HF_HUB_OFFLINE`` set, or no answer from the endpoint within a few seconds). Without this check, timm retries
+    for about a minute and ends in a bare ``LocalEntryNotFoundError``. Other sources (a file, a URL) are left to timm.
+    """
+    cfg = resolve_pretrained_cfg(
+        variant,
+        pretrained_cfg=kwargs.get('pretrained_cfg'),
+        pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'),
+    )
+    if not cfg or _resolve_pretrained_source is None:
+        return
+    load_from, loc = _resolve_pretrained_source(cfg.to_dict())
+    if load_from != 'hf-hub':
+        return
+    hub_id, filename = loc if isinstance(loc, (tuple, list)) else (loc, None)
+    repo_id, revision = hf_split(hub_id)
+    candidates = [filename] if filename else ['model.safetensors', 'pytorch_model.bin', 'open_clip_pytorch_model.bin']
+    if any(_cached(repo_id, f, revision) for f in candidates):
+        return
+    if hf_constants.HF_HUB_OFFLINE:
+        reason = 'HF_HUB_OFFLINE is set'
+    else:
+        try:  # any HTTP answer, even an error status, means the endpoint is reachable
+            get_session().head(hf_constants.ENDPOINT, timeout=5)
+            return
+        except Exception as e:  # connection refused, DNS failure, timeout, proxy error
+            reason = f'the Hub endpoint {hf_constants.ENDPOINT} is unreachable ({type(e).__name__})'
+    name = f'{variant}.{cfg.tag}' if cfg.tag else variant
+    wanted = filename or candidates[0]
+    raise WeightsUnavailableError(
+        f"{name}: pretrained=True needs {wanted} of Hugging Face Hub repo '{repo_id}', which is not in the local "
+        f'cache ({hf_constants.HF_HUB_CACHE}) and {reason}. To load it offline, either download it once where the '
+        f'Hub is reachable (`hf download {repo_id} {wanted}`) into that cache and set HF_HUB_OFFLINE=1, or pass '
+        f"the file: timm.create_model('{variant}', pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file='/path/to/{wanted}')). pretrained=False gives a random init.")
 
 
 class NewPartsMixin:
@@ -133,8 +247,7 @@ def new_parts_filter(state_dict: Dict[str, torch.Tensor], model: NewPartsMixin) 
         name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
         msg = (f'{name}: loaded the pretrained backbone; its {model.new_parts_name} are not in the checkpoint and are '
                f'UNTRAINED (random init). Train them before use (see train_recipes/).')
-        warnings.warn(msg, UntrainedWeightsWarning, stacklevel=2)
-        _logger.warning(msg)
+        warnings.warn(msg, UntrainedWeightsWarning, stacklevel=2)  # once: no logger copy of the same line
         own = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(model.new_prefixes)}
     out.update(own)
     return out

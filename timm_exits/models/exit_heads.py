@@ -31,6 +31,7 @@ __all__ = ['EXIT_HEADS', 'ExitHead', 'create_exit_head']
 
 class ExitHead(nn.Module):
     """Base of every branch: a subclass's ``forward_features`` makes a (B, F) vector, ``head`` maps it to logits."""
+    fixed_grid: bool = False  # True: only runs at the patch grid it was built with
 
     def __init__(
             self,
@@ -61,8 +62,15 @@ class ExitHead(nn.Module):
         self.head = self._make_head(num_classes, device=ref.device, dtype=ref.dtype)
         self.head.train(self.training)
 
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.forward_features(x)
+    def forward(
+            self,
+            x: torch.Tensor,
+            pre_logits: bool = False,
+            grid_size: Optional[Tuple[int, int]] = None,
+    ) -> torch.Tensor:
+        """Logits (or the (B, F) features with ``pre_logits``) of tokens x; ``grid_size``: the patch grid of x when
+        it differs from the one the branch was built for (``dynamic_img_size``)."""
+        x = self.forward_features(x, grid_size)
         return x if pre_logits else self.head(x)
 
 
@@ -82,7 +90,7 @@ class LinearExit(ExitHead):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6, device=device, dtype=dtype)
         self.drop = nn.Dropout(drop)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         return self.drop(self.norm(x[:, 0]))
 
 
@@ -95,7 +103,7 @@ class MlpExit(ExitHead):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6, **dd)
         self.mlp = _pre_logits_mlp(embed_dim, embed_dim, drop, dd)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         return self.mlp(self.norm(x[:, 0]))
 
 
@@ -106,6 +114,7 @@ class CnnExit(ExitHead):
     def __init__(self, embed_dim: int, num_classes: int, drop: float = 0., device=None, dtype=None, **kwargs):
         super().__init__(embed_dim, num_classes, embed_dim, device=device, dtype=dtype, **kwargs)
         dd = dict(device=device, dtype=dtype)
+        self.cls_mode = type(self).cls_mode  # an instance attribute: TorchScript does not see class attributes
         in_chs = 2 * embed_dim if self.cls_mode == 'project' else embed_dim
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6, **dd)
         self.conv = nn.Conv2d(in_chs, embed_dim, kernel_size=3, padding=1, **dd)
@@ -113,7 +122,7 @@ class CnnExit(ExitHead):
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.mlp = _pre_logits_mlp(embed_dim, embed_dim, drop, dd)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         x = self.norm(x)
         cls, patches = x[:, :1], x[:, self.num_prefix_tokens:]
         if self.cls_mode == 'add':
@@ -121,7 +130,7 @@ class CnnExit(ExitHead):
         elif self.cls_mode == 'project':
             patches = torch.cat([patches, cls.expand_as(patches)], dim=-1)
         B, N, C = patches.shape
-        H, W = self.grid_size
+        H, W = self.grid_size if grid_size is None else grid_size
         patches = patches.transpose(1, 2).reshape(B, C, H, W)
         x = self.pool(self.act(self.conv(patches))).flatten(1)
         return self.mlp(x)
@@ -159,12 +168,14 @@ class VitExit(ExitHead):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6, **dd)
         self.mlp = _pre_logits_mlp(embed_dim, embed_dim, drop, dd)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         return self.mlp(self.norm(self.block(x))[:, 0])
 
 
 class _TokenMlpExit(ExitHead):
-    """Shared body of the MLP-Mixer and ResMLP branches: one layer on the patch tokens, pooling, MLP."""
+    """Shared body of the MLP-Mixer and ResMLP branches: one layer on the patch tokens, pooling, MLP. The token-mixing
+    layer has a weight per patch, so the branch runs only at the grid it was built for."""
+    fixed_grid = True
     block_cls: Type[nn.Module] = MixerBlock
     norm_cls: Type[nn.Module] = nn.LayerNorm
 
@@ -176,7 +187,7 @@ class _TokenMlpExit(ExitHead):
         self.norm = self.norm_cls(embed_dim, **dd)
         self.mlp = _pre_logits_mlp(embed_dim, embed_dim, drop, dd)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         x = self.norm(self.block(x[:, self.num_prefix_tokens:]))
         return self.mlp(x.mean(dim=1))
 

@@ -25,13 +25,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models._features import feature_take_indices
 from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
 from ..hub import explain_missing_weights, published_cfg
 from ._base import (
-    NewPartsMixin, build_vit_family, check_fraction, count_flops, embed_tokens, is_fx_tracing, parent_cfgs,
+    NewPartsMixin, build_vit_family, check_fraction, check_weights_reachable, count_flops, embed_tokens,
+    is_fx_tracing, parent_cfgs,
 )
 
 __all__ = [
@@ -67,8 +69,8 @@ def renormalize_lives(scores: torch.Tensor, mu: float, sigma: float, eps: float 
     """tau_i = (s_i - mean(s)) / std(s) * sigma + mu over the last dim, eq. (3), 003_*.txt. Population std (eq. (10)'s
     1/N), at least ``eps``: equal scores all get life mu."""
     mean = scores.mean(-1, keepdim=True)
-    std = scores.std(-1, correction=0, keepdim=True)
-    return (scores - mean) / std.clamp_min(eps) * sigma + mu
+    var = (scores - mean).square().mean(-1, keepdim=True)  # not .std(): no warning on an empty batch
+    return (scores - mean) / var.clamp_min(eps * eps).sqrt() * sigma + mu
 
 
 def soft_weights(lives: torch.Tensor, t: float, U: float) -> torch.Tensor:
@@ -124,6 +126,7 @@ def _check_temperature(U: Any) -> float:
 
 class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
     """timm ``VisionTransformer`` with LifeRegress patch slimming (003_*.txt)."""
+    __jit_ignored_attributes__ = ['_flops', '_budget_rates']
     new_prefixes = ('life.',)
     new_parts_name = 'life predictor'
     layout_arg = 'life_layer'
@@ -191,6 +194,9 @@ class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
         self._budget_rates: Dict[float, float] = {}
         if self.budget is not None:
             self.keep_rate_for_budget(self.budget)
+        # the default schedule, what a scripted forward (no Python keep-rate logic) runs
+        self._script_counts, self._script_mu, self._script_sigma = self._plan(
+            self.resolve_keep_rate(), self.patch_embed.num_patches)
 
     def resolve_keep_rate(self, keep_rate: Optional[float] = None, budget: Optional[float] = None) -> float:
         """The keep rate a forward uses. Arguments replace the model's defaults as a pair (neither given: the
@@ -279,25 +285,93 @@ class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
 
     # --- forward ------------------------------------------------------------------------------------------------
 
-    def _run_block(self, i: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(self.blocks[i], x, attn_mask)
-        return self.blocks[i](x, attn_mask=attn_mask)
-
     def life_attn_mask(self, lives: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
         """Additive attention mask log beta_j(t) (B, 1, 1, L) over keys j for block t: eq. (6) as softmax(h + log beta).
         Prefix tokens live T (``depth``)."""
         lives = F.pad(lives, (self.num_prefix_tokens, 0), value=float(self.depth))
         return F.logsigmoid(self.U * (lives - t)).to(dtype)[:, None, None, :]
 
-    def _keep_longest(self, x: torch.Tensor, lives: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _keep_longest(
+            self,
+            x: torch.Tensor,
+            lives: torch.Tensor,
+            n: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per image, the prefix tokens and the ``n`` patches of longest life (Property 1: the top-n beta_i(t) are
-        the top-n tau_i) in their original order; their lives follow."""
+        the top-n tau_i) in their original order; their lives and their positions among the current patches follow."""
         npt = self.num_prefix_tokens
         idx = lives.topk(n, dim=1).indices.sort(dim=1).values
         patches = x[:, npt:].gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        return torch.cat([x[:, :npt], patches], dim=1), lives.gather(1, idx)
+        return torch.cat([x[:, :npt], patches], dim=1), lives.gather(1, idx), idx
 
+    def _plan(self, keep_rate: float, num_patches: int) -> Tuple[List[int], float, float]:
+        """Token schedule n_t and the target mean and std of lives (eqs. 9-10) for ``keep_rate``."""
+        counts = list(token_counts(num_patches, self.depth, self.prune_layers, keep_rate))
+        mu, sigma = life_stats(counts)
+        return counts, mu, sigma
+
+    def _num_patches(self, x: torch.Tensor) -> int:
+        """Patches of images x: the model's count, or that of x's size with ``dynamic_img_size``."""
+        if self.dynamic_img_size and not is_fx_tracing():
+            h, w = self.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+            return h * w
+        return self.patch_embed.num_patches
+
+    def _slim_tokens(
+            self,
+            x: torch.Tensor,
+            counts: List[int],
+            mu: float,
+            sigma: float,
+            take: List[int],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Normed final tokens of images x on the schedule ``counts`` and, for each 0-based block in ``take``, every
+        token after it (a patch already dropped carries the features it left with).
+
+        Eval: (B, prefix + n_T, D), patches dropped after each prune layer (no computation for them). Train: every
+        token, the soft weights of eqs. (6)-(7) in each attention after ``life_layer``.
+        """
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        npt = self.num_prefix_tokens
+        slim = self.training or counts[-1] < counts[0]  # keep_rate 1 in eval: the parent's path, life module skipped
+        last = max(take) if len(take) > 0 else -1
+        lives: Optional[torch.Tensor] = None
+        full: Optional[torch.Tensor] = None  # (B, N, D): every patch's latest features
+        pos: Optional[torch.Tensor] = None  # (B, n): positions in ``full`` of the patches still running
+        intermediates: List[torch.Tensor] = []
+        for i, blk in enumerate(self.blocks):
+            t = i + 1
+            mask: Optional[torch.Tensor] = None
+            if self.training and lives is not None:
+                mask = self.life_attn_mask(lives, t, x.dtype)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, mask)
+            else:
+                x = blk(x, attn_mask=mask)
+            if slim and t == self.life_layer:
+                lives = self.life(x, npt, mu, sigma)
+            if i in take:
+                if full is not None and pos is not None:
+                    index = pos.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+                    intermediates.append(torch.cat([x[:, :npt], full.scatter(1, index, x[:, npt:])], dim=1))
+                else:
+                    intermediates.append(x)
+            if not self.training and t < self.depth and counts[t] < counts[i] and lives is not None:
+                if i < last:  # intermediates still to come: remember where the running patches sit
+                    if full is None or pos is None:
+                        full = x[:, npt:]
+                        pos = torch.arange(full.shape[1], device=x.device).expand(full.shape[0], -1)
+                    else:
+                        full = full.scatter(1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[:, npt:])
+                x, lives, kept = self._keep_longest(x, lives, counts[t])
+                if pos is not None:
+                    pos = pos.gather(1, kept)
+        return self.norm(x), intermediates
+
+    @torch.jit.unused
     def predict_lives(self, x: torch.Tensor, keep_rate: Optional[float] = None) -> torch.Tensor:
         """Lives tau (B, N) of the patches of images x (eqs. 1-3), mu and sigma from ``keep_rate``'s schedule."""
         x = embed_tokens(self, x)
@@ -307,6 +381,7 @@ class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
         counts = token_counts(x.shape[1] - npt, self.depth, self.prune_layers, self.resolve_keep_rate(keep_rate))
         return self.life(x, npt, *life_stats(counts))
 
+    @torch.jit.unused
     def forward_features(self, x: torch.Tensor, keep_rate: Optional[float] = None) -> torch.Tensor:
         """Tokens after the final norm at ``keep_rate`` (default: the model's, so ``forward(x)`` equals
         ``forward_head(forward_features(x))``).
@@ -316,21 +391,55 @@ class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
         from the keep rate's schedule (eqs. 9-10).
         """
         rate = self.resolve_keep_rate() if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
-        x = embed_tokens(self, x)
+        return self._slim_tokens(x, *self._plan(rate, self._num_patches(x)), [])[0]
+
+    @torch.jit.unused
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+            output_dict: bool = False,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+            keep_rate: Optional[float] = None,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
+        """timm's ``VisionTransformer.forward_intermediates`` on the slimmed path, so its final features equal
+        ``forward_features(x, keep_rate)`` (the model's keep rate by default). Every intermediate keeps the full patch
+        grid: a patch dropped after an earlier block carries the features it had when it left. ``keep_rate=1.0``
+        (or ``attn_mask`` / ``is_causal``) is the parent's path.
+        """
+        rate = self.resolve_keep_rate() if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        if rate >= 1. or attn_mask is not None or is_causal or self.training:  # train mode drops nothing
+            return super().forward_intermediates(
+                x, indices=indices, return_prefix_tokens=return_prefix_tokens, norm=norm, stop_early=stop_early,
+                output_fmt=output_fmt, intermediates_only=intermediates_only, output_dict=output_dict,
+                attn_mask=attn_mask, is_causal=is_causal)
+        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
+        take_indices, _ = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        final, intermediates = self._slim_tokens(x, *self._plan(rate, self._num_patches(x)), list(take_indices))
+        intermediates = [self.norm(y) if norm else y for y in intermediates]
         npt = self.num_prefix_tokens
-        num = self.patch_embed.num_patches if is_fx_tracing() else x.shape[1] - npt
-        counts = token_counts(num, self.depth, self.prune_layers, rate)
-        slim = self.training or counts[-1] < counts[0]  # keep_rate 1 in eval: the parent's path, life module skipped
-        lives = None
-        for i in range(self.depth):
-            t = i + 1
-            mask = self.life_attn_mask(lives, t, x.dtype) if self.training and lives is not None else None
-            x = self._run_block(i, x, mask)
-            if slim and t == self.life_layer:
-                lives = self.life(x, npt, *life_stats(counts))
-            if not self.training and t < self.depth and counts[t] < counts[i]:
-                x, lives = self._keep_longest(x, lives, counts[t])
-        return self.norm(x)
+        prefix_tokens = [y[:, :npt] for y in intermediates] if npt else None
+        intermediates = [y[:, npt:] for y in intermediates]
+        if output_fmt == 'NCHW':
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            out: Dict[str, Any] = {'image_intermediates': intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                out['image_intermediates_prefix'] = prefix_tokens
+            if not intermediates_only:
+                out['image_features'] = final
+            return out
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        return intermediates if intermediates_only else (final, intermediates)
 
     def forward(
             self,
@@ -340,9 +449,20 @@ class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
     ) -> torch.Tensor:
         """(B, num_classes) logits at ``keep_rate`` and/or ``budget`` (see ``resolve_keep_rate``).
 
-        torch.fx traces the model's default keep rate (a traced argument is a Proxy, not a value).
-        ``forward_intermediates`` (and ``features_only``) is the parent's full-token path: no slimming.
+        torch.fx traces the model's default keep rate (a traced argument is a Proxy, not a value); so does
+        ``torch.jit.script``, whose forward takes no keep rate or budget. ``torch.jit.trace``, ``torch.onnx.export``
+        and ``torch.export`` record the keep rate of the call (the same schedule for every input).
         """
+        if torch.jit.is_scripting():
+            if keep_rate is not None or budget is not None:
+                raise RuntimeError('a scripted LifeRegress model runs at its default keep rate: keep_rate and budget '
+                                   'are not arguments of the scripted forward')
+            return self.forward_head(self._slim_tokens(x, self._script_counts, self._script_mu, self._script_sigma,
+                                                       [])[0])
+        return self._forward_eager(x, keep_rate, budget)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor, keep_rate: Optional[float], budget: Optional[float]) -> torch.Tensor:
         rate = self.resolve_keep_rate() if is_fx_tracing() else self.resolve_keep_rate(keep_rate, budget)
         return self.forward_head(self.forward_features(x, keep_rate=rate))
 
@@ -382,6 +502,8 @@ default_cfgs = generate_default_cfgs({
 
 @explain_missing_weights  # published weights not on the Hub yet: an error naming the repo and the recipe
 def _create_life_regress_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> LifeRegressVisionTransformer:
+    if pretrained:  # offline and not cached: a clear error now, not a minute of retries
+        check_weights_reachable(variant, **kwargs)
     return build_vit_family(LifeRegressVisionTransformer, variant, pretrained, **kwargs)
 
 

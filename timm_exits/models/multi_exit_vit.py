@@ -5,12 +5,15 @@ carries an uncertainty predictor u_i = sigmoid(w^T f_i(h_i) + b) (eq. 3, 000_*.t
 
 - ``model(x)``: full depth, the parent timm model's answer (its ``forward_features`` + ``forward_head``).
 - ``model(x, threshold=t)``: each image leaves at its first exit whose criterion passes.
-- ``model(x, budget=b)``: never past the deepest exit that costs at most ``b`` of the parent's FLOPs.
+- ``model(x, budget=b)``: no image spends more than ``b`` of the parent's FLOPs (heads passed through included): it
+  runs at most to the deepest exit whose cost fits (with a threshold, whose threshold path fits).
 - ``model.forward_dynamic(x, ...)``: logits plus the exit each image took and what it cost.
 - ``model.forward_exits(x)``: every exit's logits on the whole batch (training, analysis).
 
 Early exit is per image (002_*.txt showed why a batch-wide decision gives no speed-up): images that leave are removed
-from the running batch, so later blocks run on fewer rows, and an image's result does not depend on its batch.
+from the running batch, so later blocks run on fewer rows, and an image's result does not depend on its batch. A
+threshold makes the path depend on the data, so ``torch.jit.trace``, ``torch.onnx.export`` and ``torch.export`` of such
+a call raise (they would replay the example batch's exits); full depth and a budget alone export faithfully.
 """
 import math
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -26,7 +29,8 @@ from timm.models.vision_transformer import VisionTransformer, init_weights_vit_t
 from ..hub import explain_missing_weights, published_cfg
 from ..losses import attach_exit_losses
 from ._base import (
-    NewPartsMixin, build_vit_family, check_fraction, count_flops, embed_tokens, is_fx_tracing, parent_cfgs,
+    NewPartsMixin, build_vit_family, check_fraction, check_weights_reachable, count_flops, embed_tokens,
+    is_fx_tracing, parent_cfgs, tracing_tool,
 )
 from .exit_heads import EXIT_HEADS, ExitHead, create_exit_head
 
@@ -69,6 +73,8 @@ def _classifier_names(depth: int, exit_layers: Sequence[int]) -> Tuple[str, ...]
 
 class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
     """timm ``VisionTransformer`` with early exits after chosen blocks and per-image dynamic inference."""
+    __jit_unused_properties__ = ['full_flops', 'exit_costs', 'threshold_costs', 'worst_case_threshold_cost']
+    __jit_ignored_attributes__ = ['_flops']
     new_prefixes = ('exits.', 'uncertainty.')
     new_parts_name = 'exit heads'
     layout_arg = 'exit_layers / exit_head'
@@ -107,6 +113,13 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
                 f'got {len(heads)}: {heads}')
         if exit_criterion not in EXIT_CRITERIA:
             raise ValueError(f'exit_criterion={exit_criterion!r} is not known; allowed: {list(EXIT_CRITERIA)}')
+        exit_drop_rate = check_fraction('exit_drop_rate', exit_drop_rate, high_open=True, allow_none=False)
+        fixed = sorted({h for h in heads if EXIT_HEADS.get(h) is not None and EXIT_HEADS[h].fixed_grid})
+        if fixed and self.dynamic_img_size:
+            raise ValueError(
+                f'exit_head {fixed} mixes a fixed number of patch tokens ({self.patch_embed.num_patches}) and cannot '
+                f'follow dynamic_img_size=True; use another exit head (allowed with dynamic_img_size: '
+                f'{sorted(k for k, v in EXIT_HEADS.items() if not v.fixed_grid)}) or a fixed img_size')
         dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
         self.depth = depth
         self.exit_layers = (*layers, depth)
@@ -130,7 +143,9 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         })
         self.uncertainty = nn.ModuleDict({str(layer): self._make_uncertainty(**dd) for layer in self.exit_layers})
         self._init_exits()
-        self._flops: Optional[Dict[str, Any]] = None
+        self._flops: Dict[Tuple[int, int], Dict[str, Any]] = {}
+        if self.budget is not None:  # a default budget no exit fits fails now, not at the first forward
+            self._stop_layer(self.budget, self.threshold is not None)
 
     # --- construction helpers -------------------------------------------------------------------------------------
 
@@ -169,7 +184,7 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         for key in self.uncertainty:
             self.uncertainty[key] = self._make_uncertainty(device=ref.device, dtype=ref.dtype)
         self._init_uncertainty()
-        self._flops = None
+        self._flops = {}
 
     def set_input_size(self, img_size=None, patch_size=None) -> None:
         """timm's resize; the CNN exits follow the new grid, token-MLP exits (fixed sequence length) cannot."""
@@ -179,15 +194,26 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         super().set_input_size(img_size=img_size, patch_size=patch_size)
         for exit_head in self.exits.values():
             exit_head.grid_size = tuple(self.patch_embed.grid_size)
-        self._flops = None
+        self._flops = {}
 
     # --- exits --------------------------------------------------------------------------------------------------
 
-    def _exit_logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Logits of the exit after block ``layer`` (1-based) from that block's tokens."""
+    def _exit_logits(self, layer: int, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Logits of the exit after block ``layer`` (1-based) from that block's tokens (``grid_size``: their patch
+        grid, when it is not the model's, with ``dynamic_img_size``)."""
         if layer == self.depth:
             return self.forward_head(self.norm(x))
-        return self.exits[str(layer)](x)
+        return self.exits[str(layer)](x, grid_size=grid_size)
+
+    def _grid_size(self, x: torch.Tensor) -> Optional[Tuple[int, int]]:
+        """Patch grid of images x when it may differ from the model's (``dynamic_img_size``), else None."""
+        return self.patch_embed.dynamic_feat_size(x.shape[-2:]) if self.dynamic_img_size else None
+
+    def _img_size(self, x: Optional[torch.Tensor] = None) -> Tuple[int, int]:
+        """Spatial size the costs are counted at: that of images x with ``dynamic_img_size``, else the model's."""
+        if x is not None and self.dynamic_img_size:
+            return int(x.shape[-2]), int(x.shape[-1])
+        return tuple(self.patch_embed.img_size)
 
     def exit_uncertainty(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
         """Predicted uncertainty u_i = sigmoid(w^T f_i(h_i) + b) of the exit after block ``layer``, eq. (3)."""
@@ -215,21 +241,26 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
 
     def forward_exits(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Logits of every exit for the whole batch, in ``exit_layers`` order, the final classifier last."""
+        grid = self._grid_size(x)
         x = embed_tokens(self, x)
         outputs = []
         for i in range(self.depth):
             x = self._run_block(i, x)
             if i + 1 in self.exit_layers:
-                outputs.append(self._exit_logits(i + 1, x))
+                outputs.append(self._exit_logits(i + 1, x, grid))
         return outputs
 
     # --- compute accounting -----------------------------------------------------------------------------------
 
-    def _count_flops(self) -> Dict[str, Any]:
-        """FLOPs of each piece for one image at the model's input size, by torch's flop counter."""
-        if self._flops is None:
+    @torch.compiler.disable  # counted eagerly, outside any graph being compiled
+    def _count_flops(self, img_size: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+        """FLOPs of each piece for one image at ``img_size`` (default: the model's), by torch's flop counter; cached
+        per size."""
+        img_size = tuple(self.patch_embed.img_size) if img_size is None else tuple(img_size)
+        if img_size not in self._flops:
             ref = self.cls_token
-            x = torch.zeros(1, self.in_chans, *self.patch_embed.img_size, device=ref.device, dtype=ref.dtype)
+            x = torch.zeros(1, self.in_chans, *img_size, device=ref.device, dtype=ref.dtype)
+            grid = self._grid_size(x)
             flops: Dict[str, Any] = {'blocks': [], 'exits': {}}
             flops['embed'], x = count_flops(embed_tokens, self, x)
             for i, blk in enumerate(self.blocks):
@@ -237,49 +268,73 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
                 flops['blocks'].append(f)
                 layer = i + 1
                 if layer in self.exit_layers:
-                    f_head, logits = count_flops(self._exit_logits, layer, x_next)
+                    f_head, logits = count_flops(self._exit_logits, layer, x_next, grid)
                     f_unc = 0
                     if self.exit_criterion == 'uncertainty' and layer != self.depth:
                         f_unc, _ = count_flops(self.exit_uncertainty, layer, logits)
                     flops['exits'][layer] = f_head + f_unc
                 x = x_next
             flops['full'] = flops['embed'] + sum(flops['blocks']) + flops['exits'][self.depth]
-            self._flops = flops
-        return self._flops
+            layers = self.exit_layers
+            flops['costs'] = tuple(self._path_cost(flops, layer, (layer,)) for layer in layers)
+            flops['threshold_costs'] = tuple(
+                self._path_cost(flops, layer, layers[:k + 1]) for k, layer in enumerate(layers))
+            self._flops[img_size] = flops
+        return self._flops[img_size]
 
-    def _path_cost(self, layer: int, heads: Sequence[int]) -> float:
+    @staticmethod
+    def _path_cost(f: Dict[str, Any], layer: int, heads: Sequence[int]) -> float:
         """Share of full FLOPs for running to ``layer`` and evaluating the exits ``heads`` on the way."""
-        f = self._count_flops()
         return (f['embed'] + sum(f['blocks'][:layer]) + sum(f['exits'][h] for h in heads)) / f['full']
 
     @property
     def full_flops(self) -> int:
-        """FLOPs of one image through the full-depth model (the timm parent's), torch's flop counter."""
+        """FLOPs of one image through the full-depth model (the timm parent's) at the model's input size, torch's flop
+        counter."""
         return self._count_flops()['full']
 
     @property
     def exit_costs(self) -> Tuple[float, ...]:
-        """Per exit, share of the full model's FLOPs: blocks up to it plus its own head (the final one is 1.0)."""
-        flops = self._count_flops()
-        if 'costs' not in flops:  # cached with the counts: forward_dynamic reads it on every call
-            flops['costs'] = tuple(self._path_cost(layer, (layer,)) for layer in self.exit_layers)
-        return flops['costs']
+        """Per exit, share of the full model's FLOPs at the model's input size: blocks up to it plus its own head (the
+        final one is 1.0). What an image costs when a budget alone sends it there (``exit_costs_at`` for another
+        size)."""
+        return self._count_flops()['costs']
 
     @property
     def threshold_costs(self) -> Tuple[float, ...]:
         """Per exit, the share of full FLOPs an image leaving there spent with a threshold: blocks up to it plus every
-        exit head evaluated on the way (``forward_dynamic``'s ``cost``)."""
-        flops = self._count_flops()
-        if 'threshold_costs' not in flops:
-            layers = self.exit_layers
-            flops['threshold_costs'] = tuple(self._path_cost(layer, layers[:k + 1]) for k, layer in enumerate(layers))
-        return flops['threshold_costs']
+        exit head evaluated on the way (``forward_dynamic``'s ``cost``), at the model's input size."""
+        return self._count_flops()['threshold_costs']
 
-    def _stop_layer(self, budget: Optional[float]) -> int:
-        """Deepest exit whose cost fits ``budget``."""
+    @property
+    def worst_case_threshold_cost(self) -> float:
+        """Share of the full model's FLOPs an image that no exit lets go costs with a threshold and no budget: every
+        block and every exit head. Above 1.0 the exits cost more than they can save on such images (expensive heads,
+        e.g. ``exit_head='vit'``); a ``budget`` caps it."""
+        return self.threshold_costs[-1]
+
+    def exit_costs_at(self, img_size: Sequence[int]) -> Tuple[float, ...]:
+        """``exit_costs`` counted at input size ``img_size`` (H, W) (``dynamic_img_size``: attention grows faster
+        than the rest, so the shares change with the size)."""
+        return self._count_flops(tuple(img_size))['costs']
+
+    def threshold_costs_at(self, img_size: Sequence[int]) -> Tuple[float, ...]:
+        """``threshold_costs`` counted at input size ``img_size`` (H, W)."""
+        return self._count_flops(tuple(img_size))['threshold_costs']
+
+    def _stop_layer(
+            self,
+            budget: Optional[float],
+            threshold_path: bool = False,
+            img_size: Optional[Tuple[int, int]] = None,
+    ) -> int:
+        """Deepest exit whose cost fits ``budget``: with ``threshold_path`` the cost of reaching it through every
+        earlier exit head (``threshold_costs``), else blocks plus its own head (``exit_costs``). Either way no image
+        spends more than the budget."""
         if budget is None:
             return self.depth
-        costs = self.exit_costs
+        flops = self._count_flops(img_size)
+        costs = flops['threshold_costs'] if threshold_path else flops['costs']
         fits = [layer for layer, cost in zip(self.exit_layers, costs) if cost <= budget + 1e-9]
         if not fits:
             raise ValueError(
@@ -289,6 +344,21 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
 
     # --- forward ------------------------------------------------------------------------------------------------
 
+    def _resolve(
+            self,
+            threshold: Optional[float],
+            budget: Optional[float],
+            defaults: bool = True,
+    ) -> Tuple[Optional[float], Optional[float]]:
+        """Checked (threshold, budget): the arguments, each falling back to the model's default when ``defaults``."""
+        if defaults:
+            threshold = self.threshold if threshold is None else threshold
+            budget = self.budget if budget is None else budget
+        threshold = None if threshold is None else check_fraction('threshold', threshold)
+        budget = None if budget is None else check_fraction('budget', budget, low_open=True)
+        return threshold, budget
+
+    @torch.jit.unused
     def forward_dynamic(
             self,
             x: torch.Tensor,
@@ -301,50 +371,85 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         Args:
             x: (B, C, H, W) images.
             threshold: Exit threshold in [0, 1] for ``exit_criterion`` (default: the model's ``threshold``).
-            budget: Share (0, 1] of the parent's FLOPs; bounds the blocks plus the answering exit's head. With a
-                threshold, the earlier exits' heads evaluated on the way add their cost too, reported in ``cost``.
+            budget: Share (0, 1] of the parent's FLOPs (default: the model's ``budget``), a ceiling on every image's
+                ``cost``: alone, the blocks plus the answering exit's head (``exit_costs``); with a threshold, the
+                exit heads evaluated on the way count too (``threshold_costs``), so the last exit checked is the
+                deepest whose threshold path fits.
 
         Returns:
-            ``ExitOutput(logits (B, num_classes), exit_layer (B,) long, cost (B,) float)``.
+            ``ExitOutput(logits (B, num_classes), exit_layer (B,) long, cost (B,) float32)``: ``cost`` is the share
+            of the full model's FLOPs at this input size each image spent, heads passed through included.
+
+        Raises:
+            RuntimeError: A threshold under ``torch.jit.trace``, ``torch.onnx.export`` or ``torch.export``, which
+                would record one batch's exits and replay them for every input.
         """
-        threshold = self.threshold if threshold is None else threshold
-        budget = self.budget if budget is None else budget
-        threshold = None if threshold is None else check_fraction('threshold', threshold)
-        budget = None if budget is None else check_fraction('budget', budget, low_open=True)
+        threshold, budget = self._resolve(threshold, budget)
+        return self._dynamic(x, threshold, budget)
+
+    def _refuse_tracing(self, threshold: Optional[float]) -> None:
+        tool = tracing_tool()
+        if threshold is not None and tool is not None:
+            raise RuntimeError(
+                f'{tool} of a call with threshold={threshold:g}: which exit each image takes depends on its data, and '
+                f'{tool} would record the exits of the example batch and replay them for every input (wrong logits, '
+                f'no warning). What exports: full depth (no threshold, no budget), a fixed budget without a threshold '
+                f'(model(x, budget=b) stops every image at one exit), or a LifeRegress model at a keep rate. For early '
+                f'exit after export, export each segment between exits and decide between them at run time.')
+
+    def _dynamic(self, x: torch.Tensor, threshold: Optional[float], budget: Optional[float]) -> ExitOutput:
+        """``forward_dynamic`` on checked arguments (no defaults applied here)."""
         if self.num_classes <= 0:
             raise ValueError('forward_dynamic needs a classifier: the model was built or reset with num_classes=0')
-        stop = self._stop_layer(budget)
-        checked = [layer for layer in self.exit_layers if layer <= stop] if threshold is not None else [stop]
-        costs = dict(zip(self.exit_layers, self.exit_costs if threshold is None else self.threshold_costs))
-
+        self._refuse_tracing(threshold)
+        img_size = self._img_size(x)
+        flops = self._count_flops(img_size)
+        stop = self._stop_layer(budget, threshold is not None, img_size)
+        grid = self._grid_size(x)
         batch = x.shape[0]
         x = embed_tokens(self, x)
-        logits_out = x.new_empty(batch, self.num_classes)
+        if threshold is None:  # one path for every image: no data-dependent step, so tracers record it faithfully
+            for i in range(stop):
+                x = self.blocks[i](x)
+            logits = self._exit_logits(stop, x, grid)
+            cost = flops['costs'][self.exit_layers.index(stop)]
+            return ExitOutput(
+                logits,
+                torch.full((batch,), stop, dtype=torch.long, device=x.device),
+                torch.full((batch,), cost, dtype=torch.float32, device=x.device),
+            )
+
+        costs = dict(zip(self.exit_layers, flops['threshold_costs']))
+        logits_out: Optional[torch.Tensor] = None  # dtype of the exits' logits (autocast: lower precision)
         exit_out = torch.full((batch,), stop, dtype=torch.long, device=x.device)
-        cost_out = x.new_empty(batch, dtype=torch.float32)
+        cost_out = torch.empty(batch, dtype=torch.float32, device=x.device)
         rows = torch.arange(batch, device=x.device)
         for i in range(stop):
             x = self.blocks[i](x)
             layer = i + 1
-            if layer not in checked:
+            if layer not in costs:
                 continue
-            logits = self._exit_logits(layer, x)
-            cost = costs[layer]
+            logits = self._exit_logits(layer, x, grid)
+            if logits_out is None:
+                logits_out = logits.new_empty(batch, logits.shape[-1])
+            logits = logits.to(logits_out.dtype)
             if layer == stop:
                 logits_out[rows] = logits
                 exit_out[rows] = layer
-                cost_out[rows] = cost
+                cost_out[rows] = costs[layer]
                 break
             leave = self._exits_now(layer, logits, threshold)
             if bool(leave.any()):
                 gone = rows[leave]
                 logits_out[gone] = logits[leave]
                 exit_out[gone] = layer
-                cost_out[gone] = cost
+                cost_out[gone] = costs[layer]
                 stay = ~leave
                 if not bool(stay.any()):
                     break
                 rows, x = rows[stay], x[stay]
+        if logits_out is None:  # stop == 0 cannot happen (exits follow blocks >= 1); keeps the type checker honest
+            raise RuntimeError('no exit evaluated')
         return ExitOutput(logits_out, exit_out, cost_out)
 
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
@@ -362,15 +467,39 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         """(B, num_classes) logits. No threshold and no budget: the full-depth answer, equal to the parent model's.
 
         In train mode (with grad enabled) the output is the same, and a softmax criterion on it also trains every
-        exit and uncertainty predictor (eqs. 1-5 of 000_*.txt, see ``timm_exits.losses``). torch.fx traces this
-        static full-depth path (a traced ``threshold`` is a Proxy, not a value, so the dynamic path stays out).
+        exit and uncertainty predictor (eqs. 1-5 of 000_*.txt, see ``timm_exits.losses``); the model's default
+        ``threshold`` / ``budget`` apply in eval mode only. torch.fx traces this static full-depth path (a traced
+        ``threshold`` is a Proxy, not a value, so the dynamic path stays out); ``torch.jit.script`` compiles full
+        depth only. ``torch.jit.trace``, ``torch.onnx.export`` and ``torch.export`` record full depth or a fixed
+        budget faithfully and refuse a threshold (see ``forward_dynamic``).
         """
-        static = threshold is None and budget is None and self.threshold is None and self.budget is None
-        if is_fx_tracing() or static:
+        if torch.jit.is_scripting():  # scripted: full depth (the dynamic path is @torch.jit.unused)
+            if threshold is None and budget is None and self.threshold is None and self.budget is None:
+                return self.forward_head(self.forward_features(x))
+            return self._forward_dynamic_logits(x, threshold, budget, True)
+        return self._forward_eager(x, threshold, budget)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor, threshold: Optional[float], budget: Optional[float]) -> torch.Tensor:
+        # the model's default threshold / budget apply in eval mode only: train mode trains every exit
+        defaults = not self.training
+        if is_fx_tracing() or (threshold is None and budget is None and not (
+                defaults and (self.threshold is not None or self.budget is not None))):
             if self.training and torch.is_grad_enabled() and self.num_classes > 0:
                 return self._forward_train(x)
             return self.forward_head(self.forward_features(x))
-        return self.forward_dynamic(x, threshold=threshold, budget=budget).logits
+        return self._forward_dynamic_logits(x, threshold, budget, defaults)
+
+    @torch.jit.unused
+    def _forward_dynamic_logits(
+            self,
+            x: torch.Tensor,
+            threshold: Optional[float],
+            budget: Optional[float],
+            defaults: bool = True,
+    ) -> torch.Tensor:
+        threshold, budget = self._resolve(threshold, budget, defaults)
+        return self._dynamic(x, threshold, budget).logits
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
@@ -423,8 +552,8 @@ default_cfgs = generate_default_cfgs({
     'vit_b16_mexit_aircraft': published_cfg(
         _cfg, 'vit_b16_mexit_aircraft', 'python train_recipes/mevit_aircraft.py --data-dir /data/fgvc_aircraft',
         num_classes=100, **_MEVIT_FGVC),
-    'test_vit_mexit_named': published_cfg(
-        _cfg, 'test_vit_mexit_named', 'pytest tests/test_hub.py (tiny test model, random weights)',
+    'vit_mexit_named_tiny': published_cfg(
+        _cfg, 'vit_mexit_named_tiny', 'pytest tests/test_hub.py (tiny test model, random weights)',
         input_size=(3, 32, 32), num_classes=10, classifier=_classifier_names(4, default_exit_layers(4))),
 })
 
@@ -435,6 +564,8 @@ def _create_multi_exit_vit(variant: str, pretrained: bool = False, **kwargs: Any
     layers = _exit_layout(depth, kwargs.get('exit_layers'))
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
     overlay.setdefault('classifier', _classifier_names(depth, layers))  # every head of this layout
+    if pretrained:  # offline and not cached: a clear error now, not a minute of retries
+        check_weights_reachable(variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=overlay)
     return build_vit_family(MultiExitVisionTransformer, variant, pretrained, pretrained_cfg_overlay=overlay, **kwargs)
 
 
@@ -524,10 +655,10 @@ def vit_b16_mexit_aircraft(pretrained: bool = False, **kwargs) -> MultiExitVisio
 
 
 @register_model
-def test_vit_mexit_named(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
+def vit_mexit_named_tiny(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
     """Tiny published-weights test variant (``vit_b16_mexit_cars`` in miniature): 32 px, 4 blocks, exits after blocks
-    2 and 3, uncertainty criterion. Weights: ``{TIMM_EXITS_HUB_ORG}/test_vit_mexit_named``."""
+    2 and 3, uncertainty criterion. Weights: ``{TIMM_EXITS_HUB_ORG}/vit_mexit_named_tiny``."""
     model_args = dict(
         img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2., exit_layers=(2, 3),
         exit_criterion='uncertainty')
-    return _create_multi_exit_vit('test_vit_mexit_named', pretrained, **dict(model_args, **kwargs))
+    return _create_multi_exit_vit('vit_mexit_named_tiny', pretrained, **dict(model_args, **kwargs))

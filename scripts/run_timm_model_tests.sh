@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Run timm's own tests/test_models.py against every registered timm-exits model (*mexit*, *liferegress*).
+#
+#   scripts/run_timm_model_tests.sh PATH_TO_PYTORCH_IMAGE_MODELS_CHECKOUT [extra pytest args, e.g. -x]
+#
+# MODELS="test_vit or named_tiny" narrows the run to models matching that -k expression (default: all of them).
+#
+# The plugin is loaded with `-p timm_exits` (importing it registers the models). Only the tests that download
+# weights are deselected: test_model_inference (timm's reference outputs of test_* models), test_model_load_pretrained
+# and test_model_features_pretrained. Run from the repository root; a checkout whose tag matches the installed timm.
+set -euo pipefail
+if [ $# -lt 1 ] || [ ! -f "$1/tests/test_models.py" ]; then
+    echo "usage: $0 PATH_TO_PYTORCH_IMAGE_MODELS_CHECKOUT [pytest args]" >&2
+    exit 2
+fi
+TIMM_SRC=$(cd "$1" && pwd)
+shift
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 exec python -m pytest -p timm_exits -p no:cacheprovider \
+    "$TIMM_SRC/tests/test_models.py" --rootdir "$TIMM_SRC" \
+    -k "(mexit or liferegress) and (${MODELS:-mexit or liferegress}) and not test_model_inference and not test_model_load_pretrained and not test_model_features_pretrained" \
+    -q "$@"
