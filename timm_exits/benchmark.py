@@ -96,27 +96,37 @@ def benchmark_model(
         warmup: int,
         mixed: bool,
         seed: int = 0,
+        compile_backend: str = '',
 ) -> Dict[str, Any]:
-    """Time every candidate on one random batch; return medians (ms), raw times and the ratios."""
+    """Time every candidate on one random batch; return medians (ms), raw times and the ratios. With
+    ``compile_backend`` every candidate (parent, truncated parent, multi-exit model) is ``torch.compile``d and
+    warmed up (compiled) before the timing."""
     first = model.exit_layers[0]
     exit_name, trunc_name = f'exit{first}', f'parent_trunc{first}'
     gen = torch.Generator().manual_seed(seed + batch)
     x = torch.randn(batch, model.in_chans, *model.patch_embed.img_size, generator=gen)
     trunc = truncated_parent(parent, first)
     budget = model.exit_costs[0]
+    run_parent, run_trunc, run_model = (
+        (torch.compile(m, backend=compile_backend) for m in (parent, trunc, model)) if compile_backend
+        else (parent, trunc, model))
     row: Dict[str, Any] = {
-        'exit_layer': first, 'full_max_abs_diff': float((model(x) - parent(x)).abs().max()),
-        'worst_case_threshold_cost': model.worst_case_threshold_cost,
+        'exit_layer': first, 'full_max_abs_diff': float((run_model(x) - run_parent(x)).abs().max()),
+        'worst_case_threshold_cost': model.worst_case_threshold_cost, 'compiled': compile_backend or None,
     }
     candidates = {
-        'parent': lambda: parent(x),
-        trunc_name: lambda: trunc(x),
-        exit_name: lambda: model(x, budget=budget),
-        'full': lambda: model(x),
+        'parent': lambda: run_parent(x),
+        trunc_name: lambda: run_trunc(x),
+        exit_name: lambda: run_model(x, budget=budget),
+        'full': lambda: run_model(x),
     }
     if mixed:
         row['mixed'] = mixed_setup(model, x)
-        candidates['mixed'] = lambda: model(x, threshold=row['mixed']['threshold'])
+        candidates['mixed'] = lambda: run_model(x, threshold=row['mixed']['threshold'])
+    if compile_backend:  # compile (and for the mixed batch, see every segment's sizes) before anything is timed
+        for run in candidates.values():
+            for _ in range(3):
+                run()
     row['times_ms'] = time_interleaved(candidates, rounds, warmup)
     ms = row['ms'] = {name: statistics.median(v) for name, v in row['times_ms'].items()}
     row['exit_speedup'] = ms['parent'] / ms[exit_name]
@@ -178,6 +188,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--json', default=None, help='also write every number to this JSON file')
+    parser.add_argument('--compile', nargs='?', const='inductor', default='', metavar='BACKEND',
+                        help='torch.compile every candidate (parent, truncated parent, multi-exit model) with this '
+                             'backend (default inductor) and time the compiled code')
     parser.add_argument('--quick', action='store_true',
                         help='CI smoke test: vit_tiny_patch16_224, batches 1 4, mixed batch 8, 3 rounds, <= 1 warm-up, '
                              '1 thread unless --threads')
@@ -211,7 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         for name in args.models:
             parent, model = build_models(name)
             for batch, mixed in batches:
-                row = benchmark_model(parent, model, batch, args.rounds, args.warmup, mixed, seed=args.seed)
+                row = benchmark_model(parent, model, batch, args.rounds, args.warmup, mixed, seed=args.seed,
+                                      compile_backend=args.compile)
                 rows.append({'model': name, 'batch': batch, **row})
                 diff = row['full_max_abs_diff']
                 print(f'{name} batch {batch}: done (full vs parent max abs diff {diff:.1e})', flush=True)

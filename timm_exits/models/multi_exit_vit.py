@@ -37,6 +37,7 @@ from .exit_heads import EXIT_HEADS, ExitHead, create_exit_head
 __all__ = ['EXIT_CRITERIA', 'ExitOutput', 'MultiExitVisionTransformer', 'default_exit_layers']
 
 EXIT_CRITERIA = ('confidence', 'entropy', 'uncertainty')
+_KEYS = {layer: str(layer) for layer in range(1, 257)}  # module keys of exits: no str() in a graph torch.compile traces
 
 
 class ExitOutput(NamedTuple):
@@ -203,7 +204,7 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         grid, when it is not the model's, with ``dynamic_img_size``)."""
         if layer == self.depth:
             return self.forward_head(self.norm(x))
-        return self.exits[str(layer)](x, grid_size=grid_size)
+        return self.exits[_KEYS.get(layer) or str(layer)](x, grid_size=grid_size)
 
     def _grid_size(self, x: torch.Tensor) -> Optional[Tuple[int, int]]:
         """Patch grid of images x when it may differ from the model's (``dynamic_img_size``), else None."""
@@ -217,22 +218,27 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
 
     def exit_uncertainty(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
         """Predicted uncertainty u_i = sigmoid(w^T f_i(h_i) + b) of the exit after block ``layer``, eq. (3)."""
-        return torch.sigmoid(self.uncertainty[str(layer)](logits).squeeze(-1))
+        return torch.sigmoid(self.uncertainty[_KEYS.get(layer) or str(layer)](logits).squeeze(-1))
 
     def exit_scores(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
         """Per image, the value ``exit_criterion`` compares with the threshold (max softmax, normalised entropy or
         uncertainty)."""
+        return self._scores(logits, self.uncertainty[_KEYS.get(layer) or str(layer)])
+
+    def _scores(self, logits: torch.Tensor, uncertainty: nn.Module) -> torch.Tensor:
         if self.exit_criterion == 'uncertainty':
-            return self.exit_uncertainty(layer, logits)
+            return torch.sigmoid(uncertainty(logits).squeeze(-1))
         probs = logits.float().softmax(-1)
         if self.exit_criterion == 'confidence':
             return probs.amax(-1)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
         return entropy / math.log(max(probs.shape[-1], 2))
 
-    def _exits_now(self, layer: int, logits: torch.Tensor, threshold: float) -> torch.Tensor:
-        scores = self.exit_scores(layer, logits)
+    def _leaves(self, scores: torch.Tensor, threshold: float) -> torch.Tensor:
         return scores >= threshold if self.exit_criterion == 'confidence' else scores <= threshold
+
+    def _exits_now(self, layer: int, logits: torch.Tensor, threshold: float) -> torch.Tensor:
+        return self._leaves(self.exit_scores(layer, logits), threshold)
 
     def _run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -333,7 +339,8 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         spends more than the budget."""
         if budget is None:
             return self.depth
-        flops = self._count_flops(img_size)
+        flops = self._flops.get(tuple(self.patch_embed.img_size) if img_size is None else img_size) \
+            or self._count_flops(img_size)
         costs = flops['threshold_costs'] if threshold_path else flops['costs']
         fits = [layer for layer, cost in zip(self.exit_layers, costs) if cost <= budget + 1e-9]
         if not fits:
@@ -403,7 +410,7 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
             raise ValueError('forward_dynamic needs a classifier: the model was built or reset with num_classes=0')
         self._refuse_tracing(threshold)
         img_size = self._img_size(x)
-        flops = self._count_flops(img_size)
+        flops = self._flops.get(img_size) or self._count_flops(img_size)  # counted once, outside compiled code
         stop = self._stop_layer(budget, threshold is not None, img_size)
         grid = self._grid_size(x)
         batch = x.shape[0]
@@ -418,39 +425,89 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
                 torch.full((batch,), stop, dtype=torch.long, device=x.device),
                 torch.full((batch,), cost, dtype=torch.float32, device=x.device),
             )
+        return self._per_image(x, threshold, stop, grid, dict(zip(self.exit_layers, flops['threshold_costs'])))
 
-        costs = dict(zip(self.exit_layers, flops['threshold_costs']))
-        logits_out: Optional[torch.Tensor] = None  # dtype of the exits' logits (autocast: lower precision)
-        exit_out = torch.full((batch,), stop, dtype=torch.long, device=x.device)
-        cost_out = torch.empty(batch, dtype=torch.float32, device=x.device)
-        rows = torch.arange(batch, device=x.device)
-        for i in range(stop):
-            x = self.blocks[i](x)
-            layer = i + 1
-            if layer not in costs:
-                continue
-            logits = self._exit_logits(layer, x, grid)
-            if logits_out is None:
-                logits_out = logits.new_empty(batch, logits.shape[-1])
-            logits = logits.to(logits_out.dtype)
-            if layer == stop:
-                logits_out[rows] = logits
-                exit_out[rows] = layer
-                cost_out[rows] = costs[layer]
+    @torch._dynamo.disable(recursive=False)  # the host-side loop stays eager; torch.compile compiles each _segment
+    def _per_image(
+            self,
+            x: torch.Tensor,
+            threshold: float,
+            stop: int,
+            grid: Optional[Tuple[int, int]],
+            costs: Dict[int, float],
+    ) -> ExitOutput:
+        """Per-image early exit of embedded tokens x up to exit ``stop``. Under torch.compile each segment between
+        exits is one graph (segments alike share it; the batch dimension is dynamic from the start, so new batch
+        sizes compile nothing new) and the exit decision (``_route``) is the only host sync."""
+        batch = x.shape[0]
+        out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        rows: Optional[torch.Tensor] = torch.arange(batch, device=x.device)
+        start, blocks = 0, list(self.blocks)
+        for layer in self.exit_layers:
+            if layer > stop:
                 break
-            leave = self._exits_now(layer, logits, threshold)
-            if bool(leave.any()):
-                gone = rows[leave]
-                logits_out[gone] = logits[leave]
-                exit_out[gone] = layer
-                cost_out[gone] = costs[layer]
-                stay = ~leave
-                if not bool(stay.any()):
-                    break
-                rows, x = rows[stay], x[stay]
-        if logits_out is None:  # stop == 0 cannot happen (exits follow blocks >= 1); keeps the type checker honest
+            key = _KEYS.get(layer) or str(layer)
+            torch._dynamo.decorators.mark_unbacked(x, 0)  # torch.compile: one graph for any number of images running
+            x, logits, leave = self._segment(
+                x, blocks[start:layer], None if layer == self.depth else self.exits[key], self.uncertainty[key], grid,
+                None if layer == stop else threshold)
+            out, rows, x = self._route(out, rows, x, logits, leave, layer, costs[layer], batch)
+            if rows is None:
+                break
+            start = layer
+        if out is None:  # stop == 0 cannot happen (exits follow blocks >= 1); keeps the type checker honest
             raise RuntimeError('no exit evaluated')
-        return ExitOutput(logits_out, exit_out, cost_out)
+        return ExitOutput(*out)
+
+    def _segment(
+            self,
+            x: torch.Tensor,
+            blocks: List[nn.Module],
+            exit_head: Optional[nn.Module],
+            uncertainty: nn.Module,
+            grid: Optional[Tuple[int, int]],
+            threshold: Optional[float],
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The work between two exit decisions, one graph under torch.compile: ``blocks``, then the exit
+        ``exit_head`` (None: the final norm and head) and which images its criterion lets go (None without a
+        threshold). Modules come as arguments, not block numbers, so that segments alike share a compiled graph."""
+        for blk in blocks:
+            x = blk(x)
+        logits = self.forward_head(self.norm(x)) if exit_head is None else exit_head(x, grid_size=grid)
+        return x, logits, None if threshold is None else self._leaves(self._scores(logits, uncertainty), threshold)
+
+    @staticmethod
+    @torch.compiler.disable  # the one host sync of an exit: under torch.compile, one graph break per exit checked
+    def _route(
+            out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+            rows: torch.Tensor,
+            x: torch.Tensor,
+            logits: torch.Tensor,
+            leave: Optional[torch.Tensor],
+            layer: int,
+            cost: float,
+            batch: int,
+    ) -> Tuple[Tuple[torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Write the answers of the images that leave after block ``layer`` (``leave`` None: all of them) into
+        ``out`` (logits, exit layer, cost; allocated at the first exit, in the logits' dtype: autocast) and return the
+        rows and tokens of the images that go on (None, None when none does)."""
+        if out is None:
+            out = (logits.new_empty(batch, logits.shape[-1]),
+                   torch.full((batch,), layer, dtype=torch.long, device=logits.device),
+                   torch.empty(batch, dtype=torch.float32, device=logits.device))
+        logits_out, exit_out, cost_out = out
+        logits = logits.to(logits_out.dtype)
+        if leave is None:
+            logits_out[rows], exit_out[rows], cost_out[rows] = logits, layer, cost
+            return out, None, None
+        if bool(leave.any()):
+            gone = rows[leave]
+            logits_out[gone], exit_out[gone], cost_out[gone] = logits[leave], layer, cost
+            stay = ~leave
+            if not bool(stay.any()):
+                return out, None, None
+            rows, x = rows[stay], x[stay]
+        return out, rows, x
 
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
         """Final logits with every exit's MEViT loss tied into their backward (see ``timm_exits.losses``)."""

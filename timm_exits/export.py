@@ -1,0 +1,261 @@
+""" Staged ONNX export with real per-image early exit: ``python -m timm_exits.export``.
+
+An ONNX graph has no data-dependent control flow, so a multi-exit model is exported the way MEViT (000_*.txt) shipped
+its early exits: one graph per segment between exits, driven by a small runtime loop
+(``timm_exits.runtime.ExitSession``) that removes the images that left before the next segment runs.
+
+    python -m timm_exits.export --model NAME [--model-kwargs k=v ...] [--checkpoint FILE] --output DIR [--static]
+
+A staged export writes, for exits e_1 < ... < e_K (the final classifier is e_K):
+
+- ``segment_{k}.onnx``: ``segment_1`` maps images (B, C, H, W) to the tokens after block e_1 (embedding included),
+  ``segment_k`` the tokens after block e_{k-1} to those after e_k;
+- ``exit_{e_k}.onnx``: the tokens after block e_k to that exit's ``logits`` and ``score`` (the value the exit
+  criterion compares with the threshold: max softmax, normalised entropy or MEViT's uncertainty, eq. 3 of 000_*.txt).
+  Heads are separate graphs so that, as in eager ``forward_dynamic``, a head runs only where the runtime needs it and
+  the reported cost is the compute really spent;
+- ``manifest.json``: exit layers, costs, criterion, input size, mean/std, default threshold and budget, and the size
+  and export id of every file.
+
+``--static`` writes one graph, ``model.onnx``: a LifeRegress model at its keep rate (or ``--keep-rate`` /
+``--budget``; LifeRegress is always exported this way), a multi-exit model at full depth or at a fixed ``--budget``
+(every image leaves at the deepest exit that fits). Every graph has a dynamic batch axis.
+
+The export is written into a temporary folder beside ``--output`` and renamed into place when complete, so a
+killed export never looks like a finished one.
+"""
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+import timm
+
+from .models._base import check_fraction, embed_tokens
+from .models.life_regress_vit import LifeRegressVisionTransformer
+from .models.multi_exit_vit import MultiExitVisionTransformer
+
+__all__ = ['FORMAT', 'MANIFEST', 'export_onnx', 'main']
+
+FORMAT = 1
+MANIFEST = 'manifest.json'
+EXPORT_ID_KEY = 'timm_exits_export_id'
+_logger = logging.getLogger(__name__)
+
+
+class _Segment(nn.Module):
+    """Blocks ``start`` .. ``stop`` - 1 (0-based) of a multi-exit model; the first segment embeds the images."""
+
+    def __init__(self, model: MultiExitVisionTransformer, start: int, stop: int) -> None:
+        super().__init__()
+        self.model, self.start, self.stop = model, start, stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.start == 0:
+            x = embed_tokens(self.model, x)
+        for i in range(self.start, self.stop):
+            x = self.model.blocks[i](x)
+        return x
+
+
+class _ExitHead(nn.Module):
+    """Logits and criterion score of the exit after block ``layer`` (1-based), from that block's tokens."""
+
+    def __init__(self, model: MultiExitVisionTransformer, layer: int) -> None:
+        super().__init__()
+        self.model, self.layer = model, layer
+
+    def forward(self, x: torch.Tensor):
+        logits = self.model._exit_logits(self.layer, x)
+        return logits, self.model.exit_scores(self.layer, logits).float()
+
+
+class _Static(nn.Module):
+    """The whole model at a fixed setting: LifeRegress at ``keep_rate``, a multi-exit model at ``budget`` (or full
+    depth). No threshold: nothing depends on the data, so one graph is right for every input."""
+
+    def __init__(self, model: nn.Module, keep_rate: Optional[float] = None, budget: Optional[float] = None) -> None:
+        super().__init__()
+        self.model, self.keep_rate, self.budget = model, keep_rate, budget
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.model, LifeRegressVisionTransformer):
+            return self.model(x, keep_rate=self.keep_rate)
+        if self.budget is None:
+            return self.model.forward_head(self.model.forward_features(x))
+        return self.model.forward_dynamic(x, budget=self.budget).logits
+
+
+def _export_graph(module: nn.Module, example: torch.Tensor, path: Path, output_names: Sequence[str],
+                  export_id: str) -> None:
+    """One ONNX graph of ``module`` with a dynamic batch axis (torch.onnx's dynamo exporter: the TorchScript one
+    gets LifeRegress's population std wrong), the export id in its metadata."""
+    import onnx
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # exporter notes; the graphs are checked against eager by the tests
+        torch.onnx.export(
+            module, (example,), str(path), input_names=['input'], output_names=list(output_names), dynamo=True,
+            dynamic_shapes={'x': {0: torch.export.Dim('batch', min=1, max=4096)}}, verbose=False,
+            external_data=False)
+    graph = onnx.load(str(path))
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = EXPORT_ID_KEY, export_id
+    onnx.save(graph, str(path))
+
+
+def _file_info(folder: Path) -> Dict[str, Dict[str, Any]]:
+    out = {}
+    for path in sorted(folder.iterdir()):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        out[path.name] = {'bytes': path.stat().st_size, 'sha256': digest}
+    return out
+
+
+def _data_cfg(model: nn.Module) -> Dict[str, Any]:
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
+    return {
+        'input_size': [model.patch_embed.proj.in_channels, *model.patch_embed.img_size],
+        'mean': list(cfg.get('mean', (0.5, 0.5, 0.5))), 'std': list(cfg.get('std', (0.5, 0.5, 0.5))),
+        'interpolation': cfg.get('interpolation'), 'crop_pct': cfg.get('crop_pct'),
+    }
+
+
+def export_onnx(
+        model: nn.Module,
+        output: Union[str, Path],
+        model_name: str = '',
+        static: bool = False,
+        keep_rate: Optional[float] = None,
+        budget: Optional[float] = None,
+) -> Path:
+    """Export ``model`` (a multi-exit or LifeRegress model) to the new folder ``output``; see the module docstring.
+
+    Args:
+        model: The model, any weights; put in eval mode here.
+        output: Folder to create; must not exist or be empty.
+        model_name: Recorded in the manifest (default: the model's architecture).
+        static: One graph at a fixed setting instead of staged segments (LifeRegress: always).
+        keep_rate: LifeRegress keep rate of the static graph (default: the model's).
+        budget: Fixed compute budget of the static graph: LifeRegress picks its keep rate, a multi-exit model its exit.
+
+    Returns:
+        The folder.
+    """
+    if not isinstance(model, (MultiExitVisionTransformer, LifeRegressVisionTransformer)):
+        raise ValueError(f'--model must be a multi-exit or LifeRegress model, got {type(model).__name__}; a plain timm '
+                         f'model exports with torch.onnx.export directly')
+    out = Path(output).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f'--output {out} exists and is not empty; name a new folder')
+    life = isinstance(model, LifeRegressVisionTransformer)
+    if keep_rate is not None and not life:
+        raise ValueError('--keep-rate applies to LifeRegress models only; a multi-exit model takes --budget')
+    keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+    budget = None if budget is None else check_fraction('budget', budget, low_open=True)
+    if budget is not None and not (static or life):
+        raise ValueError('--budget fixes the exit of a --static graph; a staged export takes the budget at run time '
+                         '(ExitSession(...)(x, budget=b))')
+    model = model.eval()
+    name = model_name or (getattr(model, 'pretrained_cfg', {}) or {}).get('architecture') or type(model).__name__
+    export_id = uuid.uuid4().hex
+    in_size = _data_cfg(model)['input_size']
+    example = torch.randn(2, *in_size, dtype=next(model.parameters()).dtype)
+    manifest: Dict[str, Any] = {
+        'format': FORMAT, 'timm_exits_version': _version(), 'export_id': export_id, 'model': name,
+        'family': 'liferegress' if life else 'mexit', 'num_classes': model.num_classes, **_data_cfg(model),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', suffix='.partial', dir=out.parent))
+    try:
+        if life or static:
+            if life:
+                keep_rate = model.resolve_keep_rate(keep_rate, budget)
+                cost, layer = model.flops_ratio(keep_rate), None
+            else:
+                layer = model._stop_layer(budget)
+                cost = model.exit_costs[model.exit_layers.index(layer)]
+            _export_graph(_Static(model, keep_rate, budget if not life else None), example, tmp / 'model.onnx',
+                          ['logits'], export_id)
+            manifest.update(mode='static', graph='model.onnx', keep_rate=keep_rate, budget=budget, exit_layer=layer,
+                            cost=cost)
+        else:
+            layers = list(model.exit_layers)
+            segments, heads, x, start = [], [], example, 0
+            with torch.no_grad():
+                for k, layer in enumerate(layers, 1):
+                    seg = _Segment(model, start, layer)
+                    _export_graph(seg, x, tmp / f'segment_{k}.onnx', ['tokens'], export_id)
+                    x = seg(x)
+                    _export_graph(_ExitHead(model, layer), x, tmp / f'exit_{layer}.onnx', ['logits', 'score'],
+                                  export_id)
+                    segments.append({'file': f'segment_{k}.onnx', 'blocks': [start + 1, layer]})
+                    heads.append({'file': f'exit_{layer}.onnx', 'layer': layer})
+                    start = layer
+            manifest.update(
+                mode='staged', exit_layers=layers, exit_costs=list(model.exit_costs),
+                threshold_costs=list(model.threshold_costs), criterion=model.exit_criterion,
+                confident_high=model.exit_criterion == 'confidence', default_threshold=model.threshold,
+                default_budget=model.budget, segments=segments, heads=heads)
+        manifest['files'] = _file_info(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m timm_exits.export``: see the module docstring."""
+    from timm.utils import ParseKwargs
+    parser = argparse.ArgumentParser(
+        prog='python -m timm_exits.export',
+        description='Export a multi-exit model as staged ONNX graphs (one per segment between exits, per-image early '
+                    'exit at run time with timm_exits.runtime.ExitSession), or any timm-exits model as one static '
+                    'graph (--static).')
+    parser.add_argument('--model', required=True, help='registered model name (import timm_exits registers them)')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='create_model kwargs k=v')
+    parser.add_argument('--checkpoint', default='', help='weights: .safetensors or a training checkpoint')
+    parser.add_argument('--num-classes', type=int, default=None)
+    parser.add_argument('--output', required=True, help='new (or empty) folder for the graphs and manifest.json')
+    parser.add_argument('--static', action='store_true', help='one graph: full depth, a fixed --budget, or LifeRegress')
+    parser.add_argument('--budget', type=float, default=None, help='fixed budget of a --static graph')
+    parser.add_argument('--keep-rate', type=float, default=None, help='LifeRegress keep rate of the graph')
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    kwargs = dict(args.model_kwargs)
+    if args.num_classes is not None:
+        kwargs['num_classes'] = args.num_classes
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        parser.exit(2, f'error: --checkpoint {args.checkpoint} does not exist\n')
+    try:
+        model = timm.create_model(args.model, checkpoint_path=args.checkpoint or None, **kwargs)
+        out = export_onnx(model, args.output, args.model, args.static, args.keep_rate, args.budget)
+    except ImportError as e:
+        parser.exit(2, f'error: {e}; install the deploy extra: pip install "timm-exits[deploy]"\n')
+    except (ValueError, RuntimeError, OSError) as e:
+        parser.exit(2, f'error: {e}\n'.replace('\n', ' ').rstrip() + '\n')
+    manifest = json.loads((out / MANIFEST).read_text())
+    _logger.info(f'exported {args.model} ({manifest["mode"]}) to {out}: '
+                 + ', '.join(f for f in manifest['files']))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

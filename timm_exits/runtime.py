@@ -1,0 +1,180 @@
+""" Per-image early exit on ONNX Runtime: ``ExitSession(DIR)(x, threshold=t, budget=b)``.
+
+Runs a folder written by ``python -m timm_exits.export`` (``timm_exits.export``). For a staged export, the loop of
+eager ``forward_dynamic``: segment by segment, each exit's head on the images still running, the images whose score
+passes the threshold leave, and only the others go on to the next segment (002_*.txt: a batch-wide decision gives no
+speed-up). A budget stops every image at the deepest exit whose cost fits it. A static export runs its one graph.
+
+Needs numpy and onnxruntime only (``pip install "timm-exits[deploy]"``); torch tensors are accepted and returned as
+tensors when torch is importable.
+"""
+import json
+import math
+from numbers import Real
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = ['ExitSession', 'RuntimeOutput']
+
+FORMAT = 1
+MANIFEST = 'manifest.json'
+EXPORT_ID_KEY = 'timm_exits_export_id'
+
+
+class RuntimeOutput(NamedTuple):
+    """Per image: logits (B, num_classes), the 1-based block after which it exited (B,), its share of full FLOPs (B,).
+    NumPy arrays for NumPy input, torch tensors for a tensor."""
+    logits: Any
+    exit_layer: Any
+    cost: Any
+
+
+def _fraction(name: str, value: Any, low_open: bool) -> float:
+    interval = '(0, 1]' if low_open else '[0, 1]'
+    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value) or value > 1 or value < 0 or (
+            low_open and value == 0):
+        raise ValueError(f'{name} must be a number in {interval} or None, got {value!r}')
+    return float(value)
+
+
+class ExitSession:
+    """ONNX Runtime session of a ``timm_exits.export`` folder.
+
+    Args:
+        folder: The export folder (``manifest.json`` and the graphs it lists).
+        providers: onnxruntime execution providers (default: CPU; e.g. ``['CUDAExecutionProvider',
+            'CPUExecutionProvider']``).
+        session_options: ``onnxruntime.SessionOptions`` for every graph.
+
+    Raises:
+        FileNotFoundError: No manifest (not an export folder, or an export that did not finish) or a missing graph.
+        ValueError: A manifest of another format, a graph of another export (its export id differs) or of another
+            size than the manifest records.
+    """
+
+    def __init__(self, folder: Union[str, Path], providers: Optional[Sequence[str]] = None,
+                 session_options: Any = None) -> None:
+        import onnxruntime as ort
+        self.folder = Path(folder)
+        path = self.folder / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(
+                f'{self.folder} has no {MANIFEST}: not a timm_exits export folder, or an export that did not finish '
+                f'(python -m timm_exits.export writes it last)')
+        try:
+            manifest = json.loads(path.read_text())
+        except ValueError as e:
+            raise ValueError(f'{path} is not valid JSON ({e}); export the model again') from e
+        if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
+            raise ValueError(
+                f'{path}: export format {manifest.get("format") if isinstance(manifest, dict) else None!r} is not '
+                f'supported by this timm_exits (format {FORMAT}); export the model again with this version')
+        self.manifest = manifest
+        files = manifest.get('files', {})
+        for name, info in files.items():
+            file = self.folder / name
+            if not file.is_file():
+                raise FileNotFoundError(f'{self.folder}: graph {name} listed in {MANIFEST} is missing; export again')
+            if file.stat().st_size != info['bytes']:
+                raise ValueError(f'{self.folder}: {name} has {file.stat().st_size} bytes, the manifest records '
+                                 f'{info["bytes"]}: it is not the file of this export; export again')
+        providers = list(providers or ['CPUExecutionProvider'])
+
+        def session(name: str) -> Any:
+            if name not in files:
+                raise FileNotFoundError(f'{self.folder}: {MANIFEST} lists no file {name}; export again')
+            sess = ort.InferenceSession(str(self.folder / name), sess_options=session_options, providers=providers)
+            found = sess.get_modelmeta().custom_metadata_map.get(EXPORT_ID_KEY)
+            if found != manifest['export_id']:
+                raise ValueError(f'{self.folder}: {name} belongs to another export (export id {found}, manifest '
+                                 f'{manifest["export_id"]}); do not mix folders, export again')
+            return sess
+
+        self.static = manifest['mode'] == 'static'
+        if self.static:
+            self.graph = session(manifest['graph'])
+        else:
+            self.segments = [session(s['file']) for s in manifest['segments']]
+            self.heads = [session(h['file']) for h in manifest['heads']]
+            self.exit_layers: List[int] = list(manifest['exit_layers'])
+        self.input_size = tuple(manifest['input_size'])
+        self.threshold = manifest.get('default_threshold')
+        self.budget = manifest.get('default_budget')
+
+    def _stop(self, costs: Sequence[float], budget: Optional[float]) -> int:
+        """Index of the deepest exit whose cost fits ``budget`` (the last without one)."""
+        if budget is None:
+            return len(costs) - 1
+        fits = [k for k, c in enumerate(costs) if c <= budget + 1e-9]
+        if not fits:
+            raise ValueError(f'budget={budget:g} is below the cheapest exit (block {self.exit_layers[0]}, cost '
+                             f'{costs[0]:.4f} of the full model); allowed: {costs[0]:.4f} <= budget <= 1')
+        return fits[-1]
+
+    def _input(self, x: Any) -> np.ndarray:
+        if hasattr(x, 'detach') and hasattr(x, 'cpu'):
+            x = x.detach().cpu().float().numpy()
+        x = np.asarray(x)
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f'x must hold floating-point images, got dtype {x.dtype}')
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_size:
+            raise ValueError(f'x must be images of shape (B, {", ".join(map(str, self.input_size))}) (the exported '
+                             f'input size), got {tuple(x.shape)}')
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def __call__(self, x: Any, threshold: Optional[float] = None, budget: Optional[float] = None) -> RuntimeOutput:
+        """Per-image early exit, as ``forward_dynamic`` of the exported model.
+
+        Args:
+            x: (B, C, H, W) float images, NumPy array or torch tensor, at the exported input size.
+            threshold: Exit threshold in [0, 1] of the exported criterion (default: the model's).
+            budget: Share (0, 1] of the full model's FLOPs that no image exceeds, heads on the way included.
+        """
+        tensor = hasattr(x, 'detach')
+        x = self._input(x)
+        if self.static:
+            if threshold is not None or budget is not None:
+                raise ValueError(
+                    'a --static export has no exits to choose: its setting (keep rate, budget) was fixed at export; '
+                    'threshold and budget must be None (export without --static for per-image early exit)')
+            logits = self.graph.run(None, {'input': x})[0]
+            m = self.manifest
+            exit_layer = np.full(len(x), m['exit_layer'] if m.get('exit_layer') is not None else -1, dtype=np.int64)
+            out = RuntimeOutput(logits, exit_layer, np.full(len(x), m['cost'], dtype=np.float32))
+        else:
+            out = self._staged(x, threshold, budget)
+        if tensor:
+            import torch
+            out = RuntimeOutput(*(torch.from_numpy(v) for v in out))
+        return out
+
+    def _staged(self, x: np.ndarray, threshold: Optional[float], budget: Optional[float]) -> RuntimeOutput:
+        threshold = self.threshold if threshold is None else threshold
+        budget = self.budget if budget is None else budget
+        threshold = None if threshold is None else _fraction('threshold', threshold, low_open=False)
+        budget = None if budget is None else _fraction('budget', budget, low_open=True)
+        m = self.manifest
+        costs = m['exit_costs'] if threshold is None else m['threshold_costs']
+        stop = self._stop(costs, budget)
+        batch = len(x)
+        logits_out = np.empty((batch, m['num_classes']), dtype=np.float32)
+        exit_out = np.full(batch, self.exit_layers[stop], dtype=np.int64)
+        cost_out = np.empty(batch, dtype=np.float32)
+        rows, feed = np.arange(batch), x
+        for k in range(stop + 1):
+            if len(rows) == 0:
+                break
+            feed = self.segments[k].run(None, {'input': feed})[0]
+            if k < stop and threshold is None:
+                continue
+            logits, score = self.heads[k].run(None, {'input': feed})
+            if k == stop:
+                leave = np.ones(len(rows), dtype=bool)
+            else:
+                leave = score >= threshold if m['confident_high'] else score <= threshold
+            gone = rows[leave]
+            logits_out[gone], exit_out[gone], cost_out[gone] = logits[leave], self.exit_layers[k], costs[k]
+            rows, feed = rows[~leave], feed[~leave]
+        return RuntimeOutput(logits_out, exit_out, cost_out)
