@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -77,7 +78,8 @@ def _assert_products_match_checkpoint(path: Path) -> None:
     assert weights.keys() == state['state_dict'].keys()
     assert all(torch.equal(weights[k], v) for k, v in state['state_dict'].items())
     assert _meta(path / 'model.safetensors') == {
-        'model': 'test_vit_mexit', 'model_kwargs': {'embed_dim': 16, 'img_size': 16, 'patch_size': 4},
+        'model': 'test_vit_mexit',
+        'model_kwargs': {'embed_dim': 16, 'img_size': 16, 'patch_size': 4, 'exit_criterion': 'confidence'},
         'num_classes': 10, 'stage': state['stage'], 'epoch': state['epoch'], 'format': 1}
     assert state['recipe'] == dataclasses.asdict(RECIPE)
     assert set(json.loads((path / 'eval.json').read_text())) >= {'model', 'dataset', 'exits', 'plot'}
@@ -357,3 +359,12 @@ def test_recipe_and_stage_values_are_checked(cls, kwargs, message):
             Stage(**kwargs)
         else:
             dataclasses.replace(RECIPE, **kwargs)
+
+
+def test_default_criterion_is_recorded_and_checked(runs):
+    """The recipe left exit_criterion at its default: the weights record it, so another one is refused on load."""
+    weights = str(runs / 'finished' / 'model.safetensors')
+    kwargs = dict(num_classes=10, embed_dim=16, img_size=16, patch_size=4)
+    timm.create_model('test_vit_mexit', checkpoint_path=weights, **kwargs)
+    with pytest.raises(ValueError, match="exit_criterion='confidence'"):
+        timm.create_model('test_vit_mexit', checkpoint_path=weights, exit_criterion='uncertainty', **kwargs)

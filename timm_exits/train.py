@@ -64,6 +64,7 @@ from timm.utils.distributed import init_distributed_device_so
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .models._checkpoint import layout_args
 from .tasks import TASKS, create_task, in_parts
 from .validate import (
     accuracies, atomic_write, collect_outputs, create_dataset, evaluate, make_loader, plot_tradeoff, write_json,
@@ -685,9 +686,20 @@ class _Run:
             state = None
         return self.finish(key)
 
+    def _recorded_kwargs(self) -> Dict[str, Any]:
+        """The recipe's model kwargs, completed with the layout the weights cannot show and that training fixed
+        (exit criterion, life layer, prune layers, U; not the inference defaults threshold, budget, keep rate), so
+        that a load with another one is refused even when the recipe left it at its default."""
+        try:
+            layout = layout_args(self.model)
+        except ValueError:  # a plain timm model (the backbone alone)
+            layout = {}
+        fixed = {k: layout[k] for k in ('exit_criterion', 'life_layer', 'prune_layers', 'U') if k in layout}
+        return {**fixed, **self.recipe.model_kwargs}
+
     def metadata(self, key: Tuple[int, int]) -> Dict[str, str]:
         """safetensors metadata of the final weights: model, kwargs, classes and the checkpoint's (stage, epoch)."""
-        info = {'model': self.recipe.model, 'model_kwargs': _jsonable(self.recipe.model_kwargs),
+        info = {'model': self.recipe.model, 'model_kwargs': _jsonable(self._recorded_kwargs()),
                 'num_classes': int(self.model.num_classes), 'stage': int(key[0]), 'epoch': int(key[1]),
                 'format': METADATA_FORMAT}
         return {METADATA_KEY: json.dumps(info), 'recipe': json.dumps(_jsonable(dataclasses.asdict(self.recipe))),
