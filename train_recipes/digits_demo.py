@@ -1,7 +1,8 @@
 """ Offline demonstration on real data: scikit-learn's bundled digits (1797 8x8 grey images, upsampled to 32 px;
 nothing is downloaded), small ViTs trained from scratch on this CPU with the recipes' trainer.
 
-    python train_recipes/digits_demo.py [--output output/digits_demo] [--epochs 30] [--seed 0]
+    python train_recipes/digits_demo.py [--output output/digits_demo] [--epochs 30] [--seeds 0 [1 ...]]
+        [--runs backbone mevit end_to_end ...]
 
 Runs (each resumable, in its own folder), then a table (``table.md``, ``summary.json``):
 (a) MEViT's sandwich rule + in-place distillation (000) against plain end-to-end training (001), exit by exit, and
@@ -12,13 +13,17 @@ Runs (each resumable, in its own folder), then a table (``table.md``, ``summary.
 (c) classifier-wise training (001) on that backbone: the final accuracy must not move, the backbone stays bit-identical;
 (d) its exits on the frozen backbone against chance (10 %).
 Splits: train 60 %, val 20 % (per-epoch validation, threshold choice), test 20 % (every number in the table).
+With several ``--seeds`` each seed runs in ``OUTPUT/seed<N>/`` and ``seeds.md`` gives, per run and exit, the mean,
+std and min-max over the seeds, and each objective's final accuracy minus the backbone's, seed by seed.
+``--runs`` picks a subset (those that start from the backbone run bring it along).
 """
 import argparse
 import dataclasses
 import logging
 import os
+import statistics
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -123,20 +128,74 @@ def summarize(results: Dict[str, Dict[str, Any]], out: str, seconds: float) -> s
     return table
 
 
+def _spread(values: Sequence[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.
+    return f'{statistics.mean(values):.2f} ± {std:.2f} ({min(values):.2f}-{max(values):.2f})'
+
+
+def summarize_seeds(per_seed: Dict[int, Dict[str, Dict[str, Any]]], out: str) -> str:
+    """Over seeds: mean ± std (min-max) of each multi-exit run's exits and the backbone's final accuracy (test split),
+    and each objective's final minus the backbone's, paired by seed (``seeds.md``)."""
+    seeds = sorted(per_seed)
+    first = per_seed[seeds[0]]
+    layers = next((r['exits'] for r in first.values() if 'exits' in r), [])
+    lines = [f'Test accuracy (%) over seeds {seeds}: mean ± std (min-max)', '',
+             '| run | ' + ' | '.join(f'exit {e["layer"]} ({e["cost"]:.3f})' for e in layers)
+             + ' | final - backbone alone |', '|---|' + '---|' * (len(layers) + 1)]
+    for name, result in first.items():
+        if 'exits' in result:
+            cells = [_spread([per_seed[s][name]['exits'][i]['accuracy'] for s in seeds]) for i in range(len(layers))]
+            final = [per_seed[s][name]['exits'][-1]['accuracy'] for s in seeds]
+        elif 'accuracy' in result:
+            final = [per_seed[s][name]['accuracy'] for s in seeds]
+            cells = [''] * (len(layers) - 1) + [_spread(final)]
+        else:
+            continue
+        gap = ''
+        if 'backbone' in first and name != 'backbone':
+            gap = _spread([f - per_seed[s]['backbone']['accuracy'] for f, s in zip(final, seeds)])
+        lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {gap} |')
+    table = '\n'.join(lines)
+    write_json({str(s): r for s, r in per_seed.items()}, os.path.join(out, 'seeds.json'))
+    with open(os.path.join(out, 'seeds.md'), 'w') as f:
+        f.write(table + '\n')
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--output', default=os.path.join('output', 'digits_demo'))
     parser.add_argument('--epochs', type=int, default=30, help='epochs of the from-scratch runs')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seeds', '--seed', type=int, nargs='+', default=[0],
+                        help='one or more seeds; several run in OUTPUT/seed<N>/ and add seeds.md')
+    parser.add_argument('--runs', nargs='+', default=None, help='a subset of the runs (default: all)')
     args = parser.parse_args()
+    names = list(recipes(args.output, 1, 0))
+    if args.epochs < 1:
+        parser.error(f'--epochs={args.epochs} must be at least 1')
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f'--seeds {args.seeds} repeats a seed')
+    unknown = sorted(set(args.runs or []) - set(names))
+    if unknown:
+        parser.error(f'--runs {unknown} not known; allowed: {names}')
+    wanted = set(args.runs or names)
+    if wanted & {'classifier_wise', 'life_untrained', 'life_backbone_only', 'life_two_stage', 'life_single_stage'}:
+        wanted.add('backbone')  # they start from the backbone run
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
-    start = time.time()
-    runs = recipes(args.output, args.epochs, args.seed)
-    results: Dict[str, Any] = {'_recipes': runs}
-    for name, recipe in runs.items():
-        logging.info(f'== {name}')
-        results[name] = train(recipe, os.path.join(args.output, name))
-    print(summarize(results, args.output, time.time() - start))
+    per_seed: Dict[int, Dict[str, Any]] = {}
+    for seed in args.seeds:
+        start = time.time()
+        out = args.output if len(args.seeds) == 1 else os.path.join(args.output, f'seed{seed}')
+        runs = {k: v for k, v in recipes(out, args.epochs, seed).items() if k in wanted}
+        results: Dict[str, Any] = {'_recipes': runs}
+        for name, recipe in runs.items():
+            logging.info(f'== seed {seed}: {name}')
+            results[name] = train(recipe, os.path.join(out, name))
+        per_seed[seed] = {k: v for k, v in results.items() if not k.startswith('_')}
+        if wanted == set(names):
+            print(summarize(results, out, time.time() - start))
+    if len(args.seeds) > 1:
+        print(summarize_seeds(per_seed, args.output))
 
 
 if __name__ == '__main__':
