@@ -24,7 +24,7 @@ from timm.layers import register_notrace_function
 
 __all__ = [
     'attach_exit_losses', 'estimate_scale_and_target', 'exit_loss', 'gradient_kind', 'inplace_kl', 'mevit_exit_loss',
-    'scale_gradient', 'uncertainty_mse', 'uncertainty_target',
+    'sample_exits', 'scale_gradient', 'uncertainty_mse', 'uncertainty_target',
 ]
 
 
@@ -127,6 +127,18 @@ def estimate_scale_and_target(logits: torch.Tensor, grad: torch.Tensor) -> Tuple
     return k, t
 
 
+def sample_exits(num_exits: int, num_sampled: Optional[int],
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Sandwich-rule lower bound (000_*.txt, sec. 2.2): a (num_exits,) 0/1 float mask of the intermediate exits
+    updated this step, the earliest always plus ``num_sampled`` others drawn uniformly (None: all exits)."""
+    mask = torch.zeros(num_exits)
+    if num_exits:
+        others = torch.randperm(num_exits - 1, generator=generator)[:num_sampled] + 1
+        mask[0] = 1.
+        mask[others] = 1.
+    return mask
+
+
 class _AttachExitLosses(torch.autograd.Function):
     """Identity on the final logits; its backward adds each exit's MEViT loss, scaled like the criterion."""
 
@@ -139,7 +151,6 @@ class _AttachExitLosses(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        from .tasks import sample_exits  # the recipes' sandwich sampler (tasks imports this module)
         final, *outputs = ctx.saved_tensors
         n, w = ctx.num_exits, ctx.exit_weight
         mask = sample_exits(n, ctx.num_sampled).tolist()
@@ -203,7 +214,7 @@ def attach_exit_losses(
 
     Per backward, the loss added is that of ``MultiExitTask(distill=True, exit_weight=exit_weight,
     num_sampled=num_sampled)`` at the criterion's scale: sum_i m_i [w (CE_i + KL_i) + MSE_i] + MSE_n, with m_i the
-    sandwich mask (``timm_exits.tasks.sample_exits``, drawn in the backward) and w = ``exit_weight``.
+    sandwich mask (``sample_exits``, drawn in the backward) and w = ``exit_weight``.
 
     Args:
         final: (B, C) final classifier logits.
