@@ -87,7 +87,8 @@ def test_train_forward_backprops_every_exit_loss():
     model = timm.create_model('test_vit_mexit', exit_head=['mlp', 'linear']).train()
     x, y = torch.randn(5, 3, 32, 32), torch.randint(0, 10, (5,))
     (F.cross_entropy(model(x), y) * 64).backward()  # a loss scale, as GradScaler applies
-    expected = _explicit_gradients(model, x, y, scale=64)
+    assert model.exit_grad_scale == .25  # the default: the exits' gradient into the backbone at a quarter
+    expected = _explicit_gradients(model, x, y, scale=64, grad_scale=.25)
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, expected[n], rtol=1e-3, atol=1e-5), n
 

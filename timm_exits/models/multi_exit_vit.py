@@ -95,7 +95,7 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
             exit_drop_rate: float = 0.,
             exit_weight: float = 1.,
             exit_num_sampled: Optional[int] = None,
-            exit_grad_scale: float = 1.,
+            exit_grad_scale: float = .25,
             **kwargs: Any,
     ) -> None:
         """
