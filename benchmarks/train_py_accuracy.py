@@ -21,6 +21,7 @@ At most ``--jobs`` trainings run at once, each with ``OMP_NUM_THREADS=--threads`
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -29,6 +30,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # this checkout's timm_exits, also in the evaluation done here
 PARENT = 'deit_tiny_patch16_224'  # its pretrained cfg loads a plain file (vit_*'s augreg tags expect .npz)
 MEXIT = 'deit_tiny_patch16_224_mexit'
 # a 6-block ViT on 32 px digits (16 patches of 8 px, each 2x2 of the original pixels): minutes on one CPU core
@@ -133,7 +135,8 @@ def _literal(value: str) -> Any:
 
 
 def run_all(args: argparse.Namespace, jobs: List[Dict[str, Any]]) -> None:
-    """Run the pending trainings, at most ``args.jobs`` at once; a run whose ``last.pth.tar`` exists is done."""
+    """Run the pending trainings, at most ``args.jobs`` at once; a run with a ``done`` marker is not rerun, an
+    interrupted one restarts from scratch."""
     pending = [j for j in jobs if not os.path.exists(os.path.join(j['dir'], 'done'))]
     running: List[Tuple[Dict[str, Any], subprocess.Popen, Any]] = []
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
@@ -163,7 +166,8 @@ def run_all(args: argparse.Namespace, jobs: List[Dict[str, Any]]) -> None:
                 open(os.path.join(job['dir'], 'done'), 'w').close()
             else:
                 failed.append(job['label'])
-                pending = [j for j in pending if j.get('needs_checkpoint', '').find(job['dir']) < 0]
+                # fine-tuning runs that start from this run's checkpoint cannot run
+                pending = [j for j in pending if not j.get('needs_checkpoint', '').startswith(job['dir'] + os.sep)]
     if failed:
         raise SystemExit(f'error: {len(failed)} training run(s) failed, see their log.txt: {failed}')
 
@@ -268,7 +272,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         with open(path) as f:
             results.setdefault(job['phase'], {}).setdefault(job['arm'][0], {})[str(job['seed'])] = json.load(f)
     text = table(results, arms, args.seeds)
-    command = ' '.join(sys.argv) if argv is None else ' '.join(argv)
+    command = shlex.join(['python', *sys.argv] if argv is None else argv)
     text += (f'\nScratch: {args.epochs} epochs, lr {args.lr}; fine-tuning: {args.finetune_epochs} epochs, lr '
              f'{args.finetune_lr}; arms: {args.arms}. Command: {command}\n')
     for name, data in (('table.md', text), ('results.json', json.dumps(
