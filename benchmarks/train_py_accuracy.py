@@ -35,7 +35,8 @@ PARENT = 'deit_tiny_patch16_224'  # its pretrained cfg loads a plain file (vit_*
 MEXIT = 'deit_tiny_patch16_224_mexit'
 # a 6-block ViT on 32 px digits (16 patches of 8 px, each 2x2 of the original pixels): minutes on one CPU core
 SHARED_KWARGS = ['img_size=32', 'patch_size=8', 'depth=6', 'embed_dim=64', 'num_heads=2', 'mlp_ratio=2']
-EXIT_KWARGS = ['exit_layers=(2,3,4,5)']
+EXIT_KWARGS_LAYERS = (2, 3, 4, 5)
+EXIT_KWARGS = [f'exit_layers={EXIT_KWARGS_LAYERS}'.replace(' ', '')]
 HALF_DEPTH = 3
 # digits are not mirror-symmetric, and a 0.08 crop of an 8x8 digit is noise: mild augmentation only
 TRAIN_ARGS = [
@@ -202,8 +203,6 @@ def table(results: Dict[str, Dict[str, Dict[str, Any]]], arms: Sequence[Tuple[st
         lines.append('')
     return '\n'.join(lines)
 
-
-EXIT_KWARGS_LAYERS = (2, 3, 4, 5)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
