@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 import timm
 from timm_exits.train import Recipe, Stage, train
 from timm_exits.validate import (
-    DigitsDataset, choose_threshold, collect_outputs, make_loader, threshold_table, write_json,
+    DigitsDataset, atomic_write, choose_threshold, collect_outputs, make_loader, threshold_table, write_json,
 )
 
 BACKBONE = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, mlp_ratio=2.)
@@ -133,32 +133,39 @@ def _spread(values: Sequence[float]) -> str:
     return f'{statistics.mean(values):.2f} ± {std:.2f} ({min(values):.2f}-{max(values):.2f})'
 
 
+def _final_accuracy(result: Dict[str, Any]) -> float:
+    return result['exits'][-1]['accuracy'] if result.get('exits') else result['accuracy']
+
+
 def summarize_seeds(per_seed: Dict[int, Dict[str, Dict[str, Any]]], out: str) -> str:
     """Over seeds: mean ± std (min-max) of each multi-exit run's exits and the backbone's final accuracy (test split),
     and each objective's final minus the backbone's, paired by seed (``seeds.md``)."""
     seeds = sorted(per_seed)
     first = per_seed[seeds[0]]
-    layers = next((r['exits'] for r in first.values() if 'exits' in r), [])
+    layers = max((r.get('exits') or [] for r in first.values()), key=len)
     lines = [f'Test accuracy (%) over seeds {seeds}: mean ± std (min-max)', '',
              '| run | ' + ' | '.join(f'exit {e["layer"]} ({e["cost"]:.3f})' for e in layers)
              + ' | final - backbone alone |', '|---|' + '---|' * (len(layers) + 1)]
     for name, result in first.items():
-        if 'exits' in result:
-            cells = [_spread([per_seed[s][name]['exits'][i]['accuracy'] for s in seeds]) for i in range(len(layers))]
-            final = [per_seed[s][name]['exits'][-1]['accuracy'] for s in seeds]
-        elif 'accuracy' in result:
-            final = [per_seed[s][name]['accuracy'] for s in seeds]
-            cells = [''] * (len(layers) - 1) + [_spread(final)]
-        else:
+        if not isinstance(result, dict) or not (result.get('exits') or 'accuracy' in result):
             continue
+        final = [_final_accuracy(per_seed[s][name]) for s in seeds]
+        if len(result.get('exits') or []) == len(layers) > 1:
+            cells = [_spread([per_seed[s][name]['exits'][i]['accuracy'] for s in seeds]) for i in range(len(layers))]
+        else:
+            cells = [''] * (len(layers) - 1) + [_spread(final)]
         gap = ''
         if 'backbone' in first and name != 'backbone':
-            gap = _spread([f - per_seed[s]['backbone']['accuracy'] for f, s in zip(final, seeds)])
+            gap = _spread([f - _final_accuracy(per_seed[s]['backbone']) for f, s in zip(final, seeds)])
         lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {gap} |')
     table = '\n'.join(lines)
     write_json({str(s): r for s, r in per_seed.items()}, os.path.join(out, 'seeds.json'))
-    with open(os.path.join(out, 'seeds.md'), 'w') as f:
-        f.write(table + '\n')
+
+    def _write(path: str) -> None:
+        with open(path, 'w') as f:
+            f.write(table + '\n')
+
+    atomic_write(os.path.join(out, 'seeds.md'), _write)
     return table
 
 
