@@ -4,8 +4,9 @@ parent against the multi-exit model, several seeds, from scratch and fine-tuned 
     python benchmarks/train_py_accuracy.py --timm-dir /path/to/pytorch-image-models [--work output/train_py_accuracy]
 
 ``--timm-dir`` (or ``$TIMM_DIR``) is a pytorch-image-models checkout whose tag matches the installed timm
-(``git clone --branch v$(python -c 'import timm; print(timm.__version__)') https://github.com/huggingface/pytorch-image-models``):
-its ``train.py`` runs unchanged with ``--device-modules timm_exits``. Steps, each resumable (a finished run is not rerun):
+(``git clone --branch v$(python -c 'import timm; print(timm.__version__)')
+https://github.com/huggingface/pytorch-image-models``): its ``train.py`` runs unchanged with ``--device-modules
+timm_exits``. Steps, each resumable (a finished run is not rerun):
 1. scikit-learn's bundled digits (1797 8x8 images, nothing downloaded) upsampled to 32 px and written as an
    ImageFolder, ``WORK/data/{train,validation}/<digit>/*.png`` (stratified 1400 / 397 split, fixed seed);
 2. from scratch, every arm x every seed: the same train.py command (AdamW, cosine, ``--epochs``), only ``--model``

@@ -73,7 +73,8 @@ def test_mevit_task_matches_the_train_mode_hook(hook_kwargs):
     model = timm.create_model('test_vit_mexit', exit_layers=[1, 2, 3], **hook_kwargs).train()
     torch.manual_seed(7)
     MEViTTask(model, num_sampled=hook_kwargs.get('exit_num_sampled'), exit_weight=hook_kwargs.get('exit_weight', 1.),
-              detach_exits=hook_kwargs['exit_grad_scale'] == 0., criterion=nn.CrossEntropyLoss())(x, y)['loss'].backward()
+              detach_exits=hook_kwargs['exit_grad_scale'] == 0., criterion=nn.CrossEntropyLoss())(x, y)['loss'] \
+        .backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     loss = ClassificationTask(model, nn.CrossEntropyLoss(), verbose=False)(x, y)['loss']
