@@ -13,8 +13,8 @@ sandwich rule). The model may also scale the exits' gradient into the backbone (
 exit reads; ``exit_grad_scale`` of the multi-exit models, 0.25 by default: at full scale the exits cost the final
 classifier of a ViT trained by timm's train.py 2.5 points on digits, at 0.25 0.9, see the README). Limits:
 only a loss that is a function of softmax(z) has rows of g that sum to 0; anything else (timm's BCE) gives a
-meaningless k, so the backward raises a RuntimeError there instead of training the final head alone
-(a gradient constant along each row, e.g. ``model(x).mean().backward()``, is passed to every sampled exit, times ``exit_weight``).
+meaningless k, so the backward raises a RuntimeError there instead of training the final head alone (a gradient
+constant along each row, e.g. ``model(x).mean().backward()``, is passed to every sampled exit, times ``exit_weight``).
 Label smoothing, mixup/cutmix, logit distillation at temperature 1 and JSD give the target the criterion pulls the
 final head to (smoothed, mixed, label and teacher mixed; the JSD pull); distillation at another temperature is not of
 the form k (p - t): k comes out too large and the targets are wrong.
