@@ -62,16 +62,28 @@ def test_single_output_tasks_use_the_criterion_on_the_final_logits():
     assert BackboneTask(mexit)(x, y)['loss'].item() == pytest.approx(expected.item(), abs=1e-6)
 
 
-def test_mevit_task_over_every_exit_matches_the_train_mode_hook():
-    """Both routes of MEViT's objective (task; timm's ClassificationTask through the hook) give the same gradient."""
+@pytest.mark.parametrize('hook_kwargs', [
+    dict(exit_grad_scale=1.), dict(exit_grad_scale=1., exit_weight=.25, exit_num_sampled=1),
+    dict(exit_grad_scale=1., exit_weight=.5, exit_num_sampled=0), dict(exit_grad_scale=0.)])
+def test_mevit_task_matches_the_train_mode_hook(hook_kwargs):
+    """Both routes of MEViT's objective (task; timm's ClassificationTask through the hook) give the same gradient,
+    also with the hook's exit weight and sandwich sampling (the same seed draws the same exits); the hook's
+    ``exit_grad_scale=0`` is the task's ``detach_exits``."""
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    model = timm.create_model('test_vit_mexit', exit_layers=[1, 2, 3]).train()
-    MEViTTask(model, num_sampled=None, criterion=nn.CrossEntropyLoss())(x, y)['loss'].backward()
+    model = timm.create_model('test_vit_mexit', exit_layers=[1, 2, 3], **hook_kwargs).train()
+    torch.manual_seed(7)
+    MEViTTask(model, num_sampled=hook_kwargs.get('exit_num_sampled'), exit_weight=hook_kwargs.get('exit_weight', 1.),
+              detach_exits=hook_kwargs['exit_grad_scale'] == 0., criterion=nn.CrossEntropyLoss())(x, y)['loss'] \
+        .backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    ClassificationTask(model, nn.CrossEntropyLoss(), verbose=False)(x, y)['loss'].backward()
+    loss = ClassificationTask(model, nn.CrossEntropyLoss(), verbose=False)(x, y)['loss']
+    torch.manual_seed(7)  # the hook draws its exits in the backward
+    loss.backward()
     for n, p in model.named_parameters():
         assert torch.allclose(grads[n], p.grad, rtol=1e-3, atol=1e-6), n
+    if 'exit_num_sampled' in hook_kwargs:  # some exit was left out this step, by both routes
+        assert any(p.grad.abs().sum() == 0 for n, p in model.named_parameters() if n.startswith('exits.'))
 
 
 def test_mevit_task_calls_forward_exits_not_the_hook(monkeypatch):

@@ -8,9 +8,13 @@ cross-entropy after mixup/cutmix) that gradient is g = k (softmax(z) - t), with 
 the AMP loss scale, over the accumulation steps) and t the target distribution. k is read off the classes whose target
 is 0 (there g_j / p_j = k; one k for the batch, see ``estimate_scale_and_target``), then t = p - g / k, and each exit
 receives k * d(exit loss)/d(exit outputs): exactly the gradient of ``loss_scale * mean(criterion + sum of exit
-losses)``. Limits: only a loss that is a function of softmax(z) has rows of g that sum to 0; anything else (timm's
-BCE) gives a meaningless k, so the backward raises a RuntimeError there instead of training the final head alone
-(a gradient constant along each row, e.g. ``model(x).mean().backward()``, is passed to every exit as it is).
+losses)``, the exit losses weighted and sampled as ``MultiExitTask``'s (``exit_weight``; ``num_sampled``, MEViT's
+sandwich rule). The model may also scale the exits' gradient into the backbone (``scale_gradient`` on the tokens an
+exit reads; ``exit_grad_scale`` of the multi-exit models, 0.25 by default: at full scale the exits cost the final
+classifier of a ViT trained by timm's train.py 2.5 points on digits, at 0.25 0.9, see the README). Limits:
+only a loss that is a function of softmax(z) has rows of g that sum to 0; anything else (timm's BCE) gives a
+meaningless k, so the backward raises a RuntimeError there instead of training the final head alone (a gradient
+constant along each row, e.g. ``model(x).mean().backward()``, is passed to every sampled exit, times ``exit_weight``).
 Label smoothing, mixup/cutmix, logit distillation at temperature 1 and JSD give the target the criterion pulls the
 final head to (smoothed, mixed, label and teacher mixed; the JSD pull); distillation at another temperature is not of
 the form k (p - t): k comes out too large and the targets are wrong.
@@ -23,8 +27,8 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
 __all__ = [
-    'attach_exit_losses', 'estimate_scale_and_target', 'gradient_kind', 'inplace_kl', 'mevit_exit_loss',
-    'uncertainty_mse', 'uncertainty_target',
+    'attach_exit_losses', 'estimate_scale_and_target', 'exit_loss', 'gradient_kind', 'inplace_kl', 'mevit_exit_loss',
+    'sample_exits', 'scale_gradient', 'uncertainty_mse', 'uncertainty_target',
 ]
 
 
@@ -127,31 +131,79 @@ def estimate_scale_and_target(logits: torch.Tensor, grad: torch.Tensor) -> Tuple
     return k, t
 
 
+def sample_exits(num_exits: int, num_sampled: Optional[int],
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Sandwich-rule lower bound (000_*.txt, sec. 2.2): a (num_exits,) 0/1 float mask of the intermediate exits
+    updated this step, the earliest always plus ``num_sampled`` others drawn uniformly (None: all exits)."""
+    mask = torch.zeros(num_exits)
+    if num_exits:
+        others = torch.randperm(num_exits - 1, generator=generator)[:num_sampled] + 1
+        mask[0] = 1.
+        mask[others] = 1.
+    return mask
+
+
 class _AttachExitLosses(torch.autograd.Function):
     """Identity on the final logits; its backward adds each exit's MEViT loss, scaled like the criterion."""
 
     @staticmethod
-    def forward(ctx, num_exits: int, final: torch.Tensor, *outputs: torch.Tensor) -> torch.Tensor:
-        ctx.num_exits = num_exits
+    def forward(ctx, num_exits: int, exit_weight: float, num_sampled: Optional[int], final: torch.Tensor,
+                *outputs: torch.Tensor) -> torch.Tensor:
+        ctx.num_exits, ctx.exit_weight, ctx.num_sampled = num_exits, exit_weight, num_sampled
         ctx.save_for_backward(final, *outputs)
         return final.view_as(final)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         final, *outputs = ctx.saved_tensors
-        n = ctx.num_exits
-        if gradient_kind(grad) == 'linear':  # the same linear objective on every exit's logits
-            return (None, grad, *(grad.to(o.dtype) for o in outputs[:n]), *(torch.zeros_like(o) for o in outputs[n:]))
+        n, w = ctx.num_exits, ctx.exit_weight
+        mask = sample_exits(n, ctx.num_sampled).tolist()
+        none = (None, None, None)
+        if gradient_kind(grad) == 'linear':  # the same linear objective on every sampled exit's logits, weighted
+            return (*none, grad, *((m * w * grad).to(o.dtype) for m, o in zip(mask, outputs[:n])),
+                    *(torch.zeros_like(o) for o in outputs[n:]))
         k, target = estimate_scale_and_target(final, grad)
         teacher = final.detach().float().softmax(-1)
         with torch.enable_grad():
             leaves = [o.detach().float().requires_grad_() for o in outputs]
             logits, uncertainty = leaves[:n], leaves[n:]
-            loss = sum(mevit_exit_loss(z, u, target, teacher) for z, u in zip(logits, uncertainty[:n]))
+            loss = sum(m * exit_loss(z, u, target, teacher, w) for m, z, u in zip(mask, logits, uncertainty[:n]))
             # the final exit's uncertainty predictor: eq. (2) alone; the criterion already covers its CE
             loss = loss + uncertainty_mse(uncertainty[n], final, target)
             grads = torch.autograd.grad((k * loss).sum(), leaves)
-        return (None, grad, *(g.to(o.dtype) for g, o in zip(grads, outputs)))
+        return (*none, grad, *(g.to(o.dtype) for g, o in zip(grads, outputs)))
+
+
+def exit_loss(
+        logits: torch.Tensor,
+        uncertainty: torch.Tensor,
+        target: torch.Tensor,
+        teacher: torch.Tensor,
+        weight: float = 1.,
+) -> torch.Tensor:
+    """Per-sample loss of one intermediate exit in the train-mode hook: ``weight`` (CE + in-place KL) + MSE, i.e. eqs.
+    (1), (2) and (5) of 000_*.txt with the classification terms weighted (as ``MultiExitTask``'s ``exit_weight``)."""
+    return (weight * (-(target.float() * logits.float().log_softmax(-1)).sum(-1) + inplace_kl(logits, teacher))
+            + uncertainty_mse(uncertainty, logits, target))
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+@register_notrace_function
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` unchanged; the gradient flowing back through it is multiplied by ``scale`` (1: ``x`` itself)."""
+    return x if scale == 1. else _ScaleGradient.apply(x, scale)
 
 
 @register_notrace_function  # one leaf node when torch.fx traces a model's train-mode forward
@@ -159,14 +211,23 @@ def attach_exit_losses(
         final: torch.Tensor,
         exit_logits: Sequence[torch.Tensor],
         uncertainties: Sequence[torch.Tensor],
+        exit_weight: float = 1.,
+        num_sampled: Optional[int] = None,
 ) -> torch.Tensor:
     """Return ``final`` (same values) with the exits' MEViT losses tied into its backward.
+
+    Per backward, the loss added is that of ``MultiExitTask(distill=True, exit_weight=exit_weight,
+    num_sampled=num_sampled)`` at the criterion's scale: sum_i m_i [w (CE_i + KL_i) + MSE_i] + MSE_n, with m_i the
+    sandwich mask (``sample_exits``, drawn in the backward) and w = ``exit_weight``.
 
     Args:
         final: (B, C) final classifier logits.
         exit_logits: (B, C) logits of each intermediate exit.
         uncertainties: (B,) predicted uncertainty of each intermediate exit, then of the final exit.
+        exit_weight: Weight of each intermediate exit's CE + KL (its uncertainty MSE keeps weight 1).
+        num_sampled: Intermediate exits trained per backward besides the earliest (None: every exit).
     """
     if len(uncertainties) != len(exit_logits) + 1:
         raise ValueError('uncertainties needs one entry per intermediate exit plus one for the final exit')
-    return _AttachExitLosses.apply(len(exit_logits), final, *exit_logits, *uncertainties)
+    return _AttachExitLosses.apply(len(exit_logits), float(exit_weight), num_sampled, final, *exit_logits,
+                                   *uncertainties)

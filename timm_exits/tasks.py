@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from timm.task import TrainingTask, resolve_classification_loss
 
-from .losses import inplace_kl, uncertainty_mse
+from .losses import inplace_kl, sample_exits, uncertainty_mse
 from .models.life_regress_vit import LifeRegressVisionTransformer
 from .models.multi_exit_vit import MultiExitVisionTransformer
 
@@ -46,18 +46,6 @@ LIFE_STAGES = ('predictor', 'backbone', 'joint')
 def target_distribution(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(B, C) float target y of eq. (4), 000_*.txt: one-hot from class indices, soft (mixup/cutmix) targets as given."""
     return target.float() if target.ndim == 2 else F.one_hot(target.long(), num_classes).float()
-
-
-def sample_exits(num_exits: int, num_sampled: Optional[int],
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Sandwich-rule lower bound (000_*.txt, sec. 2.2): a (num_exits,) 0/1 float mask of the intermediate exits
-    updated this step, the earliest always plus ``num_sampled`` others drawn uniformly (None: all exits)."""
-    mask = torch.zeros(num_exits)
-    if num_exits:
-        others = torch.randperm(num_exits - 1, generator=generator)[:num_sampled] + 1
-        mask[0] = 1.
-        mask[others] = 1.
-    return mask
 
 
 def check_weight(name: str, value: Any) -> float:

@@ -1,7 +1,8 @@
 """ Offline demonstration on real data: scikit-learn's bundled digits (1797 8x8 grey images, upsampled to 32 px;
 nothing is downloaded), small ViTs trained from scratch on this CPU with the recipes' trainer.
 
-    python train_recipes/digits_demo.py [--output output/digits_demo] [--epochs 30] [--seed 0] [--no-resume]
+    python train_recipes/digits_demo.py [--output output/digits_demo] [--epochs 30] [--seeds 0 [1 ...]]
+        [--runs backbone mevit end_to_end ...] [--no-resume] [--allow-changed-args]
 
 Runs (each resumable, in its own folder), then a table (``table.md``, ``summary.json``):
 (a) MEViT's sandwich rule + in-place distillation (000) against plain end-to-end training (001), exit by exit, and
@@ -12,13 +13,17 @@ Runs (each resumable, in its own folder), then a table (``table.md``, ``summary.
 (c) classifier-wise training (001) on that backbone: the final accuracy must not move, the backbone stays bit-identical;
 (d) its exits on the frozen backbone against chance (10 %).
 Splits: train 60 %, val 20 % (per-epoch validation, threshold choice), test 20 % (every number in the table).
+With several ``--seeds`` each seed runs in ``OUTPUT/seed<N>/`` and ``seeds.md`` gives, per run and exit, the mean,
+std and min-max over the seeds, and each objective's final accuracy minus the backbone's, seed by seed.
+``--runs`` picks a subset (those that start from the backbone run bring it along).
 """
 import argparse
 import dataclasses
 import logging
 import os
+import statistics
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -26,7 +31,7 @@ from safetensors.torch import load_file
 import timm
 from timm_exits.train import Recipe, RunError, Stage, train
 from timm_exits.validate import (
-    DigitsDataset, choose_threshold, collect_outputs, make_loader, threshold_table, write_json,
+    DigitsDataset, atomic_write, choose_threshold, collect_outputs, make_loader, threshold_table, write_json,
 )
 
 BACKBONE = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, mlp_ratio=2.)
@@ -123,31 +128,90 @@ def summarize(results: Dict[str, Dict[str, Any]], out: str, seconds: float) -> s
     return table
 
 
+def _spread(values: Sequence[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.
+    return f'{statistics.mean(values):.2f} ± {std:.2f} ({min(values):.2f}-{max(values):.2f})'
+
+
+def _final_accuracy(result: Dict[str, Any]) -> float:
+    return result['exits'][-1]['accuracy'] if result.get('exits') else result['accuracy']
+
+
+def summarize_seeds(per_seed: Dict[int, Dict[str, Dict[str, Any]]], out: str) -> str:
+    """Over seeds: mean ± std (min-max) of each multi-exit run's exits and the backbone's final accuracy (test split),
+    and each objective's final minus the backbone's, paired by seed (``seeds.md``)."""
+    seeds = sorted(per_seed)
+    first = per_seed[seeds[0]]
+    layers = max((r.get('exits') or [] for r in first.values()), key=len)
+    lines = [f'Test accuracy (%) over seeds {seeds}: mean ± std (min-max)', '',
+             '| run | ' + ' | '.join(f'exit {e["layer"]} ({e["cost"]:.3f})' for e in layers)
+             + ' | final - backbone alone |', '|---|' + '---|' * (len(layers) + 1)]
+    for name, result in first.items():
+        if not isinstance(result, dict) or not (result.get('exits') or 'accuracy' in result):
+            continue
+        final = [_final_accuracy(per_seed[s][name]) for s in seeds]
+        if len(result.get('exits') or []) == len(layers) > 1:
+            cells = [_spread([per_seed[s][name]['exits'][i]['accuracy'] for s in seeds]) for i in range(len(layers))]
+        else:
+            cells = [''] * (len(layers) - 1) + [_spread(final)]
+        gap = ''
+        if 'backbone' in first and name != 'backbone':
+            gap = _spread([f - _final_accuracy(per_seed[s]['backbone']) for f, s in zip(final, seeds)])
+        lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {gap} |')
+    table = '\n'.join(lines)
+    write_json({str(s): r for s, r in per_seed.items()}, os.path.join(out, 'seeds.json'))
+
+    def _write(path: str) -> None:
+        with open(path, 'w') as f:
+            f.write(table + '\n')
+
+    atomic_write(os.path.join(out, 'seeds.md'), _write)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--output', default=os.path.join('output', 'digits_demo'))
     parser.add_argument('--epochs', type=int, default=30, help='epochs of the from-scratch runs (>= 1)')
-    parser.add_argument('--seed', type=int, default=0, help='seed of every run (>= 0)')
+    parser.add_argument('--seeds', '--seed', type=int, nargs='+', default=[0],
+                        help='one or more seeds (>= 0); several run in OUTPUT/seed<N>/ and add seeds.md')
+    parser.add_argument('--runs', nargs='+', default=None, help='a subset of the runs (default: all)')
     parser.add_argument('--no-resume', action='store_true', help='start every run over')
     parser.add_argument('--allow-changed-args', action='store_true',
                         help='continue runs in OUTPUT although they were started with another --epochs / --seed')
     args = parser.parse_args()
+    names = list(recipes(args.output, 1, 0))
     if args.epochs < 1:
         parser.error(f'argument --epochs: {args.epochs} is not allowed: an integer >= 1')
-    if args.seed < 0:
-        parser.error(f'argument --seed: {args.seed} is not allowed: an integer >= 0')
+    if min(args.seeds) < 0:
+        parser.error(f'argument --seeds: {min(args.seeds)} is not allowed: integers >= 0')
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f'argument --seeds: {args.seeds} repeats a seed')
+    unknown = sorted(set(args.runs or []) - set(names))
+    if unknown:
+        parser.error(f'argument --runs: {unknown} not known; allowed: {names}')
+    wanted = set(args.runs or names)
+    if wanted & {'classifier_wise', 'life_untrained', 'life_backbone_only', 'life_two_stage', 'life_single_stage'}:
+        wanted.add('backbone')  # they start from the backbone run
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
-    start = time.time()
-    runs = recipes(args.output, args.epochs, args.seed)
-    results: Dict[str, Any] = {'_recipes': runs}
-    for name, recipe in runs.items():
-        logging.info(f'== {name}')
-        try:
-            results[name] = train(recipe, os.path.join(args.output, name), resume=not args.no_resume,
-                                  allow_changed_args=args.allow_changed_args)
-        except RunError as e:
-            parser.error(f'run {name!r}: {e}')
-    print(summarize(results, args.output, time.time() - start))
+    per_seed: Dict[int, Dict[str, Any]] = {}
+    for seed in args.seeds:
+        start = time.time()
+        out = args.output if len(args.seeds) == 1 else os.path.join(args.output, f'seed{seed}')
+        runs = {k: v for k, v in recipes(out, args.epochs, seed).items() if k in wanted}
+        results: Dict[str, Any] = {'_recipes': runs}
+        for name, recipe in runs.items():
+            logging.info(f'== seed {seed}: {name}')
+            try:
+                results[name] = train(recipe, os.path.join(out, name), resume=not args.no_resume,
+                                      allow_changed_args=args.allow_changed_args)
+            except RunError as e:
+                parser.error(f'run {name!r} (seed {seed}): {e}')
+        per_seed[seed] = {k: v for k, v in results.items() if not k.startswith('_')}
+        if wanted == set(names):
+            print(summarize(results, out, time.time() - start))
+    if len(args.seeds) > 1:
+        print(summarize_seeds(per_seed, args.output))
 
 
 if __name__ == '__main__':

@@ -27,7 +27,7 @@ from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
 from ..hub import explain_missing_weights, published_cfg
-from ..losses import attach_exit_losses
+from ..losses import attach_exit_losses, scale_gradient
 from ._base import (
     NewPartsMixin, build_vit_family, check_fraction, check_weights_reachable, count_flops, embed_tokens,
     is_fx_tracing, parent_cfgs, tracing_tool,
@@ -67,6 +67,18 @@ def _exit_layout(depth: int, exit_layers: Optional[Sequence[int]]) -> Tuple[int,
     return tuple(sorted(v for v in layers if v != depth))
 
 
+def _check_hook_args(weight: Any, num_sampled: Any, grad_scale: Any) -> Tuple[float, Optional[int], float]:
+    """Validate the train-mode hook's ``exit_weight``, ``exit_num_sampled`` and ``exit_grad_scale``."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+        raise ValueError(f'exit_weight must be a finite number >= 0, got {weight!r}')
+    if num_sampled is not None and (isinstance(num_sampled, bool) or not isinstance(num_sampled, int)
+                                    or num_sampled < 0):
+        raise ValueError(f'exit_num_sampled must be an integer >= 0 or None (every exit), got {num_sampled!r}')
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not 0 <= grad_scale <= 1:
+        raise ValueError(f'exit_grad_scale must be a number in [0, 1], got {grad_scale!r}')
+    return float(weight), num_sampled, float(grad_scale)
+
+
 def _classifier_names(depth: int, exit_layers: Sequence[int]) -> Tuple[str, ...]:
     """Every module whose shape depends on num_classes: the final head, each exit's head, each uncertainty."""
     return ('head', *(f'exits.{i}.head' for i in exit_layers), *(f'uncertainty.{i}' for i in (*exit_layers, depth)))
@@ -88,6 +100,9 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
             threshold: Optional[float] = None,
             budget: Optional[float] = None,
             exit_drop_rate: float = 0.,
+            exit_weight: float = 1.,
+            exit_num_sampled: Optional[int] = None,
+            exit_grad_scale: float = .25,
             **kwargs: Any,
     ) -> None:
         """
@@ -100,6 +115,11 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
             threshold: Default threshold of ``forward`` (None: no confidence-based exit).
             budget: Default compute budget of ``forward``, a share (0, 1] of the parent's FLOPs (None: no limit).
             exit_drop_rate: Dropout inside the exit branches.
+            exit_weight: Train-mode hook (timm train.py): weight of each intermediate exit's CE + in-place KL.
+            exit_num_sampled: Train-mode hook: intermediate exits trained per step besides the earliest (MEViT's
+                sandwich rule, sec. 2.2 of 000_*.txt); None: every exit, every step.
+            exit_grad_scale: Train-mode hook: the intermediate exits' gradient into the backbone is multiplied by
+                this, in [0, 1] (0: the exits train on detached tokens, the backbone learns from the final head alone).
             **kwargs: ``VisionTransformer`` arguments.
         """
         super().__init__(**kwargs)
@@ -121,6 +141,8 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
                 f'exit_head {fixed} mixes a fixed number of patch tokens ({self.patch_embed.num_patches}) and cannot '
                 f'follow dynamic_img_size=True; use another exit head (allowed with dynamic_img_size: '
                 f'{sorted(k for k, v in EXIT_HEADS.items() if not v.fixed_grid)}) or a fixed img_size')
+        self.exit_weight, self.exit_num_sampled, self.exit_grad_scale = _check_hook_args(
+            exit_weight, exit_num_sampled, exit_grad_scale)
         dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
         self.depth = depth
         self.exit_layers = (*layers, depth)
@@ -510,10 +532,22 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         return out, rows, x
 
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
-        """Final logits with every exit's MEViT loss tied into their backward (see ``timm_exits.losses``)."""
-        outputs = self.forward_exits(x)
+        """Final logits with the exits' MEViT losses tied into their backward (see ``timm_exits.losses``).
+
+        The loss added is ``MultiExitTask(distill=True, exit_weight=self.exit_weight,
+        num_sampled=self.exit_num_sampled)``'s, with each intermediate exit reading its block's tokens through
+        ``scale_gradient(tokens, self.exit_grad_scale)``.
+        """
+        x = embed_tokens(self, x)
+        outputs = []
+        for i in range(self.depth):
+            x = self._run_block(i, x)
+            if i + 1 == self.depth:
+                outputs.append(self._exit_logits(i + 1, x))
+            elif i + 1 in self.exit_layers:
+                outputs.append(self._exit_logits(i + 1, scale_gradient(x, self.exit_grad_scale)))
         uncertainties = [self.exit_uncertainty(layer, z) for layer, z in zip(self.exit_layers, outputs)]
-        return attach_exit_losses(outputs[-1], outputs[:-1], uncertainties)
+        return attach_exit_losses(outputs[-1], outputs[:-1], uncertainties, self.exit_weight, self.exit_num_sampled)
 
     def forward(
             self,
