@@ -667,11 +667,16 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         except FileNotFoundError as e:
             raise ValueError(f'--checkpoint: {e}') from e
     name, kwargs = _model_arguments(args, recorded)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', UntrainedWeightsWarning)  # new_parts_filter logs it once, below
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always', UntrainedWeightsWarning)
         model = _create_model(name, args.pretrained, kwargs)
         if state_dict is not None:
             _load_weights(model, args.checkpoint, state_dict, recorded)
+    for w in caught:  # the untrained-parts warning in the CLI's log, once; any other warning as it came
+        if issubclass(w.category, UntrainedWeightsWarning):
+            _logger.warning(f'warning: {w.message}')
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if state_dict is None and not args.pretrained:
         _logger.warning(f'warning: {name} has random weights (neither --checkpoint nor --pretrained): the numbers '
                         f'below say nothing about a trained model')
