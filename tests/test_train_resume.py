@@ -282,10 +282,19 @@ def _cli_error(capsys, argv, recipe=RECIPE):
     (['--device', 'bogus'], "argument --device: 'bogus' is not a torch device"),
     (['--init-checkpoint', 'no/such.safetensors'], "argument --init-checkpoint: 'no/such.safetensors' does not exist"),
     (['--batch-size', '1000'], ': error: batch_size=1000 makes no optimizer step'),
+    (['--model-kwargs', 'no_such_kwarg=1'], "model_kwargs {'embed_dim': 16, 'img_size': 16, 'patch_size': 4, "
+                                            "'no_such_kwarg': 1}: "),
+    (['--model-kwargs', 'exit_drop_rate=2'], 'exit_drop_rate must be'),
 ])
 def test_cli_errors(capsys, tmp_path, args, message):
     assert message in _cli_error(capsys, ['--output', str(tmp_path / 'out'), '--device', 'cpu'] + args)
     assert not (tmp_path / 'out' / 'eval.json').exists()
+
+
+def test_cli_data_dir_error(capsys, tmp_path):
+    recipe = dataclasses.replace(RECIPE, dataset='folder')
+    assert "argument --data-dir: 'no/such/dir' is not a folder (dataset folder reads it)" in _cli_error(
+        capsys, ['--output', str(tmp_path / 'out'), '--data-dir', 'no/such/dir'], recipe)
 
 
 def test_cli_output_errors(capsys, tmp_path, monkeypatch):

@@ -270,7 +270,12 @@ def build_model(recipe: Recipe) -> nn.Module:
         kwargs['num_classes'] = recipe.num_classes
     if recipe.init_checkpoint:
         kwargs['pretrained_cfg_overlay'] = dict(file=recipe.init_checkpoint)
-    return timm.create_model(recipe.model, pretrained=recipe.pretrained or bool(recipe.init_checkpoint), **kwargs)
+    try:
+        return timm.create_model(recipe.model, pretrained=recipe.pretrained or bool(recipe.init_checkpoint), **kwargs)
+    except RunError:
+        raise
+    except (TypeError, ValueError) as e:  # a keyword the constructor does not take, or a value it refuses
+        raise RunError(f'model {recipe.model} with model_kwargs {recipe.model_kwargs}: {e}') from e
 
 
 def build_optimizer(model: nn.Module, stage: Stage) -> torch.optim.Optimizer:
@@ -862,8 +867,12 @@ def main(recipes: Union[Recipe, Dict[str, Recipe]], argv: Optional[Sequence[str]
         recipe = dataclasses.replace(recipe, **changes)
     except ValueError as e:
         parser.error(str(e))
+    data_problem = None
+    if recipe.dataset != 'digits' and not os.path.isdir(args.data_dir or '.'):
+        data_problem = f'{args.data_dir!r} is not a folder (dataset {recipe.dataset} reads it)'
     for flag, problem in (('--device', _device_problem(args.device)),
-                          ('--init-checkpoint', args.init_checkpoint and _file_problem(args.init_checkpoint))):
+                          ('--init-checkpoint', args.init_checkpoint and _file_problem(args.init_checkpoint)),
+                          ('--data-dir', data_problem)):
         if problem:
             parser.error(f'argument {flag}: {problem}')
     output = args.output or os.path.join('output', recipe.name)
