@@ -71,6 +71,17 @@ def test_simulated_thresholds_match_forward_dynamic(criterion):
     assert len(set(out.exit_layer.tolist())) >= 2  # images really leave at different exits
 
 
+def test_validate_warns_when_a_threshold_can_cost_more_than_the_model(tmp_path, caplog):
+    model = timm.create_model('test_vit_mexit', exit_head='vit')  # heads as heavy as a block: worst case above 1
+    save_file(model.state_dict(), str(tmp_path / 'w.safetensors'))
+    with caplog.at_level('INFO'):
+        result = main(['--model', 'test_vit_mexit', '--model-kwargs', 'exit_head=vit', '--checkpoint',
+                       str(tmp_path / 'w.safetensors'), '--dataset', 'digits', '--split', 'test', '--output',
+                       str(tmp_path), '--workers', '0', '--no-progress'])
+    assert result['worst_case_threshold_cost'] > 1
+    assert f"costs {result['worst_case_threshold_cost']:.4f} of the full model" in caplog.text
+
+
 def test_validate_cli_schema_and_threshold_choice(tmp_path):
     model = timm.create_model('test_vit_mexit')
     save_file(model.state_dict(), str(tmp_path / 'w.safetensors'))
@@ -78,7 +89,10 @@ def test_validate_cli_schema_and_threshold_choice(tmp_path):
                    'digits', '--split', 'test', '--calib-split', 'val', '--target-cost', '.9', '--output',
                    str(tmp_path), '--workers', '0', '--latency-batch', '4'])
     assert json.loads((tmp_path / 'eval.json').read_text()) == result
-    assert set(result) == {'model', 'dataset', 'num_images', 'exits', 'thresholds', 'budgets', 'plot'}
+    assert set(result) == {'model', 'dataset', 'num_images', 'exits', 'thresholds', 'budgets', 'plot',
+                           'worst_case_threshold_cost'}
+    assert result['worst_case_threshold_cost'] == pytest.approx(model.threshold_costs[-1])
+    assert max(r['mean_cost'] for r in result['thresholds']) <= result['worst_case_threshold_cost'] + 1e-9
     assert {'threshold', 'accuracy', 'mean_cost'} == set(result['thresholds'][0])
     assert {'budget', 'accuracy', 'mean_cost'} == set(result['budgets'][0])
     assert all(e['latency_ms'] > 0 for e in result['exits']) and result['exits'][-1]['cost'] == 1.

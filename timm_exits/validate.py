@@ -422,6 +422,8 @@ def evaluate(
                 model.exit_criterion == 'confidence')
             grid = [round(0.1 * i, 1) for i in range(1, 11)] if budgets is None else list(budgets)
             result['budgets'] = budget_table(accs, costs, sorted({*grid, *costs}))
+            # what an image no exit lets go costs with a threshold and no budget (above 1: more than the full model)
+            result['worst_case_threshold_cost'] = model.worst_case_threshold_cost
         elif isinstance(model, LifeRegressVisionTransformer):
             lat = _latencies({r: (lambda r=r: model(x, keep_rate=r)) for r in keep_rates}, len(x)) \
                 if latency_batch else {}
@@ -706,6 +708,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         result.pop('plot')
     write_json(result, os.path.join(args.output, 'eval.json'))
     _logger.info(json.dumps({k: v for k, v in result.items() if k not in ('thresholds', 'budgets')}, indent=1))
+    worst = result.get('worst_case_threshold_cost', 0.)
+    if worst > 1.:
+        _logger.warning(f'warning: with a threshold and no budget, an image that no exit lets go costs {worst:.4f} of '
+                        f'the full model (every block and every exit head): more than the full model; a budget caps it')
     if targets:
         calib = collect_outputs(model, loader(args.calib_split), device, progress=progress,
                                 desc=args.calib_split) if args.calib_split else outputs
