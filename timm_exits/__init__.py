@@ -4,8 +4,8 @@
 """
 from .losses import attach_exit_losses, mevit_exit_loss, uncertainty_target
 from .models import (
-    EXIT_CRITERIA, EXIT_HEADS, ExitHead, ExitOutput, MultiExitVisionTransformer, UntrainedWeightsWarning,
-    create_exit_head,
+    EXIT_CRITERIA, EXIT_HEADS, AnytimeStep, ExitHead, ExitOutput, MultiExitVisionTransformer,
+    UntrainedWeightsWarning, create_exit_head,
 )
 from .models import LifeRegression, LifeRegressVisionTransformer
 from .hub import MissingWeightsError, published_models, push

@@ -16,7 +16,9 @@ threshold makes the path depend on the data, so ``torch.jit.trace``, ``torch.onn
 a call raise (they would replay the example batch's exits); full depth and a budget alone export faithfully.
 """
 import math
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+import time
+from numbers import Real
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -34,7 +36,7 @@ from ._base import (
 )
 from .exit_heads import EXIT_HEADS, ExitHead, create_exit_head
 
-__all__ = ['EXIT_CRITERIA', 'ExitOutput', 'MultiExitVisionTransformer', 'default_exit_layers']
+__all__ = ['EXIT_CRITERIA', 'AnytimeStep', 'ExitOutput', 'MultiExitVisionTransformer', 'default_exit_layers']
 
 EXIT_CRITERIA = ('confidence', 'entropy', 'uncertainty')
 _KEYS = {layer: str(layer) for layer in range(1, 257)}  # module keys of exits: no str() in a graph torch.compile traces
@@ -45,6 +47,17 @@ class ExitOutput(NamedTuple):
     logits: torch.Tensor
     exit_layer: torch.Tensor
     cost: torch.Tensor
+
+
+class AnytimeStep(NamedTuple):
+    """One exit of ``forward_anytime``: the block it follows, the images still running there (``rows``, indices into
+    the batch) with that exit's ``logits``, which of them leave here (``exited``: their criterion passed, or the final
+    exit), and the share of full FLOPs an image has spent on reaching this answer (every head on the way)."""
+    exit_layer: int
+    rows: torch.Tensor
+    logits: torch.Tensor
+    exited: torch.Tensor
+    cost: float
 
 
 def default_exit_layers(depth: int) -> Tuple[int, ...]:
@@ -393,6 +406,7 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
             x: torch.Tensor,
             threshold: Optional[float] = None,
             budget: Optional[float] = None,
+            deadline_ms: Optional[float] = None,
     ) -> ExitOutput:
         """Per-image early exit. Images leave at their first confident exit, or at the deepest exit that fits the
         budget; exited images are removed from the batch before the next block.
@@ -404,30 +418,84 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
                 ``cost``: alone, the blocks plus the answering exit's head (``exit_costs``); with a threshold, the
                 exit heads evaluated on the way count too (``threshold_costs``), so the last exit checked is the
                 deepest whose threshold path fits.
+            deadline_ms: Anytime inference (001_*.txt): milliseconds from this call after which every image still
+                running answers at the first exit reached (``exit_layer`` says which); exits before it are skipped
+                without evaluating their heads unless a threshold needs them.
 
         Returns:
             ``ExitOutput(logits (B, num_classes), exit_layer (B,) long, cost (B,) float32)``: ``cost`` is the share
             of the full model's FLOPs at this input size each image spent, heads passed through included.
 
         Raises:
-            RuntimeError: A threshold under ``torch.jit.trace``, ``torch.onnx.export`` or ``torch.export``, which
-                would record one batch's exits and replay them for every input.
+            RuntimeError: A threshold or deadline under ``torch.jit.trace``, ``torch.onnx.export`` or
+                ``torch.export``, which would record one batch's exits and replay them for every input.
         """
+        start = time.perf_counter()
         threshold, budget = self._resolve(threshold, budget)
-        return self._dynamic(x, threshold, budget)
+        if deadline_ms is not None:
+            if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, Real) or not deadline_ms >= 0 \
+                    or math.isinf(deadline_ms):
+                raise ValueError(f'deadline_ms must be a finite number of milliseconds >= 0 or None, got {deadline_ms!r}')
+            self._refuse_tracing(threshold, deadline_ms)
+        return self._dynamic(x, threshold, budget, None if deadline_ms is None else start + deadline_ms / 1e3)
 
-    def _refuse_tracing(self, threshold: Optional[float]) -> None:
+    @torch.jit.unused
+    def forward_anytime(self, x: torch.Tensor, threshold: Optional[float] = None) -> Iterator[AnytimeStep]:
+        """Anytime inference (budgeted / anytime prediction, 001_*.txt): yields, exit by exit, the logits of every
+        image still running, so a caller can stop at any point and keep, per image, the logits of the last step it
+        appeared in: its best answer so far.
+
+        Args:
+            x: (B, C, H, W) images.
+            threshold: Exit threshold of ``exit_criterion`` (default: the model's): images whose criterion passes
+                leave (``exited``) and are not computed further. None: every image runs to the final exit.
+
+        Yields:
+            ``AnytimeStep(exit_layer, rows, logits, exited, cost)`` for each exit in ``exit_layers`` order, until no
+            image is left; the last one is the final classifier's.
+        """
+        threshold, _ = self._resolve(threshold, None)
+        if self.num_classes <= 0:
+            raise ValueError('forward_anytime needs a classifier: the model was built or reset with num_classes=0')
+        self._refuse_tracing(threshold)
+        img_size = self._img_size(x)
+        costs = dict(zip(self.exit_layers, (self._flops.get(img_size) or self._count_flops(img_size))[
+            'threshold_costs']))
+        grid = self._grid_size(x)
+        x = embed_tokens(self, x)
+        rows, start, blocks = torch.arange(x.shape[0], device=x.device), 0, list(self.blocks)
+        for layer in self.exit_layers:
+            key, final = _KEYS.get(layer) or str(layer), layer == self.depth
+            x, logits, leave = self._segment(x, blocks[start:layer], None if final else self.exits[key],
+                                             self.uncertainty[key], grid, None if final else threshold)
+            exited = torch.full_like(rows, final, dtype=torch.bool) if leave is None else leave
+            yield AnytimeStep(layer, rows, logits, exited, costs[layer])
+            if final or bool(exited.all()):
+                return
+            if bool(exited.any()):
+                rows, x = rows[~exited], x[~exited]
+            start = layer
+
+    def _refuse_tracing(self, threshold: Optional[float], deadline_ms: Optional[float] = None) -> None:
         tool = tracing_tool()
-        if threshold is not None and tool is not None:
+        if (threshold is not None or deadline_ms is not None) and tool is not None:
+            what = f'threshold={threshold:g}' if threshold is not None else f'deadline_ms={deadline_ms:g}'
             raise RuntimeError(
-                f'{tool} of a call with threshold={threshold:g}: which exit each image takes depends on its data, and '
+                f'{tool} of a call with {what}: which exit each image takes depends on its data (or the clock), and '
                 f'{tool} would record the exits of the example batch and replay them for every input (wrong logits, '
                 f'no warning). What exports: full depth (no threshold, no budget), a fixed budget without a threshold '
                 f'(model(x, budget=b) stops every image at one exit), or a LifeRegress model at a keep rate. For early '
                 f'exit after export, export each segment between exits and decide between them at run time.')
 
-    def _dynamic(self, x: torch.Tensor, threshold: Optional[float], budget: Optional[float]) -> ExitOutput:
-        """``forward_dynamic`` on checked arguments (no defaults applied here)."""
+    def _dynamic(
+            self,
+            x: torch.Tensor,
+            threshold: Optional[float],
+            budget: Optional[float],
+            deadline: Optional[float] = None,
+    ) -> ExitOutput:
+        """``forward_dynamic`` on checked arguments (no defaults applied here); ``deadline`` in
+        ``time.perf_counter()`` seconds."""
         if self.num_classes <= 0:
             raise ValueError('forward_dynamic needs a classifier: the model was built or reset with num_classes=0')
         self._refuse_tracing(threshold)
@@ -437,7 +505,7 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         grid = self._grid_size(x)
         batch = x.shape[0]
         x = embed_tokens(self, x)
-        if threshold is None:  # one path for every image: no data-dependent step, so tracers record it faithfully
+        if threshold is None and deadline is None:  # one path for every image: tracers record it faithfully
             for i in range(stop):
                 x = self.blocks[i](x)
             logits = self._exit_logits(stop, x, grid)
@@ -447,20 +515,23 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
                 torch.full((batch,), stop, dtype=torch.long, device=x.device),
                 torch.full((batch,), cost, dtype=torch.float32, device=x.device),
             )
-        return self._per_image(x, threshold, stop, grid, dict(zip(self.exit_layers, flops['threshold_costs'])))
+        costs = flops['costs'] if threshold is None else flops['threshold_costs']  # heads evaluated on the way
+        return self._per_image(x, threshold, stop, grid, dict(zip(self.exit_layers, costs)), deadline)
 
     @torch._dynamo.disable(recursive=False)  # the host-side loop stays eager; torch.compile compiles each _segment
     def _per_image(
             self,
             x: torch.Tensor,
-            threshold: float,
+            threshold: Optional[float],
             stop: int,
             grid: Optional[Tuple[int, int]],
             costs: Dict[int, float],
+            deadline: Optional[float] = None,
     ) -> ExitOutput:
-        """Per-image early exit of embedded tokens x up to exit ``stop``. Under torch.compile each segment between
-        exits is one graph (segments alike share it; the batch dimension is dynamic from the start, so new batch
-        sizes compile nothing new) and the exit decision (``_route``) is the only host sync."""
+        """Per-image early exit of embedded tokens x up to exit ``stop``, every image still running answering at the
+        first exit reached after ``deadline`` (``time.perf_counter()`` seconds). Under torch.compile each segment
+        between exits is one graph (segments alike share it; the batch dimension is dynamic from the start, so new
+        batch sizes compile nothing new) and the exit decision (``_route``) is the only host sync."""
         batch = x.shape[0]
         out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
         rows: Optional[torch.Tensor] = torch.arange(batch, device=x.device)
@@ -469,10 +540,19 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
             if layer > stop:
                 break
             key = _KEYS.get(layer) or str(layer)
+            head, uncertainty = None if layer == self.depth else self.exits[key], self.uncertainty[key]
             torch._dynamo.decorators.mark_unbacked(x, 0)  # torch.compile: one graph for any number of images running
-            x, logits, leave = self._segment(
-                x, blocks[start:layer], None if layer == self.depth else self.exits[key], self.uncertainty[key], grid,
-                None if layer == stop else threshold)
+            if threshold is None:  # a deadline alone: the blocks, then a head only where the images answer
+                x = self._segment(x, blocks[start:layer], head, uncertainty, grid, None, with_head=False)[0]
+                start = layer
+                if layer != stop and time.perf_counter() < deadline:
+                    continue
+                x, logits, leave = self._segment(x, [], head, uncertainty, grid, None)
+            else:
+                x, logits, leave = self._segment(x, blocks[start:layer], head, uncertainty, grid,
+                                                 None if layer == stop else threshold)
+                if deadline is not None and time.perf_counter() >= deadline:
+                    leave = None  # the deadline passed: every image still running answers here
             out, rows, x = self._route(out, rows, x, logits, leave, layer, costs[layer], batch)
             if rows is None:
                 break
@@ -489,12 +569,16 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
             uncertainty: nn.Module,
             grid: Optional[Tuple[int, int]],
             threshold: Optional[float],
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+            with_head: bool = True,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The work between two exit decisions, one graph under torch.compile: ``blocks``, then the exit
-        ``exit_head`` (None: the final norm and head) and which images its criterion lets go (None without a
-        threshold). Modules come as arguments, not block numbers, so that segments alike share a compiled graph."""
+        ``exit_head`` (None: the final norm and head; not run without ``with_head``) and which images its criterion
+        lets go (None without a threshold). Modules come as arguments, not block numbers, so that segments alike share
+        a compiled graph."""
         for blk in blocks:
             x = blk(x)
+        if not with_head:
+            return x, None, None
         logits = self.forward_head(self.norm(x)) if exit_head is None else exit_head(x, grid_size=grid)
         return x, logits, None if threshold is None else self._leaves(self._scores(logits, uncertainty), threshold)
 
