@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 import timm
 from timm_exits.validate import (
-    DigitsDataset, budget_table, collect_outputs, evaluate, main, make_loader, practical_exits,
+    DigitsDataset, budget_table, budgeted_batch_table, collect_outputs, evaluate, main, make_loader, practical_exits,
     select_threshold, threshold_table,
 )
 
@@ -46,6 +46,22 @@ def test_select_threshold_by_hand():
         select_threshold(rows, 100., max_cost=.4)
     with pytest.raises(ValueError, match='exactly one'):
         select_threshold(rows, 100.)
+
+
+def test_budgeted_batch_by_hand():
+    # thresholds' (accuracy, mean cost) on SCORES: the best accuracy 100 first costs (.5 + .75 + .5 + 1) / 4 = .6875
+    rows = budgeted_batch_table(SCORES, CORRECT, COSTS, [.4, .5, .6, .7, 1.])
+    assert [r['mean_budget'] for r in rows] == [.5, .6, .7, 1.]  # .4: below every exit, left out
+    assert [r['accuracy'] for r in rows] == [50., 50., 100., 100.]
+    assert all(r['mean_cost'] <= r['mean_budget'] + 1e-9 for r in rows)
+    assert rows[2]['mean_cost'] == pytest.approx(.6875)
+    # chosen on another split where exit 1 is always right: there every image leaving at exit 1 is best (and
+    # cheapest) even under budget 1, and that choice, applied here, gives this split's exit-1 accuracy
+    calib_correct = CORRECT.clone()
+    calib_correct[0] = True
+    other = budgeted_batch_table(SCORES, CORRECT, COSTS, [1.], calib=(SCORES, calib_correct))
+    assert [(r['accuracy'], r['mean_cost']) for r in other] == [(50., .5)]
+    assert rows[-1]['accuracy'] == 100.  # chosen on this split itself
 
 
 def test_practical_exits_and_budgets():
@@ -90,7 +106,9 @@ def test_validate_cli_schema_and_threshold_choice(tmp_path):
                    str(tmp_path), '--workers', '0', '--latency-batch', '4'])
     assert json.loads((tmp_path / 'eval.json').read_text()) == result
     assert set(result) == {'model', 'dataset', 'num_images', 'exits', 'thresholds', 'budgets', 'plot',
-                           'worst_case_threshold_cost'}
+                           'worst_case_threshold_cost', 'budgeted_batch', 'budgeted_batch_chosen_on'}
+    assert result['budgeted_batch_chosen_on'] == 'calibration split'
+    assert all(r['mean_budget'] >= 0.3 for r in result['budgeted_batch'])
     assert result['worst_case_threshold_cost'] == pytest.approx(model.threshold_costs[-1])
     assert max(r['mean_cost'] for r in result['thresholds']) <= result['worst_case_threshold_cost'] + 1e-9
     assert {'threshold', 'accuracy', 'mean_cost'} == set(result['thresholds'][0])

@@ -44,8 +44,8 @@ from .models.multi_exit_vit import MultiExitVisionTransformer
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    'DigitsDataset', 'accuracies', 'atomic_write', 'available_cpus', 'build_parser', 'build_transform', 'budget_table',
-    'choose_threshold', 'collect_outputs', 'create_dataset', 'evaluate', 'main', 'make_loader', 'practical_exits',
+    'DigitsDataset', 'accuracies', 'atomic_write', 'available_cpus', 'budget_table', 'budgeted_batch_table',
+    'build_parser', 'build_transform', 'choose_threshold', 'collect_outputs', 'create_dataset', 'evaluate', 'main', 'make_loader', 'practical_exits',
     'plot_tradeoff', 'run', 'select_threshold', 'threshold_table', 'write_json',
 ]
 
@@ -338,6 +338,37 @@ def select_threshold(
     return min(ok, key=key)
 
 
+def budgeted_batch_table(
+        scores: torch.Tensor,
+        correct: torch.Tensor,
+        path_costs: Sequence[float],
+        mean_budgets: Sequence[float],
+        confident_high: bool = True,
+        calib: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> List[Dict[str, float]]:
+    """Budgeted batch classification (MSDNet's protocol, anytime / budgeted inference of 001_*.txt): for each mean
+    compute budget of the whole set, the threshold whose mean cost on ``calib`` (scores, correct; default: this set)
+    fits it with the best accuracy, and what it gives here. Budgets that no threshold meets are left out.
+
+    Returns:
+        ``[{'mean_budget', 'threshold', 'accuracy' (percent), 'mean_cost'}]``: accuracy and mean cost on this set.
+    """
+    calib_scores, calib_correct = (scores, correct) if calib is None else calib
+    rows = threshold_table(calib_scores, calib_correct, path_costs, candidate_thresholds(calib_scores),
+                           confident_high)
+    reference = accuracies(calib_correct)[-1]
+    out = []
+    for budget in mean_budgets:
+        try:
+            chosen = select_threshold(rows, reference, max_cost=budget)['threshold']
+        except ValueError:
+            continue
+        applied = threshold_table(scores, correct, path_costs, [chosen], confident_high)[0]
+        out.append({'mean_budget': float(budget), 'threshold': chosen, 'accuracy': applied['accuracy'],
+                    'mean_cost': applied['mean_cost']})
+    return out
+
+
 def choose_threshold(
         model: MultiExitVisionTransformer,
         outputs: Dict[str, torch.Tensor],
@@ -390,12 +421,15 @@ def evaluate(
         budgets: Optional[Sequence[float]] = None,
         latency_batch: int = 0,
         outputs: Optional[Dict[str, torch.Tensor]] = None,
+        calib_outputs: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Dict[str, Any]:
     """The evaluation JSON of a multi-exit or LifeRegress model (see the module docstring for the schema).
 
     Args:
         outputs: ``collect_outputs`` already computed on ``loader`` (else computed here).
         latency_batch: Batch size of the latency timing (0: ``latency_ms`` is null).
+        calib_outputs: ``collect_outputs`` of another split on which the budgeted-batch thresholds are chosen
+            (default: chosen on ``loader``'s split itself, which flatters the accuracy).
     """
     model = _unwrap(model)
     outputs = collect_outputs(model, loader, device, keep_rates) if outputs is None else outputs
@@ -424,6 +458,11 @@ def evaluate(
             result['budgets'] = budget_table(accs, costs, sorted({*grid, *costs}))
             # what an image no exit lets go costs with a threshold and no budget (above 1: more than the full model)
             result['worst_case_threshold_cost'] = model.worst_case_threshold_cost
+            calib = None if calib_outputs is None else (calib_outputs['scores'], calib_outputs['correct'])
+            result['budgeted_batch'] = budgeted_batch_table(
+                outputs['scores'], correct, list(model.threshold_costs), [round(0.05 * i, 2) for i in range(6, 21)],
+                model.exit_criterion == 'confidence', calib)
+            result['budgeted_batch_chosen_on'] = 'this split' if calib_outputs is None else 'calibration split'
         elif isinstance(model, LifeRegressVisionTransformer):
             lat = _latencies({r: (lambda r=r: model(x, keep_rate=r)) for r in keep_rates}, len(x)) \
                 if latency_batch else {}
@@ -453,6 +492,10 @@ def plot_tradeoff(result: Dict[str, Any], path: str) -> None:
         ax.plot([r['mean_cost'] for r in th], [r['accuracy'] for r in th], '-', color='tab:blue', alpha=.8,
                 label='per-image early exit (thresholds)')
         ax.plot([e['cost'] for e in ex], [e['accuracy'] for e in ex], 's', color='tab:orange', label='single exit')
+        bb = result.get('budgeted_batch') or []
+        if bb:
+            ax.plot([r['mean_cost'] for r in bb], [r['accuracy'] for r in bb], 'x--', color='tab:red', alpha=.8,
+                    label=f'budgeted batch (threshold chosen on {result.get("budgeted_batch_chosen_on", "?")})')
         prac = [e for e in ex if e['practical']]
         ax.plot([e['cost'] for e in prac], [e['accuracy'] for e in prac], 'o', ms=14, mfc='none', color='tab:green',
                 label='practical exit')
@@ -699,23 +742,25 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     progress = not args.no_progress
     test_loader = loader(args.split)
     outputs = collect_outputs(model, test_loader, device, args.keep_rates, progress=progress, desc=args.split)
+    multi_exit = isinstance(model, MultiExitVisionTransformer)
+    calib = collect_outputs(model, loader(args.calib_split), device, progress=progress, desc=args.calib_split) \
+        if args.calib_split and multi_exit else None
     result = evaluate(model, test_loader, device, name, args.dataset, args.keep_rates,
-                      latency_batch=args.latency_batch, outputs=outputs)
+                      latency_batch=args.latency_batch, outputs=outputs, calib_outputs=calib)
     try:
         plot_tradeoff(result, os.path.join(args.output, result['plot']))
     except ImportError:
         _logger.warning('warning: no trade-off plot: matplotlib is not installed (pip install matplotlib)')
         result.pop('plot')
     write_json(result, os.path.join(args.output, 'eval.json'))
-    _logger.info(json.dumps({k: v for k, v in result.items() if k not in ('thresholds', 'budgets')}, indent=1))
+    _logger.info(json.dumps({k: v for k, v in result.items() if k not in ('thresholds', 'budgets', 'budgeted_batch')},
+                            indent=1))
     worst = result.get('worst_case_threshold_cost', 0.)
     if worst > 1.:
         _logger.warning(f'warning: with a threshold and no budget, an image that no exit lets go costs {worst:.4f} of '
                         f'the full model (every block and every exit head): more than the full model; a budget caps it')
     if targets:
-        calib = collect_outputs(model, loader(args.calib_split), device, progress=progress,
-                                desc=args.calib_split) if args.calib_split else outputs
-        choice = choose_threshold(model, calib, args.target_drop, args.target_cost)
+        choice = choose_threshold(model, outputs if calib is None else calib, args.target_drop, args.target_cost)
         applied = threshold_table(outputs['scores'], outputs['correct'], list(model.threshold_costs),
                                   [choice['threshold']], model.exit_criterion == 'confidence')[0]
         choice.update(split=args.split, accuracy=applied['accuracy'], mean_cost=applied['mean_cost'])
