@@ -42,6 +42,11 @@ EXIT_CRITERIA = ('confidence', 'entropy', 'uncertainty')
 _KEYS = {layer: str(layer) for layer in range(1, 257)}  # module keys of exits: no str() in a graph torch.compile traces
 
 
+def _key(layer: int) -> str:
+    """Key of the exit after block ``layer`` in ``exits`` / ``uncertainty``."""
+    return _KEYS.get(layer) or str(layer)
+
+
 class ExitOutput(NamedTuple):
     """Result of ``forward_dynamic``: per image, logits, 1-based block after which it exited, share of full FLOPs."""
     logits: torch.Tensor
@@ -239,7 +244,7 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         grid, when it is not the model's, with ``dynamic_img_size``)."""
         if layer == self.depth:
             return self.forward_head(self.norm(x))
-        return self.exits[_KEYS.get(layer) or str(layer)](x, grid_size=grid_size)
+        return self.exits[_key(layer)](x, grid_size=grid_size)
 
     def _grid_size(self, x: torch.Tensor) -> Optional[Tuple[int, int]]:
         """Patch grid of images x when it may differ from the model's (``dynamic_img_size``), else None."""
@@ -253,12 +258,12 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
 
     def exit_uncertainty(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
         """Predicted uncertainty u_i = sigmoid(w^T f_i(h_i) + b) of the exit after block ``layer``, eq. (3)."""
-        return torch.sigmoid(self.uncertainty[_KEYS.get(layer) or str(layer)](logits).squeeze(-1))
+        return torch.sigmoid(self.uncertainty[_key(layer)](logits).squeeze(-1))
 
     def exit_scores(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
         """Per image, the value ``exit_criterion`` compares with the threshold (max softmax, normalised entropy or
         uncertainty)."""
-        return self._scores(logits, self.uncertainty[_KEYS.get(layer) or str(layer)])
+        return self._scores(logits, self.uncertainty[_key(layer)])
 
     def _scores(self, logits: torch.Tensor, uncertainty: nn.Module) -> torch.Tensor:
         if self.exit_criterion == 'uncertainty':
@@ -465,7 +470,7 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         x = embed_tokens(self, x)
         rows, start, blocks = torch.arange(x.shape[0], device=x.device), 0, list(self.blocks)
         for layer in self.exit_layers:
-            key, final = _KEYS.get(layer) or str(layer), layer == self.depth
+            key, final = _key(layer), layer == self.depth
             x, logits, leave = self._segment(x, blocks[start:layer], None if final else self.exits[key],
                                              self.uncertainty[key], grid, None if final else threshold)
             exited = torch.full_like(rows, final, dtype=torch.bool) if leave is None else leave
@@ -539,7 +544,7 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         for layer in self.exit_layers:
             if layer > stop:
                 break
-            key = _KEYS.get(layer) or str(layer)
+            key = _key(layer)
             head, uncertainty = None if layer == self.depth else self.exits[key], self.uncertainty[key]
             torch._dynamo.decorators.mark_unbacked(x, 0)  # torch.compile: one graph for any number of images running
             if threshold is None:  # a deadline alone: the blocks, then a head only where the images answer
