@@ -116,6 +116,9 @@ def test_dynamic_img_size_every_exit_head(head):
     # costs are counted at the size actually used: the first exit is the same, the shares differ a little
     assert torch.allclose(thr.cost, torch.tensor(model.threshold_costs_at((48, 40))[0]))
     assert model.exit_costs_at((48, 40)) != model.exit_costs_at((32, 32)) == model.exit_costs
+    model.train()  # the train-mode hook reads the exits at the input's grid too, and trains them
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2])).backward()
+    assert all(p.grad is not None for p in model.exits.parameters())
 
 
 @pytest.mark.parametrize('head', ['mixer', 'resmlp'])

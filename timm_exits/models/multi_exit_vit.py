@@ -287,45 +287,54 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
 
     def forward_exits(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Logits of every exit for the whole batch, in ``exit_layers`` order, the final classifier last."""
+        return self._forward_exits(x)
+
+    def _forward_exits(self, x: torch.Tensor, grad_scale: float = 1.) -> List[torch.Tensor]:
+        """``forward_exits``, each intermediate exit reading its block's tokens through ``scale_gradient(tokens,
+        grad_scale)`` (the final classifier never)."""
         grid = self._grid_size(x)
         x = embed_tokens(self, x)
         outputs = []
         for i in range(self.depth):
             x = self._run_block(i, x)
-            if i + 1 in self.exit_layers:
-                outputs.append(self._exit_logits(i + 1, x, grid))
+            layer = i + 1
+            if layer in self.exit_layers:
+                tokens = x if layer == self.depth else scale_gradient(x, grad_scale)
+                outputs.append(self._exit_logits(layer, tokens, grid))
         return outputs
 
     # --- compute accounting -----------------------------------------------------------------------------------
 
-    @torch.compiler.disable  # counted eagerly, outside any graph being compiled
     def _count_flops(self, img_size: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
         """FLOPs of each piece for one image at ``img_size`` (default: the model's), by torch's flop counter; cached
-        per size."""
+        per size. A cached lookup traces into a compiled graph; counting (the first call) runs eagerly."""
         img_size = tuple(self.patch_embed.img_size) if img_size is None else tuple(img_size)
-        if img_size not in self._flops:
-            ref = self.cls_token
-            x = torch.zeros(1, self.in_chans, *img_size, device=ref.device, dtype=ref.dtype)
-            grid = self._grid_size(x)
-            flops: Dict[str, Any] = {'blocks': [], 'exits': {}}
-            flops['embed'], x = count_flops(embed_tokens, self, x)
-            for i, blk in enumerate(self.blocks):
-                f, x_next = count_flops(blk, x)
-                flops['blocks'].append(f)
-                layer = i + 1
-                if layer in self.exit_layers:
-                    f_head, logits = count_flops(self._exit_logits, layer, x_next, grid)
-                    f_unc = 0
-                    if self.exit_criterion == 'uncertainty' and layer != self.depth:
-                        f_unc, _ = count_flops(self.exit_uncertainty, layer, logits)
-                    flops['exits'][layer] = f_head + f_unc
-                x = x_next
-            flops['full'] = flops['embed'] + sum(flops['blocks']) + flops['exits'][self.depth]
-            layers = self.exit_layers
-            flops['costs'] = tuple(self._path_cost(flops, layer, (layer,)) for layer in layers)
-            flops['threshold_costs'] = tuple(
-                self._path_cost(flops, layer, layers[:k + 1]) for k, layer in enumerate(layers))
-            self._flops[img_size] = flops
+        return self._flops.get(img_size) or self._counted_flops(img_size)
+
+    @torch.compiler.disable  # counted eagerly, outside any graph being compiled
+    def _counted_flops(self, img_size: Tuple[int, int]) -> Dict[str, Any]:
+        ref = self.cls_token
+        x = torch.zeros(1, self.in_chans, *img_size, device=ref.device, dtype=ref.dtype)
+        grid = self._grid_size(x)
+        flops: Dict[str, Any] = {'blocks': [], 'exits': {}}
+        flops['embed'], x = count_flops(embed_tokens, self, x)
+        for i, blk in enumerate(self.blocks):
+            f, x_next = count_flops(blk, x)
+            flops['blocks'].append(f)
+            layer = i + 1
+            if layer in self.exit_layers:
+                f_head, logits = count_flops(self._exit_logits, layer, x_next, grid)
+                f_unc = 0
+                if self.exit_criterion == 'uncertainty' and layer != self.depth:
+                    f_unc, _ = count_flops(self.exit_uncertainty, layer, logits)
+                flops['exits'][layer] = f_head + f_unc
+            x = x_next
+        flops['full'] = flops['embed'] + sum(flops['blocks']) + flops['exits'][self.depth]
+        layers = self.exit_layers
+        flops['costs'] = tuple(self._path_cost(flops, layer, (layer,)) for layer in layers)
+        flops['threshold_costs'] = tuple(
+            self._path_cost(flops, layer, layers[:k + 1]) for k, layer in enumerate(layers))
+        self._flops[img_size] = flops
         return self._flops[img_size]
 
     @staticmethod
@@ -379,8 +388,7 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         spends more than the budget."""
         if budget is None:
             return self.depth
-        flops = self._flops.get(tuple(self.patch_embed.img_size) if img_size is None else img_size) \
-            or self._count_flops(img_size)
+        flops = self._count_flops(img_size)
         costs = flops['threshold_costs'] if threshold_path else flops['costs']
         fits = [layer for layer, cost in zip(self.exit_layers, costs) if cost <= budget + 1e-9]
         if not fits:
@@ -464,8 +472,7 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
             raise ValueError('forward_anytime needs a classifier: the model was built or reset with num_classes=0')
         self._refuse_tracing(threshold)
         img_size = self._img_size(x)
-        costs = dict(zip(self.exit_layers, (self._flops.get(img_size) or self._count_flops(img_size))[
-            'threshold_costs']))
+        costs = dict(zip(self.exit_layers, self._count_flops(img_size)['threshold_costs']))
         grid = self._grid_size(x)
         x = embed_tokens(self, x)
         rows, start, blocks = torch.arange(x.shape[0], device=x.device), 0, list(self.blocks)
@@ -505,7 +512,7 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
             raise ValueError('forward_dynamic needs a classifier: the model was built or reset with num_classes=0')
         self._refuse_tracing(threshold)
         img_size = self._img_size(x)
-        flops = self._flops.get(img_size) or self._count_flops(img_size)  # counted once, outside compiled code
+        flops = self._count_flops(img_size)  # counted once, outside compiled code
         stop = self._stop_layer(budget, threshold is not None, img_size)
         grid = self._grid_size(x)
         batch = x.shape[0]
@@ -627,14 +634,7 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         num_sampled=self.exit_num_sampled)``'s, with each intermediate exit reading its block's tokens through
         ``scale_gradient(tokens, self.exit_grad_scale)``.
         """
-        x = embed_tokens(self, x)
-        outputs = []
-        for i in range(self.depth):
-            x = self._run_block(i, x)
-            if i + 1 == self.depth:
-                outputs.append(self._exit_logits(i + 1, x))
-            elif i + 1 in self.exit_layers:
-                outputs.append(self._exit_logits(i + 1, scale_gradient(x, self.exit_grad_scale)))
+        outputs = self._forward_exits(x, self.exit_grad_scale)
         uncertainties = [self.exit_uncertainty(layer, z) for layer, z in zip(self.exit_layers, outputs)]
         return attach_exit_losses(outputs[-1], outputs[:-1], uncertainties, self.exit_weight, self.exit_num_sampled)
 
