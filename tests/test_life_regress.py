@@ -306,7 +306,7 @@ def test_bad_forward_arguments(tiny, kwargs, match):
     (dict(life_layer=0), r'life_layer.*1\.\.3'), (dict(life_layer=4), r'life_layer.*1\.\.3'),
     (dict(U=0.), 'U'), (dict(U=-1.), 'U'), (dict(U=float('nan')), 'U'), (dict(U=float('inf')), 'U'),
     (dict(keep_rate=0.), 'keep_rate'), (dict(keep_rate=1.2), 'keep_rate'), (dict(budget=0.), 'budget'),
-    (dict(budget=0.1), r'budget=0.1 .*cheapest'), (dict(class_token=False, global_pool='avg'), 'class_token'),
+    (dict(budget=0.1), r'budget=0.1 .*cheapest'), (dict(depth=2), r'at least 3 blocks.*depth=2'),
 ])
 def test_bad_creation_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -8,6 +8,7 @@ from .models import (
     UntrainedWeightsWarning, create_exit_head,
 )
 from .models import LifeRegression, LifeRegressVisionTransformer
+from .models import FAMILIES, LifeRegressEva, LifeRegressMixin, MultiExitEva, MultiExitMixin, convert
 from .hub import MissingWeightsError, published_models, push
 
 __version__ = '0.1.0'

@@ -29,7 +29,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from .models.multi_exit_vit import MultiExitVisionTransformer
+from .models.multi_exit_vit import MultiExitMixin, MultiExitVisionTransformer
 
 __all__ = ['benchmark_model', 'main', 'time_interleaved']
 
@@ -68,7 +68,7 @@ def build_models(name: str) -> Tuple[nn.Module, MultiExitVisionTransformer]:
     parent_name = name[:-len('_mexit')] if name.endswith('_mexit') else name
     parent = timm.create_model(parent_name).eval()
     model = timm.create_model(f'{parent_name}_mexit').eval()
-    assert isinstance(model, MultiExitVisionTransformer)
+    assert isinstance(model, MultiExitMixin)
     model.load_state_dict({**model.state_dict(), **parent.state_dict()})
     return parent, model
 

@@ -43,8 +43,8 @@ import torch.nn as nn
 import timm
 
 from .models._base import check_fraction, embed_tokens
-from .models.life_regress_vit import LifeRegressVisionTransformer
-from .models.multi_exit_vit import MultiExitVisionTransformer
+from .models.life_regress_vit import LifeRegressMixin
+from .models.multi_exit_vit import MultiExitMixin, MultiExitVisionTransformer
 
 __all__ = ['FORMAT', 'MANIFEST', 'export_onnx', 'main']
 
@@ -90,7 +90,7 @@ class _Static(nn.Module):
         self.model, self.keep_rate, self.budget = model, keep_rate, budget
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.model, LifeRegressVisionTransformer):
+        if isinstance(self.model, LifeRegressMixin):
             return self.model(x, keep_rate=self.keep_rate)
         if self.budget is None:
             return self.model.forward_head(self.model.forward_features(x))
@@ -152,13 +152,13 @@ def export_onnx(
     Returns:
         The folder.
     """
-    if not isinstance(model, (MultiExitVisionTransformer, LifeRegressVisionTransformer)):
+    if not isinstance(model, (MultiExitMixin, LifeRegressMixin)):
         raise ValueError(f'--model must be a multi-exit or LifeRegress model, got {type(model).__name__}; a plain timm '
                          f'model exports with torch.onnx.export directly')
     out = Path(output).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f'--output {out} exists and is not empty; name a new folder')
-    life = isinstance(model, LifeRegressVisionTransformer)
+    life = isinstance(model, LifeRegressMixin)
     if keep_rate is not None and not life:
         raise ValueError('--keep-rate applies to LifeRegress models only; a multi-exit model takes --budget')
     keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from timm.task import TrainingTask, resolve_classification_loss
 
 from .losses import inplace_kl, sample_exits, uncertainty_mse
-from .models.life_regress_vit import LifeRegressVisionTransformer
-from .models.multi_exit_vit import MultiExitVisionTransformer
+from .models.life_regress_vit import LifeRegressMixin, LifeRegressVisionTransformer
+from .models.multi_exit_vit import MultiExitMixin, MultiExitVisionTransformer
 
 __all__ = [
     'BackboneTask', 'ClassifierWiseTask', 'EndToEndTask', 'ExitsForward', 'LIFE_STAGES', 'LifeRegressTask', 'MEViTTask',
@@ -219,7 +219,7 @@ class MultiExitTask(_WrappedModelTask):
             uncertainty_weight: float = 1.,
             **kwargs: Any,
     ) -> None:
-        if not isinstance(model, MultiExitVisionTransformer):
+        if not isinstance(model, MultiExitMixin):
             raise ValueError(f'{type(self).__name__} needs a MultiExitVisionTransformer, got {type(model).__name__}')
         if num_sampled is not None and (isinstance(num_sampled, bool) or not isinstance(num_sampled, Integral)
                                         or num_sampled < 0):
@@ -324,7 +324,7 @@ class LifeRegressTask(BackboneTask):
     """
 
     def __init__(self, model: LifeRegressVisionTransformer, stage: str = 'predictor', **kwargs: Any) -> None:
-        if not isinstance(model, LifeRegressVisionTransformer):
+        if not isinstance(model, LifeRegressMixin):
             raise ValueError(f'LifeRegressTask needs a LifeRegressVisionTransformer, got {type(model).__name__}')
         if stage not in LIFE_STAGES:
             raise ValueError(f'stage={stage!r} is not known; allowed: {list(LIFE_STAGES)}')

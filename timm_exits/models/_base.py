@@ -8,7 +8,6 @@ checkpoint, with their layout checked, or are kept as initialised, with a warnin
 import contextlib
 import logging
 import math
-import os
 import warnings
 from numbers import Real
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
@@ -32,8 +31,8 @@ try:  # timm's own choice of weights source (file, state_dict, hf-hub, url), pri
 except ImportError:
     _resolve_pretrained_source = None
 
-from timm.models import build_model_with_cfg, get_pretrained_cfg, list_pretrained
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as vit_checkpoint_filter_fn
+from timm.models import get_pretrained_cfg, list_pretrained
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from ._checkpoint import install_checkpoint_loader
 
@@ -41,7 +40,7 @@ _logger = logging.getLogger(__name__)
 install_checkpoint_loader()  # create_model(checkpoint_path=...) of these models: files named, recorded layout checked
 
 __all__ = [
-    'NewPartsMixin', 'UntrainedWeightsWarning', 'build_vit_family', 'check_fraction', 'check_layout',
+    'NewPartsMixin', 'UntrainedWeightsWarning', 'add_block_group', 'check_fraction', 'check_layout',
     'check_num_classes', 'count_flops', 'embed_tokens', 'is_fx_tracing', 'new_parts_filter', 'parent_cfgs',
 ]
 __all__ += ['WeightsUnavailableError', 'check_weights_reachable', 'tracing_tool']
@@ -74,12 +73,10 @@ def check_fraction(
     return value
 
 
-def embed_tokens(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    """Image to the token sequence the first block sees, exactly as ``VisionTransformer.forward_features``."""
-    x = model.patch_embed(x)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    return model.norm_pre(x)
+def embed_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Image to the token sequence the first block sees, exactly as the parent's ``forward_features`` (a family model;
+    its rotary embedding, if any, from ``model._embed``)."""
+    return model._embed(x)[0]
 
 
 def count_flops(fn: Callable, *args: Any) -> Tuple[int, Any]:
@@ -150,7 +147,8 @@ def parent_cfgs(
     out = {}
     for tagged in [default] + [n for n in list_pretrained(f'{parent}.*') if n != default]:
         cfg = get_pretrained_cfg(tagged).to_dict()
-        for key in ('architecture', 'tag', 'custom_load', 'url'):
+        drop = ('architecture', 'tag', 'custom_load') + (('url',) if cfg.get('hf_hub_id') or cfg.get('custom_load') else ())
+        for key in drop:  # a url is kept where it is the only source (and a plain torch checkpoint)
             cfg.pop(key, None)
         out[f'{name}.{tagged.split(".", 1)[1]}'] = cfg_fn(**{**cfg, **overrides})
     return out
@@ -236,13 +234,19 @@ def check_num_classes(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> 
         f'num_classes={getattr(model, "num_classes", None)}: create the model with num_classes={found.shape[0]}')
 
 
-def new_parts_filter(state_dict: Dict[str, torch.Tensor], model: NewPartsMixin) -> Dict[str, torch.Tensor]:
-    """``pretrained_filter_fn``: timm's ViT filter for the backbone; the added parts from the checkpoint if it has
-    them, else as initialised, with an ``UntrainedWeightsWarning``. The load itself stays strict."""
+def new_parts_filter(
+        state_dict: Dict[str, torch.Tensor],
+        model: NewPartsMixin,
+        parent_filter: Optional[Callable[..., Dict[str, torch.Tensor]]] = None,
+) -> Dict[str, torch.Tensor]:
+    """``pretrained_filter_fn``: the parent's filter (default timm's ViT one) for the backbone; the added parts
+    from the checkpoint if it has them, else as initialised, with an ``UntrainedWeightsWarning``. The load itself
+    stays strict."""
     state_dict = state_dict.get('model', state_dict)
     state_dict = state_dict.get('state_dict', state_dict)
     own = {k: v for k, v in state_dict.items() if k.startswith(model.new_prefixes)}
-    out = vit_checkpoint_filter_fn({k: v for k, v in state_dict.items() if k not in own}, model)
+    parent_filter = parent_filter or vit_checkpoint_filter_fn
+    out = parent_filter({k: v for k, v in state_dict.items() if k not in own}, model)
     if not own:
         name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
         msg = (f'{name}: loaded the pretrained backbone; its {model.new_parts_name} are not in the checkpoint and are '
@@ -274,18 +278,9 @@ def check_layout(
             f'the checkpoint was trained with.{hint}')
 
 
-def build_vit_family(model_cls: type, variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """``build_model_with_cfg`` as timm builds its ViTs (intermediate-feature getter for ``features_only``), loading
-    pretrained weights through ``new_parts_filter``: the body of each family's ``_create_*``."""
-    out_indices = kwargs.pop('out_indices', 3)
-    file = (kwargs.get('pretrained_cfg_overlay') or {}).get('file')
-    if pretrained and file and not os.path.isfile(file):
-        raise FileNotFoundError(f'pretrained_cfg_overlay file={file!r} does not exist')
-    return build_model_with_cfg(
-        model_cls,
-        variant,
-        pretrained,
-        pretrained_filter_fn=new_parts_filter,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+def add_block_group(matcher: Dict[str, Any], rule: Tuple[str, Any]) -> Dict[str, Any]:
+    """The parent's ``group_matcher`` with ``rule`` (regex, group) added to its block rules, before the final norm's."""
+    blocks = matcher.get('blocks')
+    blocks = [(blocks, None)] if isinstance(blocks, str) else list(blocks or [])
+    at = next((i for i, (regex, _) in enumerate(blocks) if regex.startswith('^norm')), len(blocks))
+    return {**matcher, 'blocks': blocks[:at] + [rule] + blocks[at:]}

@@ -42,9 +42,9 @@ HIDDEN_LAYOUT = ('exit_criterion', 'life_layer', 'prune_layers', 'U', 'keep_rate
 
 def layout_args(model: nn.Module) -> Dict[str, Any]:
     """Constructor arguments fixing the exit / life layout of a timm-exits model, JSON-ready (timm's ``model_args``)."""
-    from .life_regress_vit import LifeRegressVisionTransformer
-    from .multi_exit_vit import MultiExitVisionTransformer
-    if isinstance(model, MultiExitVisionTransformer):
+    from .life_regress_vit import LifeRegressMixin
+    from .multi_exit_vit import MultiExitMixin
+    if isinstance(model, MultiExitMixin):
         heads = model.exit_head_types
         args = dict(
             exit_layers=list(model.exit_layers[:-1]),
@@ -53,7 +53,7 @@ def layout_args(model: nn.Module) -> Dict[str, Any]:
             threshold=model.threshold,
             budget=model.budget,
         )
-    elif isinstance(model, LifeRegressVisionTransformer):
+    elif isinstance(model, LifeRegressMixin):
         args = dict(
             life_layer=model.life_layer, prune_layers=list(model.prune_layers), keep_rate=model.keep_rate, U=model.U,
             budget=model.budget)

@@ -14,6 +14,9 @@ Types (``EXIT_HEADS``):
 - ``mixer``: MLP-Mixer-EE, one mixer layer (eqs. 3a-3b), global average pooling, MLP (Fig. 3c).
 - ``resmlp``: ResMLP-EE, one ResMLP layer with affine norms (eqs. 4a-4c), global average pooling, MLP (Fig. 3d).
 
+On a parent without a class token (SigLIP, ``class_token=False``) "the [CLS] token" above is the mean of the patch
+tokens (``pool='avg'``); the CNN-Add/Project branches need a real one and are refused there.
+
 Seed 001 does not give the widths: the MLP's hidden layers and the convolution have ``embed_dim`` units, and max
 pooling is global so the branch works at any grid size.
 """
@@ -22,7 +25,6 @@ from typing import Dict, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 
-from timm.layers import Mlp
 from timm.models.mlp_mixer import Affine, MixerBlock, ResBlock
 from timm.models.vision_transformer import Block
 
@@ -40,16 +42,24 @@ class ExitHead(nn.Module):
             num_features: int,
             num_prefix_tokens: int = 1,
             grid_size: Tuple[int, int] = (14, 14),
+            pool: str = 'token',
             device=None,
             dtype=None,
     ) -> None:
         super().__init__()
+        if pool not in ('token', 'avg'):
+            raise ValueError(f"pool must be 'token' ([CLS]) or 'avg' (mean of the patch tokens), got {pool!r}")
+        self.pool = pool
         self.embed_dim = embed_dim
         self.num_features = num_features
         self.num_prefix_tokens = num_prefix_tokens
         self.grid_size = tuple(grid_size)
         self.num_classes = num_classes
         self.head = self._make_head(num_classes, device=device, dtype=dtype)
+
+    def _summary(self, x: torch.Tensor) -> torch.Tensor:
+        """The (B, D) token a branch classifies: [CLS] (``pool='token'``) or the mean of the patch tokens."""
+        return x[:, 0] if self.pool == 'token' else x[:, self.num_prefix_tokens:].mean(1)
 
     def _make_head(self, num_classes: int, device=None, dtype=None) -> nn.Module:
         return nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) if num_classes > 0 \
@@ -91,7 +101,7 @@ class LinearExit(ExitHead):
         self.drop = nn.Dropout(drop)
 
     def forward_features(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        return self.drop(self.norm(x[:, 0]))
+        return self.drop(self.norm(self._summary(x)))
 
 
 class MlpExit(ExitHead):
@@ -104,7 +114,7 @@ class MlpExit(ExitHead):
         self.mlp = _pre_logits_mlp(embed_dim, embed_dim, drop, dd)
 
     def forward_features(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        return self.mlp(self.norm(x[:, 0]))
+        return self.mlp(self.norm(self._summary(x)))
 
 
 class CnnExit(ExitHead):
@@ -169,7 +179,7 @@ class VitExit(ExitHead):
         self.mlp = _pre_logits_mlp(embed_dim, embed_dim, drop, dd)
 
     def forward_features(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        return self.mlp(self.norm(self.block(x))[:, 0])
+        return self.mlp(self._summary(self.norm(self.block(x))))
 
 
 class _TokenMlpExit(ExitHead):
@@ -225,6 +235,7 @@ def create_exit_head(
         num_prefix_tokens: int = 1,
         grid_size: Tuple[int, int] = (14, 14),
         drop: float = 0.,
+        pool: str = 'token',
         device=None,
         dtype=None,
 ) -> ExitHead:
@@ -232,7 +243,8 @@ def create_exit_head(
     if name not in EXIT_HEADS:
         raise ValueError(f'exit_head={name!r} is not a known exit head; allowed: {sorted(EXIT_HEADS)}')
     cls = EXIT_HEADS[name]
-    kwargs = dict(num_prefix_tokens=num_prefix_tokens, grid_size=grid_size, drop=drop, device=device, dtype=dtype)
+    kwargs = dict(num_prefix_tokens=num_prefix_tokens, grid_size=grid_size, drop=drop, pool=pool, device=device,
+                  dtype=dtype)
     if cls is VitExit:
         kwargs.update(num_heads=num_heads, mlp_ratio=mlp_ratio)
     return cls(embed_dim, num_classes, **kwargs)

@@ -28,17 +28,17 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models._features import feature_take_indices
 from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
 from ..hub import explain_missing_weights, published_cfg
-from ._base import (
-    NewPartsMixin, build_vit_family, check_fraction, check_weights_reachable, count_flops, embed_tokens,
-    is_fx_tracing, parent_cfgs,
-)
+from ._base import NewPartsMixin, add_block_group, check_fraction, count_flops, is_fx_tracing, parent_cfgs
+from ._build import build_family, register_twins
+from .adapters import EvaAdapter, VitAdapter, register_adapted
 
 __all__ = [
-    'DEFAULT_KEEP_RATE', 'LifeRegressVisionTransformer', 'LifeRegression', 'life_stats', 'renormalize_lives',
-    'soft_weights', 'token_counts',
+    'DEFAULT_KEEP_RATE', 'LifeRegressEva', 'LifeRegressMixin', 'LifeRegressVisionTransformer', 'LifeRegression',
+    'default_life_layout', 'life_stats', 'renormalize_lives', 'soft_weights', 'token_counts',
 ]
 
 DEFAULT_KEEP_RATE = 0.7
@@ -81,11 +81,13 @@ def soft_weights(lives: torch.Tensor, t: float, U: float) -> torch.Tensor:
 
 class LifeRegression(nn.Module):
     """Life-regression module (Fig. 2, 003_*.txt): LayerNorm (eq. 1), bilinear score of each patch with [CLS] (eq. 2),
-    per-image renormalisation to the target mean and std of lives (eq. 3)."""
+    per-image renormalisation to the target mean and std of lives (eq. 3). ``cls_query=False`` (a parent without a
+    class token): the mean of the normalised patch tokens stands in for [CLS]."""
 
-    def __init__(self, dim: int, device=None, dtype=None) -> None:
+    def __init__(self, dim: int, cls_query: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
+        self.cls_query = cls_query
         self.norm = nn.LayerNorm(dim, eps=1e-6, **dd)
         self.proj = nn.Linear(dim, dim, bias=False, **dd)  # W of eq. (2) is proj.weight^T
 
@@ -93,7 +95,7 @@ class LifeRegression(nn.Module):
         """s_i = x̄_cls^T W x̄_i (eqs. 1-2) of the patches of tokens x (B, L, D), as (x̄_cls W) · x̄_i: D^2 + N D
         multiply-adds per image. Returns (B, N) float32."""
         x = self.norm(x)
-        query = self.proj(x[:, 0])
+        query = self.proj(x[:, 0] if self.cls_query else x[:, num_prefix_tokens:].mean(1))
         return (x[:, num_prefix_tokens:] @ query.unsqueeze(-1)).squeeze(-1).float()
 
     def forward(self, x: torch.Tensor, num_prefix_tokens: int, mu: float, sigma: float) -> torch.Tensor:
@@ -101,8 +103,24 @@ class LifeRegression(nn.Module):
         return renormalize_lives(self.scores(x, num_prefix_tokens), mu, sigma)
 
 
+def default_life_layout(depth: int) -> Tuple[int, Tuple[int, ...]]:
+    """The paper's layout scaled to ``depth``: patches leave after blocks 4, 7, 10 of 12 (rounded to depth * k / 12,
+    at least 2, before the last block), lives predicted after the block before the first of them."""
+    prune = tuple(sorted({min(max(round(depth * k / 12), 2), depth - 1) for k in (4, 7, 10)}))
+    return prune[0] - 1, prune
+
+
 def _check_layout(depth: int, life_layer: Any, prune_layers: Any) -> Tuple[int, Tuple[int, ...]]:
-    """Check ``life_layer`` (1..depth-1) and ``prune_layers`` (strictly increasing, in life_layer+1..depth-1)."""
+    """Check ``life_layer`` (1..depth-1) and ``prune_layers`` (strictly increasing, in life_layer+1..depth-1); None:
+    ``default_life_layout``."""
+    if depth < 3:
+        raise ValueError(f'LifeRegress needs a parent of at least 3 blocks (a life layer, a prune layer, a last '
+                         f'block), got depth={depth}')
+    default_life, default_prune = default_life_layout(depth)
+    life_layer = default_life if life_layer is None and prune_layers is None else life_layer
+    prune_layers = default_prune if prune_layers is None else prune_layers
+    if life_layer is None:
+        life_layer = prune_layers[0] - 1 if isinstance(prune_layers, Sequence) and prune_layers else life_layer
     if isinstance(life_layer, bool) or not isinstance(life_layer, int) or not 1 <= life_layer < depth:
         raise ValueError(f'life_layer must be a block number in 1..{depth - 1} (1-based), got {life_layer!r}')
     if isinstance(prune_layers, (int, str)) or not isinstance(prune_layers, Sequence) or not prune_layers:
@@ -124,8 +142,9 @@ def _check_temperature(U: Any) -> float:
     return float(U)
 
 
-class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
-    """timm ``VisionTransformer`` with LifeRegress patch slimming (003_*.txt)."""
+class LifeRegressMixin(NewPartsMixin):
+    """LifeRegress patch slimming (003_*.txt) on any parent class through its adapter
+    (``LifeRegressVisionTransformer``, ``LifeRegressEva``; ``timm_exits.convert`` for a model already built)."""
     __jit_ignored_attributes__ = ['_flops', '_budget_rates']
     new_prefixes = ('life.',)
     new_parts_name = 'life predictor'
@@ -133,8 +152,8 @@ class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
 
     def __init__(
             self,
-            life_layer: int = 3,
-            prune_layers: Sequence[int] = (4, 7, 10),
+            life_layer: Optional[int] = None,
+            prune_layers: Optional[Sequence[int]] = None,
             keep_rate: Optional[float] = None,
             U: float = 1.5,
             budget: Optional[float] = None,
@@ -143,17 +162,28 @@ class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
         """
         Args:
             life_layer: t_base, the 1-based block after which the life module runs; before ``prune_layers[0]``. The
-                default 3 feeds layer 4, the first slimming layer (the paper clamps lives to [4, 12] "as predicted at
-                layer 4").
-            prune_layers: 1-based blocks after which patches leave (paper: 4, 7, 10).
+                default, the block before the first prune layer (3 for 12 blocks), feeds the first slimming layer
+                (the paper clamps lives to [4, 12] "as predicted at layer 4").
+            prune_layers: 1-based blocks after which patches leave (default: the paper's 4, 7, 10 for 12 blocks,
+                scaled to the depth, ``default_life_layout``).
             keep_rate: Default rho in (0, 1] (default 0.7 without a budget, none with one).
             U: Temperature of the soft weights, eq. (7) (paper: 1.5).
             budget: Default share (0, 1] of the parent's FLOPs; caps the keep rate (see ``resolve_keep_rate``).
-            **kwargs: ``VisionTransformer`` arguments.
+            **kwargs: The parent's arguments (``VisionTransformer``, ``Eva``).
         """
         super().__init__(**kwargs)
-        if not self.has_class_token:
-            raise ValueError('LifeRegressVisionTransformer needs class_token=True: lives are scored against [CLS]')
+        self._init_mechanism(life_layer=life_layer, prune_layers=prune_layers, keep_rate=keep_rate, U=U, budget=budget)
+
+    def _init_mechanism(
+            self,
+            life_layer: Optional[int] = None,
+            prune_layers: Optional[Sequence[int]] = None,
+            keep_rate: Optional[float] = None,
+            U: float = 1.5,
+            budget: Optional[float] = None,
+    ) -> None:
+        """Check the arguments and add the life predictor to a built parent (``__init__``'s arguments but the
+        parent's)."""
         self.depth = len(self.blocks)
         self.life_layer, self.prune_layers = _check_layout(self.depth, life_layer, prune_layers)
         self.U = _check_temperature(U)
@@ -161,9 +191,11 @@ class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
             keep_rate = DEFAULT_KEEP_RATE
         self.keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
         self.budget = None if budget is None else check_fraction('budget', budget, low_open=True)
-        self.life = LifeRegression(self.embed_dim, device=kwargs.get('device'), dtype=kwargs.get('dtype'))
+        ref = next(self.parameters())
+        self.life = LifeRegression(self.embed_dim, cls_query=self._has_cls(), device=ref.device, dtype=ref.dtype)
         for name, module in self.life.named_modules():
             init_weights_vit_timm(module, name)
+        self.life.train(self.training)  # a converted model's new part follows its mode
         self._reset_costs()
 
     # --- timm API -------------------------------------------------------------------------------------------------
@@ -171,10 +203,7 @@ class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
         """Parent groups; the life module joins the group of block ``life_layer``, the block it follows."""
-        return dict(
-            stem=r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre',
-            blocks=[(r'^blocks\.(\d+)', None), (r'^life\.', (self.life_layer - 1,)), (r'^norm', (99999,))],
-        )
+        return add_block_group(super().group_matcher(coarse), (r'^life\.', (self.life_layer - 1,)))
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """timm's reset; FLOPs (the head's) are counted again."""
@@ -218,14 +247,15 @@ class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
         classifier) at ``tokens`` tokens, by torch's flop counter, counted once."""
         key = (piece, tokens)
         if key not in self._flops:
-            ref = self.cls_token
+            ref = next(self.parameters())
             if piece == 'embed':
-                x = torch.zeros(1, self.in_chans, *self.patch_embed.img_size, device=ref.device, dtype=ref.dtype)
-                self._flops[key] = count_flops(embed_tokens, self, x)[0]
+                x = torch.zeros(1, self.patch_embed.proj.in_channels, *self.patch_embed.img_size, device=ref.device,
+                                dtype=ref.dtype)
+                self._flops[key] = count_flops(self._embed, x)[0]
             else:
                 x = torch.zeros(1, tokens, self.embed_dim, device=ref.device, dtype=ref.dtype)
                 fn = {
-                    'block': self.blocks[0],
+                    'block': lambda z: self._apply_block(self.blocks[0], z, None, None),
                     'life': lambda z: self.life(z, self.num_prefix_tokens, 0., 1.),
                     'head': lambda z: self.forward_head(self.norm(z)),
                 }[piece]
@@ -331,26 +361,29 @@ class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
         Eval: (B, prefix + n_T, D), patches dropped after each prune layer (no computation for them). Train: every
         token, the soft weights of eqs. (6)-(7) in each attention after ``life_layer``.
         """
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
+        x, rope_full = self._embed(x)
+        rope = rope_full
         npt = self.num_prefix_tokens
         slim = self.training or counts[-1] < counts[0]  # keep_rate 1 in eval: the parent's path, life module skipped
         last = max(take) if len(take) > 0 else -1
         lives: Optional[torch.Tensor] = None
-        full: Optional[torch.Tensor] = None  # (B, N, D): every patch's latest features
-        pos: Optional[torch.Tensor] = None  # (B, n): positions in ``full`` of the patches still running
+        full: Optional[torch.Tensor] = None  # (B, N, D): every patch's latest features (for intermediates)
+        pos: Optional[torch.Tensor] = None  # (B, n): positions in the full grid of the patches still running
         intermediates: List[torch.Tensor] = []
         for i, blk in enumerate(self.blocks):
             t = i + 1
             mask: Optional[torch.Tensor] = None
             if self.training and lives is not None:
                 mask = self.life_attn_mask(lives, t, x.dtype)
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, mask)
-            else:
+            if torch.jit.is_scripting():  # TorchScript passes no module as an argument: timm's ViT block call
+                if rope is not None:
+                    raise RuntimeError('a scripted LifeRegress model with rotary position embeddings (Eva) would run '
+                                       'its blocks without them; script a VisionTransformer parent, or run it eagerly')
                 x = blk(x, attn_mask=mask)
+            elif self.grad_checkpointing:
+                x = checkpoint(self._apply_block, blk, x, self._block_rope(rope, i), mask)
+            else:
+                x = self._apply_block(blk, x, self._block_rope(rope, i), mask)
             if slim and t == self.life_layer:
                 lives = self.life(x, npt, mu, sigma)
             if i in take:
@@ -360,23 +393,22 @@ class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
                 else:
                     intermediates.append(x)
             if not self.training and t < self.depth and counts[t] < counts[i] and lives is not None:
-                if i < last:  # intermediates still to come: remember where the running patches sit
+                if i < last:  # intermediates still to come: remember every patch's features
                     if full is None or pos is None:
                         full = x[:, npt:]
-                        pos = torch.arange(full.shape[1], device=x.device).expand(full.shape[0], -1)
                     else:
                         full = full.scatter(1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[:, npt:])
                 x, lives, kept = self._keep_longest(x, lives, counts[t])
-                if pos is not None:
-                    pos = pos.gather(1, kept)
+                pos = kept if pos is None else pos.gather(1, kept)
+                rope = self._keep_rope(rope_full, pos)  # rotary entries of the patches kept
         return self.norm(x), intermediates
 
     @torch.jit.unused
     def predict_lives(self, x: torch.Tensor, keep_rate: Optional[float] = None) -> torch.Tensor:
         """Lives tau (B, N) of the patches of images x (eqs. 1-3), mu and sigma from ``keep_rate``'s schedule."""
-        x = embed_tokens(self, x)
+        x, rope = self._embed(x)
         for i in range(self.life_layer):
-            x = self.blocks[i](x)
+            x = self._apply_block(self.blocks[i], x, self._block_rope(rope, i), None)
         npt = self.num_prefix_tokens
         counts = token_counts(x.shape[1] - npt, self.depth, self.prune_layers, self.resolve_keep_rate(keep_rate))
         return self.life(x, npt, *life_stats(counts))
@@ -415,10 +447,11 @@ class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
         """
         rate = self.resolve_keep_rate() if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
         if rate >= 1. or attn_mask is not None or is_causal or self.training:  # train mode drops nothing
+            extra = dict(output_dict=True) if output_dict else {}  # Eva's has no output_dict
             return super().forward_intermediates(
                 x, indices=indices, return_prefix_tokens=return_prefix_tokens, norm=norm, stop_early=stop_early,
-                output_fmt=output_fmt, intermediates_only=intermediates_only, output_dict=output_dict,
-                attn_mask=attn_mask, is_causal=is_causal)
+                output_fmt=output_fmt, intermediates_only=intermediates_only, attn_mask=attn_mask, is_causal=is_causal,
+                **extra)
         assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
         take_indices, _ = feature_take_indices(len(self.blocks), indices)
         B, _, height, width = x.shape
@@ -467,6 +500,17 @@ class LifeRegressVisionTransformer(NewPartsMixin, VisionTransformer):
         return self.forward_head(self.forward_features(x, keep_rate=rate))
 
 
+@register_adapted
+class LifeRegressVisionTransformer(LifeRegressMixin, VitAdapter, VisionTransformer):
+    """timm ``VisionTransformer`` (ViT, DeiT, DINOv2, SigLIP, CLIP, AIMv2, ...) with LifeRegress patch slimming."""
+
+
+@register_adapted
+class LifeRegressEva(LifeRegressMixin, EvaAdapter, Eva):
+    """timm ``Eva`` (EVA02, DINOv3, Perception Encoder, RoPE-ViT) with LifeRegress patch slimming; a kept patch keeps
+    its rotary position embedding."""
+
+
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
     return {
         'url': '',
@@ -487,6 +531,7 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
+    # short names of the first families, the same models as <parent>_liferegress
     **parent_cfgs('deit_tiny_patch16_224', 'deit_tiny_liferegress', _cfg),
     **parent_cfgs('deit_small_patch16_224', 'deit_small_liferegress', _cfg),
     'deit_small_liferegress.in1k': published_cfg(  # trained life predictor, on the Hub (timm_exits.hub)
@@ -501,57 +546,61 @@ default_cfgs = generate_default_cfgs({
 
 
 @explain_missing_weights  # published weights not on the Hub yet: an error naming the repo and the recipe
-def _create_life_regress_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> LifeRegressVisionTransformer:
-    if pretrained:  # offline and not cached: a clear error now, not a minute of retries
-        check_weights_reachable(variant, **kwargs)
-    return build_vit_family(LifeRegressVisionTransformer, variant, pretrained, **kwargs)
+def _create_life_regress_vit(
+        variant: str,
+        pretrained: bool = False,
+        parent: Optional[str] = None,
+        **kwargs: Any,
+) -> LifeRegressMixin:
+    """A LifeRegress model on timm architecture ``parent`` (its own arguments and weights), or on a
+    ``VisionTransformer`` of ``kwargs``."""
+    return build_family(LifeRegressMixin, variant, pretrained, parent=parent, **kwargs)
 
 
 @register_model
-def deit_tiny_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressVisionTransformer:
+def deit_tiny_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressMixin:
     """DeiT-Ti with LifeRegress patch slimming (parent: ``deit_tiny_patch16_224``)."""
-    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
-    return _create_life_regress_vit('deit_tiny_liferegress', pretrained, **dict(model_args, **kwargs))
+    return _create_life_regress_vit('deit_tiny_liferegress', pretrained, parent='deit_tiny_patch16_224', **kwargs)
 
 
 @register_model
-def deit_small_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressVisionTransformer:
+def deit_small_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressMixin:
     """DeiT-S with LifeRegress patch slimming, the paper's main backbone (parent: ``deit_small_patch16_224``)."""
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
-    return _create_life_regress_vit('deit_small_liferegress', pretrained, **dict(model_args, **kwargs))
+    return _create_life_regress_vit('deit_small_liferegress', pretrained, parent='deit_small_patch16_224', **kwargs)
 
 
 @register_model
-def deit_base_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressVisionTransformer:
+def deit_base_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressMixin:
     """DeiT-B with LifeRegress patch slimming (parent: ``deit_base_patch16_224``)."""
-    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
-    return _create_life_regress_vit('deit_base_liferegress', pretrained, **dict(model_args, **kwargs))
+    return _create_life_regress_vit('deit_base_liferegress', pretrained, parent='deit_base_patch16_224', **kwargs)
 
 
 @register_model
-def vit_tiny_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressVisionTransformer:
+def vit_tiny_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressMixin:
     """ViT-Ti/16 with LifeRegress patch slimming (parent: ``vit_tiny_patch16_224``)."""
-    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
-    return _create_life_regress_vit('vit_tiny_liferegress', pretrained, **dict(model_args, **kwargs))
+    return _create_life_regress_vit('vit_tiny_liferegress', pretrained, parent='vit_tiny_patch16_224', **kwargs)
 
 
 @register_model
-def vit_small_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressVisionTransformer:
+def vit_small_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressMixin:
     """ViT-S/16 with LifeRegress patch slimming (parent: ``vit_small_patch16_224``)."""
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
-    return _create_life_regress_vit('vit_small_liferegress', pretrained, **dict(model_args, **kwargs))
+    return _create_life_regress_vit('vit_small_liferegress', pretrained, parent='vit_small_patch16_224', **kwargs)
 
 
 @register_model
-def vit_base_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressVisionTransformer:
+def vit_base_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressMixin:
     """ViT-B/16 with LifeRegress patch slimming (parent: ``vit_base_patch16_224``)."""
-    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
-    return _create_life_regress_vit('vit_base_liferegress', pretrained, **dict(model_args, **kwargs))
+    return _create_life_regress_vit('vit_base_liferegress', pretrained, parent='vit_base_patch16_224', **kwargs)
 
 
 @register_model
-def test_vit_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressVisionTransformer:
+def test_vit_liferegress(pretrained: bool = False, **kwargs) -> LifeRegressMixin:
     """Tiny test variant: 32 px, 16 patches, 4 blocks, lives predicted after block 1, patches leave after 2 and 3."""
     model_args = dict(
         img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2., life_layer=1, prune_layers=(2, 3))
     return _create_life_regress_vit('test_vit_liferegress', pretrained, **dict(model_args, **kwargs))
+
+
+# ``<parent>_liferegress`` for every timm VisionTransformer / Eva architecture, every pretrained tag mirrored
+register_twins(__name__, 'liferegress', _create_life_regress_vit, _cfg,
+               '``{parent}`` with LifeRegress patch slimming (parent: timm ``{parent}``, its weights and arguments).')

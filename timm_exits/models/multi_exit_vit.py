@@ -26,17 +26,20 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
 from ..hub import explain_missing_weights, published_cfg
 from ..losses import attach_exit_losses, scale_gradient
-from ._base import (
-    NewPartsMixin, build_vit_family, check_fraction, check_weights_reachable, count_flops, embed_tokens,
-    is_fx_tracing, parent_cfgs, tracing_tool,
-)
-from .exit_heads import EXIT_HEADS, ExitHead, create_exit_head
+from ._base import NewPartsMixin, add_block_group, check_fraction, count_flops, is_fx_tracing, tracing_tool
+from ._build import build_family, register_twins
+from .adapters import EvaAdapter, VitAdapter, register_adapted
+from .exit_heads import EXIT_HEADS, create_exit_head
 
-__all__ = ['EXIT_CRITERIA', 'AnytimeStep', 'ExitOutput', 'MultiExitVisionTransformer', 'default_exit_layers']
+__all__ = [
+    'EXIT_CRITERIA', 'AnytimeStep', 'ExitOutput', 'MultiExitEva', 'MultiExitMixin', 'MultiExitVisionTransformer',
+    'default_exit_layers',
+]
 
 EXIT_CRITERIA = ('confidence', 'entropy', 'uncertainty')
 _KEYS = {layer: str(layer) for layer in range(1, 257)}  # module keys of exits: no str() in a graph torch.compile traces
@@ -102,8 +105,9 @@ def _classifier_names(depth: int, exit_layers: Sequence[int]) -> Tuple[str, ...]
     return ('head', *(f'exits.{i}.head' for i in exit_layers), *(f'uncertainty.{i}' for i in (*exit_layers, depth)))
 
 
-class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
-    """timm ``VisionTransformer`` with early exits after chosen blocks and per-image dynamic inference."""
+class MultiExitMixin(NewPartsMixin):
+    """Early exits after chosen blocks and per-image dynamic inference, on any parent class through its adapter
+    (``MultiExitVisionTransformer``, ``MultiExitEva``; ``timm_exits.convert`` for a model already built)."""
     __jit_unused_properties__ = ['full_flops', 'exit_costs', 'threshold_costs', 'worst_case_threshold_cost']
     __jit_ignored_attributes__ = ['_flops']
     new_prefixes = ('exits.', 'uncertainty.')
@@ -138,12 +142,28 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
                 sandwich rule, sec. 2.2 of 000_*.txt); None: every exit, every step.
             exit_grad_scale: Train-mode hook: the intermediate exits' gradient into the backbone is multiplied by
                 this, in [0, 1] (0: the exits train on detached tokens, the backbone learns from the final head alone).
-            **kwargs: ``VisionTransformer`` arguments.
+            **kwargs: The parent's arguments (``VisionTransformer``, ``Eva``).
         """
         super().__init__(**kwargs)
+        self._init_mechanism(
+            exit_layers=exit_layers, exit_head=exit_head, exit_criterion=exit_criterion, threshold=threshold,
+            budget=budget, exit_drop_rate=exit_drop_rate, exit_weight=exit_weight, exit_num_sampled=exit_num_sampled,
+            exit_grad_scale=exit_grad_scale)
+
+    def _init_mechanism(
+            self,
+            exit_layers: Optional[Sequence[int]] = None,
+            exit_head: Union[str, Sequence[str]] = 'linear',
+            exit_criterion: str = 'confidence',
+            threshold: Optional[float] = None,
+            budget: Optional[float] = None,
+            exit_drop_rate: float = 0.,
+            exit_weight: float = 1.,
+            exit_num_sampled: Optional[int] = None,
+            exit_grad_scale: float = .25,
+    ) -> None:
+        """Check the arguments and add the exits to a built parent (``__init__``'s arguments but the parent's)."""
         depth = len(self.blocks)
-        if not self.has_class_token:
-            raise ValueError('MultiExitVisionTransformer needs class_token=True: the exits read the [CLS] token')
         layers = _exit_layout(depth, exit_layers)
         heads = [exit_head] * len(layers) if isinstance(exit_head, str) else list(exit_head)
         if len(heads) != len(layers):
@@ -159,9 +179,17 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
                 f'exit_head {fixed} mixes a fixed number of patch tokens ({self.patch_embed.num_patches}) and cannot '
                 f'follow dynamic_img_size=True; use another exit head (allowed with dynamic_img_size: '
                 f'{sorted(k for k, v in EXIT_HEADS.items() if not v.fixed_grid)}) or a fixed img_size')
+        if not self._has_cls():
+            needs_cls = sorted({h for h in heads if h in _CLS_HEADS})
+            if needs_cls:
+                raise ValueError(
+                    f'exit_head {needs_cls} combines the [CLS] token with the patches, and this parent has no class '
+                    f'token (class_token=False); allowed without one: {sorted(set(EXIT_HEADS) - set(_CLS_HEADS))} '
+                    f'(their [CLS] reading becomes the mean of the patch tokens)')
         self.exit_weight, self.exit_num_sampled, self.exit_grad_scale = _check_hook_args(
             exit_weight, exit_num_sampled, exit_grad_scale)
-        dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
+        ref = next(self.parameters())
+        dd = dict(device=ref.device, dtype=ref.dtype)
         self.depth = depth
         self.exit_layers = (*layers, depth)
         self.exit_head_types = tuple(heads)
@@ -173,9 +201,10 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
                 name,
                 self.embed_dim,
                 self.num_classes,
-                num_heads=self.blocks[0].attn.num_heads,
-                mlp_ratio=self.blocks[0].mlp.fc1.out_features / self.embed_dim,
+                num_heads=_num_heads(self.blocks[0]),
+                mlp_ratio=_mlp_ratio(self.blocks[0], self.embed_dim),
                 num_prefix_tokens=self.num_prefix_tokens,
+                pool='token' if self._has_cls() else 'avg',
                 grid_size=self.patch_embed.grid_size,
                 drop=exit_drop_rate,
                 **dd,
@@ -184,6 +213,7 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         })
         self.uncertainty = nn.ModuleDict({str(layer): self._make_uncertainty(**dd) for layer in self.exit_layers})
         self._init_exits()
+        self.train(self.training)  # a converted model's new parts follow its mode
         self._flops: Dict[Tuple[int, int], Dict[str, Any]] = {}
         if self.budget is not None:  # a default budget no exit fits fails now, not at the first forward
             self._stop_layer(self.budget, self.threshold is not None)
@@ -210,15 +240,12 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
         """Parent groups; an exit (and its uncertainty unit) joins the layer group just after the block it follows."""
-        return dict(
-            stem=r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre',
-            blocks=[(r'^blocks\.(\d+)', None), (r'^(?:exits|uncertainty)\.(\d+)', None), (r'^norm', (99999,))],
-        )
+        return add_block_group(super().group_matcher(coarse), (r'^(?:exits|uncertainty)\.(\d+)', None))
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Reset the final head, every exit's head and every uncertainty predictor to ``num_classes``."""
         super().reset_classifier(num_classes, global_pool)
-        ref = self.cls_token
+        ref = next(self.parameters())
         for exit_head in self.exits.values():
             exit_head.reset_classifier(num_classes)
             init_weights_vit_timm(exit_head.head, 'head')
@@ -280,10 +307,11 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
     def _exits_now(self, layer: int, logits: torch.Tensor, threshold: float) -> torch.Tensor:
         return self._leaves(self.exit_scores(layer, logits), threshold)
 
-    def _run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def _run_block(self, i: int, x: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
+        blk, rope = self.blocks[i], self._block_rope(rope, i)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(self.blocks[i], x)
-        return self.blocks[i](x)
+            return checkpoint(self._apply_block, blk, x, rope, None)
+        return self._apply_block(blk, x, rope, None)
 
     def forward_exits(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Logits of every exit for the whole batch, in ``exit_layers`` order, the final classifier last."""
@@ -293,10 +321,10 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         """``forward_exits``, each intermediate exit reading its block's tokens through ``scale_gradient(tokens,
         grad_scale)`` (the final classifier never)."""
         grid = self._grid_size(x)
-        x = embed_tokens(self, x)
+        x, rope = self._embed(x)
         outputs = []
         for i in range(self.depth):
-            x = self._run_block(i, x)
+            x = self._run_block(i, x, rope)
             layer = i + 1
             if layer in self.exit_layers:
                 tokens = x if layer == self.depth else scale_gradient(x, grad_scale)
@@ -313,13 +341,13 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
 
     @torch.compiler.disable  # counted eagerly, outside any graph being compiled
     def _counted_flops(self, img_size: Tuple[int, int]) -> Dict[str, Any]:
-        ref = self.cls_token
-        x = torch.zeros(1, self.in_chans, *img_size, device=ref.device, dtype=ref.dtype)
+        ref = next(self.parameters())
+        x = torch.zeros(1, self.patch_embed.proj.in_channels, *img_size, device=ref.device, dtype=ref.dtype)
         grid = self._grid_size(x)
         flops: Dict[str, Any] = {'blocks': [], 'exits': {}}
-        flops['embed'], x = count_flops(embed_tokens, self, x)
+        flops['embed'], (x, rope) = count_flops(self._embed, x)
         for i, blk in enumerate(self.blocks):
-            f, x_next = count_flops(blk, x)
+            f, x_next = count_flops(self._apply_block, blk, x, self._block_rope(rope, i), None)
             flops['blocks'].append(f)
             layer = i + 1
             if layer in self.exit_layers:
@@ -474,12 +502,14 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         img_size = self._img_size(x)
         costs = dict(zip(self.exit_layers, self._count_flops(img_size)['threshold_costs']))
         grid = self._grid_size(x)
-        x = embed_tokens(self, x)
+        x, rope = self._embed(x)
+        ropes = [self._block_rope(rope, i) for i in range(self.depth)]
         rows, start, blocks = torch.arange(x.shape[0], device=x.device), 0, list(self.blocks)
         for layer in self.exit_layers:
             key, final = _key(layer), layer == self.depth
-            x, logits, leave = self._segment(x, blocks[start:layer], None if final else self.exits[key],
-                                             self.uncertainty[key], grid, None if final else threshold)
+            x, logits, leave = self._segment(x, blocks[start:layer], ropes[start:layer],
+                                             None if final else self.exits[key], self.uncertainty[key], grid,
+                                             None if final else threshold)
             exited = torch.full_like(rows, final, dtype=torch.bool) if leave is None else leave
             yield AnytimeStep(layer, rows, logits, exited, costs[layer])
             if final or bool(exited.all()):
@@ -516,10 +546,10 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         stop = self._stop_layer(budget, threshold is not None, img_size)
         grid = self._grid_size(x)
         batch = x.shape[0]
-        x = embed_tokens(self, x)
+        x, rope = self._embed(x)
         if threshold is None and deadline is None:  # one path for every image: tracers record it faithfully
             for i in range(stop):
-                x = self.blocks[i](x)
+                x = self._apply_block(self.blocks[i], x, self._block_rope(rope, i), None)
             logits = self._exit_logits(stop, x, grid)
             cost = flops['costs'][self.exit_layers.index(stop)]
             return ExitOutput(
@@ -528,12 +558,14 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
                 torch.full((batch,), cost, dtype=torch.float32, device=x.device),
             )
         costs = flops['costs'] if threshold is None else flops['threshold_costs']  # heads evaluated on the way
-        return self._per_image(x, threshold, stop, grid, dict(zip(self.exit_layers, costs)), deadline)
+        ropes = [self._block_rope(rope, i) for i in range(self.depth)]
+        return self._per_image(x, ropes, threshold, stop, grid, dict(zip(self.exit_layers, costs)), deadline)
 
     @torch._dynamo.disable(recursive=False)  # the host-side loop stays eager; torch.compile compiles each _segment
     def _per_image(
             self,
             x: torch.Tensor,
+            ropes: List[Optional[torch.Tensor]],
             threshold: Optional[float],
             stop: int,
             grid: Optional[Tuple[int, int]],
@@ -555,13 +587,14 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
             head, uncertainty = None if layer == self.depth else self.exits[key], self.uncertainty[key]
             torch._dynamo.decorators.mark_unbacked(x, 0)  # torch.compile: one graph for any number of images running
             if threshold is None:  # a deadline alone: the blocks, then a head only where the images answer
-                x = self._segment(x, blocks[start:layer], head, uncertainty, grid, None, with_head=False)[0]
+                x = self._segment(x, blocks[start:layer], ropes[start:layer], head, uncertainty, grid, None,
+                                  with_head=False)[0]
                 start = layer
                 if layer != stop and time.perf_counter() < deadline:
                     continue
-                x, logits, leave = self._segment(x, [], head, uncertainty, grid, None)
+                x, logits, leave = self._segment(x, [], [], head, uncertainty, grid, None)
             else:
-                x, logits, leave = self._segment(x, blocks[start:layer], head, uncertainty, grid,
+                x, logits, leave = self._segment(x, blocks[start:layer], ropes[start:layer], head, uncertainty, grid,
                                                  None if layer == stop else threshold)
                 if deadline is not None and time.perf_counter() >= deadline:
                     leave = None  # the deadline passed: every image still running answers here
@@ -577,18 +610,20 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
             self,
             x: torch.Tensor,
             blocks: List[nn.Module],
+            ropes: List[Optional[torch.Tensor]],
             exit_head: Optional[nn.Module],
             uncertainty: nn.Module,
             grid: Optional[Tuple[int, int]],
             threshold: Optional[float],
             with_head: bool = True,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """The work between two exit decisions, one graph under torch.compile: ``blocks``, then the exit
+        """The work between two exit decisions, one graph under torch.compile: ``blocks`` (block i gets rotary
+        embedding ``ropes[i]``), then the exit
         ``exit_head`` (None: the final norm and head; not run without ``with_head``) and which images its criterion
         lets go (None without a threshold). Modules come as arguments, not block numbers, so that segments alike share
         a compiled graph."""
-        for blk in blocks:
-            x = blk(x)
+        for blk, rope in zip(blocks, ropes):
+            x = self._apply_block(blk, x, rope, None)
         if not with_head:
             return x, None, None
         logits = self.forward_head(self.norm(x)) if exit_head is None else exit_head(x, grid_size=grid)
@@ -682,6 +717,30 @@ class MultiExitVisionTransformer(NewPartsMixin, VisionTransformer):
         return self._dynamic(x, threshold, budget).logits
 
 
+_CLS_HEADS = ('cnn_add', 'cnn_project')  # exit heads that combine [CLS] with the patches
+
+
+def _num_heads(block: nn.Module) -> int:
+    """Attention heads of a timm block (``attn.num_heads``; parallel blocks keep ``num_heads`` themselves)."""
+    return getattr(getattr(block, 'attn', None), 'num_heads', None) or getattr(block, 'num_heads', 1)
+
+
+def _mlp_ratio(block: nn.Module, embed_dim: int) -> float:
+    """Hidden width of a block's MLP over ``embed_dim`` (input of ``fc2`` in timm's Mlp, GluMlp, SwiGLU), else 4."""
+    fc2 = getattr(getattr(block, 'mlp', None), 'fc2', None)
+    return fc2.in_features / embed_dim if isinstance(fc2, nn.Linear) else 4.
+
+
+@register_adapted
+class MultiExitVisionTransformer(MultiExitMixin, VitAdapter, VisionTransformer):
+    """timm ``VisionTransformer`` (ViT, DeiT, DINOv2, SigLIP, CLIP, AIMv2, ...) with early exits."""
+
+
+@register_adapted
+class MultiExitEva(MultiExitMixin, EvaAdapter, Eva):
+    """timm ``Eva`` (EVA02, DINOv3, Perception Encoder, RoPE-ViT) with early exits."""
+
+
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
     return {
         'url': '',
@@ -701,9 +760,10 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
-def _parent_cfgs(parent: str, depth: int = 12) -> Dict[str, Dict[str, Any]]:
-    """Every pretrained tag of the timm parent (same weights and preprocessing), with this family's classifiers."""
-    return parent_cfgs(parent, f'{parent}_mexit', _cfg, classifier=_classifier_names(depth, default_exit_layers(depth)))
+def _classifiers(kwargs: Dict[str, Any]) -> Tuple[str, ...]:
+    """Classifier modules of the layout ``kwargs`` build (its ``exit_layers`` checked against its depth)."""
+    depth = kwargs.get('depth', 12)
+    return _classifier_names(depth, _exit_layout(depth, kwargs.get('exit_layers')))
 
 
 # published MEViT models: TransFG's evaluation transform (MEViT, 000_*.txt), resize to 600 x 600, centre crop 448
@@ -714,13 +774,6 @@ _MEVIT_FGVC = dict(
 
 
 default_cfgs = generate_default_cfgs({
-    **_parent_cfgs('vit_tiny_patch16_224'),
-    **_parent_cfgs('vit_small_patch16_224'),
-    **_parent_cfgs('vit_base_patch16_224'),
-    **_parent_cfgs('vit_large_patch16_224', depth=24),
-    **_parent_cfgs('deit_tiny_patch16_224'),
-    **_parent_cfgs('deit_small_patch16_224'),
-    **_parent_cfgs('deit_base_patch16_224'),
     'test_vit_mexit.r32': _cfg(
         input_size=(3, 32, 32), num_classes=10, classifier=_classifier_names(4, default_exit_layers(4))),
     'test_vit_mexit_ls.r32': _cfg(
@@ -739,75 +792,26 @@ default_cfgs = generate_default_cfgs({
 
 
 @explain_missing_weights  # published weights not on the Hub yet: an error naming the repo and the recipe
-def _create_multi_exit_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> MultiExitVisionTransformer:
-    depth = kwargs.get('depth', 12)
-    layers = _exit_layout(depth, kwargs.get('exit_layers'))
-    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
-    overlay.setdefault('classifier', _classifier_names(depth, layers))  # every head of this layout
-    if pretrained:  # offline and not cached: a clear error now, not a minute of retries
-        check_weights_reachable(variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=overlay)
-    return build_vit_family(MultiExitVisionTransformer, variant, pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+def _create_multi_exit_vit(
+        variant: str,
+        pretrained: bool = False,
+        parent: Optional[str] = None,
+        **kwargs: Any,
+) -> MultiExitMixin:
+    """A multi-exit model on timm architecture ``parent`` (its own arguments and weights), or on a
+    ``VisionTransformer`` of ``kwargs``."""
+    return build_family(MultiExitMixin, variant, pretrained, parent=parent, classifier_fn=_classifiers, **kwargs)
 
 
 @register_model
-def vit_tiny_patch16_224_mexit(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
-    """ViT-Ti/16 with early exits (parent: timm ``vit_tiny_patch16_224``)."""
-    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
-    return _create_multi_exit_vit('vit_tiny_patch16_224_mexit', pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def vit_small_patch16_224_mexit(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
-    """ViT-S/16 with early exits (parent: timm ``vit_small_patch16_224``)."""
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
-    return _create_multi_exit_vit('vit_small_patch16_224_mexit', pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def vit_base_patch16_224_mexit(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
-    """ViT-B/16 with early exits, MEViT's backbone (parent: ``vit_base_patch16_224``; MEViT starts from
-    ``.augreg_in21k`` or ``.orig_in21k``)."""
-    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
-    return _create_multi_exit_vit('vit_base_patch16_224_mexit', pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def vit_large_patch16_224_mexit(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
-    """ViT-L/16 with early exits after blocks 12..23 by default (parent: ``vit_large_patch16_224``)."""
-    model_args = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
-    return _create_multi_exit_vit('vit_large_patch16_224_mexit', pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def deit_tiny_patch16_224_mexit(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
-    """DeiT-Ti with early exits (parent: ``deit_tiny_patch16_224``)."""
-    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
-    return _create_multi_exit_vit('deit_tiny_patch16_224_mexit', pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def deit_small_patch16_224_mexit(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
-    """DeiT-S with early exits (parent: ``deit_small_patch16_224``)."""
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
-    return _create_multi_exit_vit('deit_small_patch16_224_mexit', pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def deit_base_patch16_224_mexit(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
-    """DeiT-B with early exits (parent: ``deit_base_patch16_224``)."""
-    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
-    return _create_multi_exit_vit('deit_base_patch16_224_mexit', pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def test_vit_mexit(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
+def test_vit_mexit(pretrained: bool = False, **kwargs) -> MultiExitMixin:
     """Tiny test variant: 32 px, 4 blocks, exits after blocks 2 and 3."""
     model_args = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2.)
     return _create_multi_exit_vit('test_vit_mexit', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def test_vit_mexit_ls(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
+def test_vit_mexit_ls(pretrained: bool = False, **kwargs) -> MultiExitMixin:
     """Tiny test variant with layer scale and a register token (DeiT-III / reg-token style prefix handling)."""
     model_args = dict(
         img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2., init_values=1e-2, reg_tokens=1)
@@ -815,7 +819,7 @@ def test_vit_mexit_ls(pretrained: bool = False, **kwargs) -> MultiExitVisionTran
 
 
 @register_model
-def vit_b16_mexit_cars(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
+def vit_b16_mexit_cars(pretrained: bool = False, **kwargs) -> MultiExitMixin:
     """MEViT on Stanford Cars: ViT-B/16 at 448 px, 196 classes, linear exits after blocks 6..11 and the final head,
     uncertainty criterion (eq. 3, 000_*.txt). Weights: ``{TIMM_EXITS_HUB_ORG}/vit_b16_mexit_cars``."""
     model_args = dict(
@@ -825,7 +829,7 @@ def vit_b16_mexit_cars(pretrained: bool = False, **kwargs) -> MultiExitVisionTra
 
 
 @register_model
-def vit_b16_mexit_aircraft(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
+def vit_b16_mexit_aircraft(pretrained: bool = False, **kwargs) -> MultiExitMixin:
     """MEViT on FGVC-Aircraft: ViT-B/16 at 448 px, 100 variants, linear exits after blocks 6..11 and the final head,
     uncertainty criterion (eq. 3, 000_*.txt). Weights: ``{TIMM_EXITS_HUB_ORG}/vit_b16_mexit_aircraft``."""
     model_args = dict(
@@ -835,10 +839,15 @@ def vit_b16_mexit_aircraft(pretrained: bool = False, **kwargs) -> MultiExitVisio
 
 
 @register_model
-def vit_mexit_named_tiny(pretrained: bool = False, **kwargs) -> MultiExitVisionTransformer:
+def vit_mexit_named_tiny(pretrained: bool = False, **kwargs) -> MultiExitMixin:
     """Tiny published-weights test variant (``vit_b16_mexit_cars`` in miniature): 32 px, 4 blocks, exits after blocks
     2 and 3, uncertainty criterion. Weights: ``{TIMM_EXITS_HUB_ORG}/vit_mexit_named_tiny``."""
     model_args = dict(
         img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2., exit_layers=(2, 3),
         exit_criterion='uncertainty')
     return _create_multi_exit_vit('vit_mexit_named_tiny', pretrained, **dict(model_args, **kwargs))
+
+
+# ``<parent>_mexit`` for every timm VisionTransformer / Eva architecture, every pretrained tag mirrored
+register_twins(__name__, 'mexit', _create_multi_exit_vit, _cfg,
+               '``{parent}`` with early exits (parent: timm ``{parent}``, its weights and arguments).')
