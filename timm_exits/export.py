@@ -29,9 +29,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -42,6 +40,7 @@ import torch.nn as nn
 
 import timm
 
+from ._files import atomic_dir
 from .models._base import check_fraction, embed_tokens
 from .models.life_regress_vit import LifeRegressVisionTransformer
 from .models.multi_exit_vit import MultiExitVisionTransformer
@@ -175,9 +174,7 @@ def export_onnx(
         'format': FORMAT, 'timm_exits_version': _version(), 'export_id': export_id, 'model': name,
         'family': 'liferegress' if life else 'mexit', 'num_classes': model.num_classes, **_data_cfg(model),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', suffix='.partial', dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         if life or static:
             if life:
                 keep_rate = model.resolve_keep_rate(keep_rate, budget)
@@ -209,10 +206,6 @@ def export_onnx(
                 default_budget=model.budget, segments=segments, heads=heads)
         manifest['files'] = _file_info(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -30,7 +30,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
-from ..hub import explain_missing_weights, published_cfg
+from ._pretrained import explain_missing_weights, published_cfg
 from ._base import (
     NewPartsMixin, build_vit_family, check_fraction, check_weights_reachable, count_flops, embed_tokens,
     is_fx_tracing, parent_cfgs,
