@@ -39,7 +39,7 @@ def random_export(tmp_path_factory):
 def digits_export(tmp_path_factory):
     """The tiny model trained a few epochs on scikit-learn's digits with MEViT's sandwich rule: real, spread scores."""
     from timm_exits.tasks import MEViTTask
-    from timm_exits.validate import DigitsDataset
+    from timm_exits.data import DigitsDataset
     torch.manual_seed(0)
     model = timm.create_model('test_vit_mexit', exit_layers=(2, 3))
     data = DigitsDataset('train', 32)
