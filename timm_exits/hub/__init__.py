@@ -19,6 +19,9 @@ and ``model.safetensors`` (``save_for_hf``), ``training_args.json`` and a ``READ
 folder that is renamed into place only when complete, then uploads it with ``HfApi.upload_folder``. The export holds
 only files push wrote, plus the evaluation's plot if it is a PNG inside the checkpoint's folder (symlinks resolved);
 a plot anywhere else is ignored with a warning and drawn again from the JSON.
+
+The named models' cfgs and ``MissingWeightsError`` live beside the models (``timm_exits.models._pretrained``: the
+models need them when they register), the model cards in ``timm_exits.hub.cards``; this module re-exports both.
 """
 import argparse
 import json
