@@ -114,7 +114,8 @@ def evaluate_run(args: argparse.Namespace, arm: Tuple[str, List[str]], run_dir: 
     import timm
     import timm_exits  # noqa: F401  (registers the models)
     from timm.data import create_dataset, create_transform, resolve_data_config
-    from timm_exits.validate import accuracies, collect_outputs, make_loader
+    from timm_exits.data import make_loader
+    from timm_exits.evaluation import accuracies, collect_outputs
     name, extra = arm
     kwargs = dict(a.split('=', 1) for a in (SHARED_KWARGS if name == 'plain' else SHARED_KWARGS + EXIT_KWARGS + extra))
     kwargs = {k: _literal(v) for k, v in kwargs.items()}

@@ -39,7 +39,7 @@ def random_export(tmp_path_factory):
 def digits_export(tmp_path_factory):
     """The tiny model trained a few epochs on scikit-learn's digits with MEViT's sandwich rule: real, spread scores."""
     from timm_exits.tasks import MEViTTask
-    from timm_exits.validate import DigitsDataset
+    from timm_exits.data import DigitsDataset
     torch.manual_seed(0)
     model = timm.create_model('test_vit_mexit', exit_layers=(2, 3))
     data = DigitsDataset('train', 32)
@@ -213,3 +213,20 @@ def test_cli(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert message in err and err.count('\n') == 1, err
+
+
+@pytest.mark.parametrize('parent', ['eva02_tiny_patch14_224', 'vit_base_patch16_siglip_224'])
+def test_staged_export_of_other_parents(tmp_path, parent):
+    """Rotary (Eva: the position embedding is a constant of every segment) and no-[CLS] parents stage as ViTs do."""
+    import warnings
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        model = timm.create_model(f'{parent}_mexit', depth=4, embed_dim=48, num_heads=2, num_classes=5,
+                                  img_size=56 if 'patch14' in parent else 64)
+    model = spread_exit_heads(model).eval()
+    session = ExitSession(export_onnx(model, tmp_path / 'onnx', f'{parent}_mexit'))
+    with torch.no_grad():
+        x = torch.randn(6, 3, *model.patch_embed.img_size)
+        for threshold, budget in [(None, None), (0.5, None), (0.5, 0.9)]:
+            _check_same(model, session, x, threshold, budget)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import timm
 from timm.utils import random_seed
 from timm_exits.train import Recipe, Stage, build_model, build_optimizer, train
-from timm_exits.validate import DigitsDataset
+from timm_exits.data import DigitsDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Recipe(

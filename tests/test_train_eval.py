@@ -6,10 +6,11 @@ import torch
 from safetensors.torch import save_file
 
 import timm
-from timm_exits.validate import (
-    DigitsDataset, budget_table, budgeted_batch_table, collect_outputs, evaluate, main, make_loader, practical_exits,
-    select_threshold, threshold_table,
+from timm_exits.data import DigitsDataset, make_loader
+from timm_exits.evaluation import (
+    budget_table, budgeted_batch_table, collect_outputs, evaluate, practical_exits, select_threshold, threshold_table,
 )
+from timm_exits.validate import main
 
 from .conftest import spread_exit_heads
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from timm_exits import train as train_module
 from timm_exits.train import Recipe, RunError, Stage, _Run, _step_cost_main, main, train
-from timm_exits.validate import DigitsDataset
+from timm_exits.data import DigitsDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = Recipe(

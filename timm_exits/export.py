@@ -29,20 +29,19 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 import timm
 
-from .models._base import check_fraction, embed_tokens
+from ._files import atomic_dir
+from .models._base import check_fraction
 from .models.life_regress_vit import LifeRegressMixin
 from .models.multi_exit_vit import MultiExitMixin, MultiExitVisionTransformer
 
@@ -55,17 +54,20 @@ _logger = logging.getLogger(__name__)
 
 
 class _Segment(nn.Module):
-    """Blocks ``start`` .. ``stop`` - 1 (0-based) of a multi-exit model; the first segment embeds the images."""
+    """Blocks ``start`` .. ``stop`` - 1 (0-based) of a multi-exit model; the first segment embeds the images. A
+    rotary parent's (Eva) position embedding at the export size is a constant of every segment."""
 
-    def __init__(self, model: MultiExitVisionTransformer, start: int, stop: int) -> None:
+    def __init__(self, model: MultiExitMixin, start: int, stop: int, example: torch.Tensor) -> None:
         super().__init__()
         self.model, self.start, self.stop = model, start, stop
+        with torch.no_grad():
+            self.rope = model._embed(example[:1])[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.start == 0:
-            x = embed_tokens(self.model, x)
+            x = self.model._embed(x)[0]
         for i in range(self.start, self.stop):
-            x = self.model.blocks[i](x)
+            x = self.model._apply_block(self.model.blocks[i], x, self.model._block_rope(self.rope, i), None)
         return x
 
 
@@ -175,9 +177,7 @@ def export_onnx(
         'format': FORMAT, 'timm_exits_version': _version(), 'export_id': export_id, 'model': name,
         'family': 'liferegress' if life else 'mexit', 'num_classes': model.num_classes, **_data_cfg(model),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', suffix='.partial', dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         if life or static:
             if life:
                 keep_rate = model.resolve_keep_rate(keep_rate, budget)
@@ -194,7 +194,7 @@ def export_onnx(
             segments, heads, x, start = [], [], example, 0
             with torch.no_grad():
                 for k, layer in enumerate(layers, 1):
-                    seg = _Segment(model, start, layer)
+                    seg = _Segment(model, start, layer, example)
                     _export_graph(seg, x, tmp / f'segment_{k}.onnx', ['tokens'], export_id)
                     x = seg(x)
                     _export_graph(_ExitHead(model, layer), x, tmp / f'exit_{layer}.onnx', ['logits', 'score'],
@@ -209,10 +209,6 @@ def export_onnx(
                 default_budget=model.budget, segments=segments, heads=heads)
         manifest['files'] = _file_info(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

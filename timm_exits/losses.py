@@ -22,7 +22,6 @@ the form k (p - t): k comes out too large and the targets are wrong.
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from timm.layers import register_notrace_function
 

@@ -64,11 +64,12 @@ from timm.utils.distributed import init_distributed_device_so
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ._files import atomic_write, write_json
+from .data import create_dataset, make_loader
+from .evaluation import accuracies, collect_outputs, evaluate
 from .models._checkpoint import layout_args
+from .plots import plot_tradeoff
 from .tasks import TASKS, create_task, in_parts
-from .validate import (
-    accuracies, atomic_write, collect_outputs, create_dataset, evaluate, make_loader, plot_tradeoff, write_json,
-)
 
 _logger = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from safetensors.torch import load_file
 
 import timm
 from timm_exits.train import Recipe, RunError, Stage, train
-from timm_exits.validate import (
-    DigitsDataset, atomic_write, choose_threshold, collect_outputs, make_loader, threshold_table, write_json,
-)
+from timm_exits._files import atomic_write, write_json
+from timm_exits.data import DigitsDataset, make_loader
+from timm_exits.evaluation import choose_threshold, collect_outputs, threshold_table
 
 BACKBONE = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, mlp_ratio=2.)
 LIFE = dict(life_layer=1, prune_layers=(2, 4, 5))  # depth 6: lives after block 1, patches leave after 2, 4 and 5

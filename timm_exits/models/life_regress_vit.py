@@ -31,9 +31,9 @@ from timm.models._manipulate import checkpoint
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
-from ..hub import explain_missing_weights, published_cfg
 from ._base import NewPartsMixin, add_block_group, check_fraction, count_flops, is_fx_tracing, parent_cfgs
 from ._build import build_family, register_twins
+from ._pretrained import explain_missing_weights, published_cfg
 from .adapters import EvaAdapter, VitAdapter, register_adapted
 
 __all__ = [

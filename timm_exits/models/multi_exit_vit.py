@@ -29,10 +29,10 @@ from timm.models._manipulate import checkpoint
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
-from ..hub import explain_missing_weights, published_cfg
 from ..losses import attach_exit_losses, scale_gradient
 from ._base import NewPartsMixin, add_block_group, check_fraction, count_flops, is_fx_tracing, tracing_tool
 from ._build import build_family, register_twins
+from ._pretrained import explain_missing_weights, published_cfg
 from .adapters import EvaAdapter, VitAdapter, register_adapted
 from .exit_heads import EXIT_HEADS, create_exit_head
 

@@ -1,0 +1,325 @@
+""" Evaluation of a multi-exit or LifeRegress model: the numbers of ``eval.json`` and the threshold choice.
+
+- multi-exit: each exit's accuracy, cost (share of the full model's FLOPs, torch's flop counter), GFLOPs, latency and
+  whether it is practical (more accurate than every earlier exit, II-A of 001_*.txt); per-image early exit at a range
+  of thresholds (accuracy against mean compute, MEViT Fig. 2, 000_*.txt); anytime accuracy under compute budgets;
+  MSDNet's budgeted batch classification.
+- LifeRegress: accuracy, FLOPs ratio, GFLOPs and latency at each keep rate rho (003_*.txt, Table III).
+- ``choose_threshold``: the threshold that meets a largest accuracy drop (points against the full model) or a largest
+  mean compute share.
+
+Threshold results are simulated from one ``forward_exits`` pass: an image leaves at its first exit whose criterion
+passes and pays the blocks up to it plus every exit head evaluated on the way, exactly what ``forward_dynamic`` does.
+"""
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+import timm
+
+from .models._base import count_flops
+from .models.life_regress_vit import LifeRegressMixin
+from .models.multi_exit_vit import MultiExitMixin
+
+__all__ = [
+    'DEFAULT_KEEP_RATES', 'DEFAULT_THRESHOLDS', 'accuracies', 'budget_table', 'budgeted_batch_table',
+    'candidate_thresholds', 'choose_threshold', 'collect_outputs', 'evaluate', 'practical_exits', 'select_threshold',
+    'threshold_table',
+]
+
+DEFAULT_KEEP_RATES = (1.0, 0.9, 0.8, 0.7)
+DEFAULT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21)) + (0.99, 0.999)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return timm.utils.unwrap_model(model)
+
+
+@torch.no_grad()
+def collect_outputs(
+        model: nn.Module,
+        loader: DataLoader,
+        device: torch.device,
+        keep_rates: Sequence[float] = DEFAULT_KEEP_RATES,
+        autocast: Optional[Callable] = None,
+        progress: bool = False,
+        desc: str = 'eval',
+) -> Dict[str, torch.Tensor]:
+    """Per image, whether each exit (multi-exit), each keep rate (LifeRegress) or the output is right.
+
+    Args:
+        progress: Show a tqdm progress bar (batches) on stderr.
+        desc: Label of the progress bar.
+
+    Returns:
+        ``{'correct': (K, N) bool}`` and, for a multi-exit model, ``'scores': (K, N)``, each exit's criterion value.
+
+    Raises:
+        ValueError: The loader yields no images (an accuracy over nothing is not a number).
+    """
+    from tqdm import tqdm
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    correct, scores = [], []
+    try:
+        for x, y in tqdm(loader, desc=desc, unit='batch', disable=not progress, dynamic_ncols=True):
+            x, y = x.to(device), y.to(device)
+            with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
+                if isinstance(model, MultiExitMixin):
+                    outs = model.forward_exits(x)
+                    scores.append(torch.stack([
+                        model.exit_scores(layer, z).float() for layer, z in zip(model.exit_layers, outs)]))
+                elif isinstance(model, LifeRegressMixin):
+                    outs = [model(x, keep_rate=rate) for rate in keep_rates]
+                else:
+                    outs = [model(x)]
+            correct.append(torch.stack([z.argmax(-1) == y for z in outs]).cpu())
+    finally:
+        model.train(was_training)
+    if not correct or sum(c.shape[1] for c in correct) == 0:
+        raise ValueError('no images to evaluate: the dataset split is empty')
+    out = {'correct': torch.cat(correct, 1)}
+    if scores:
+        out['scores'] = torch.cat([s.cpu() for s in scores], 1)
+    return out
+
+
+def accuracies(correct: torch.Tensor) -> List[float]:
+    """Top-1 accuracy in percent of each row of a (K, N) bool tensor."""
+    return [100. * float(c.float().mean()) for c in correct]
+
+
+def practical_exits(accs: Sequence[float]) -> List[bool]:
+    """Practical exits (II-A, 001_*.txt): more accurate than every earlier exit."""
+    return [i == 0 or acc > max(accs[:i]) for i, acc in enumerate(accs)]
+
+
+def threshold_table(
+        scores: torch.Tensor,
+        correct: torch.Tensor,
+        path_costs: Sequence[float],
+        thresholds: Sequence[float],
+        confident_high: bool = True,
+) -> List[Dict[str, float]]:
+    """Per-image early exit at each threshold, simulated: an image leaves at its first exit whose score passes
+    (>= threshold if ``confident_high``, else <=), the last exit answering the rest.
+
+    Args:
+        scores: (E, N) criterion value of each exit for each image.
+        correct: (E, N) whether each exit is right.
+        path_costs: (E,) cost of leaving at each exit, the heads evaluated on the way included.
+        thresholds: Thresholds to try.
+        confident_high: Whether a higher score means more confident ('confidence' criterion).
+
+    Returns:
+        ``[{'threshold', 'accuracy' (percent), 'mean_cost'}]`` in the order of ``thresholds``.
+    """
+    cols = torch.arange(scores.shape[1])
+    costs = torch.tensor(path_costs, dtype=torch.float64)
+    rows = []
+    for t in thresholds:
+        passes = scores >= t if confident_high else scores <= t
+        passes[-1] = True
+        first = passes.to(torch.uint8).argmax(0)
+        rows.append({
+            'threshold': float(t),
+            'accuracy': 100. * float(correct[first, cols].float().mean()),
+            'mean_cost': float(costs[first].mean()),
+        })
+    return rows
+
+
+def budget_table(accs: Sequence[float], costs: Sequence[float], budgets: Sequence[float]) -> List[Dict[str, float]]:
+    """Anytime accuracy: under each budget the deepest exit whose cost fits answers every image (``forward(x,
+    budget=b)``); budgets below the cheapest exit are left out."""
+    rows = []
+    for b in budgets:
+        fits = [i for i, c in enumerate(costs) if c <= b + 1e-9]
+        if fits:
+            rows.append({'budget': float(b), 'accuracy': float(accs[fits[-1]]), 'mean_cost': float(costs[fits[-1]])})
+    return rows
+
+
+def candidate_thresholds(scores: torch.Tensor, levels: int = 256) -> List[float]:
+    """Thresholds worth trying: the default grid and quantiles of the early exits' scores."""
+    q = torch.linspace(0, 1, levels, dtype=torch.float64)
+    found = torch.quantile(scores[:-1].double().flatten(), q) if scores.shape[0] > 1 else q
+    return sorted({*DEFAULT_THRESHOLDS, *(round(float(v), 6) for v in found.clamp(0, 1))})
+
+
+def select_threshold(
+        rows: Sequence[Dict[str, float]],
+        reference_accuracy: float,
+        max_drop: Optional[float] = None,
+        max_cost: Optional[float] = None,
+) -> Dict[str, float]:
+    """The row of ``threshold_table`` that meets a target.
+
+    Args:
+        rows: ``threshold_table`` rows.
+        reference_accuracy: Accuracy (percent) of the full model, the final exit.
+        max_drop: Largest accuracy drop in points: the cheapest row with accuracy >= reference - max_drop.
+        max_cost: Largest mean compute share: the most accurate row with mean_cost <= max_cost.
+
+    Raises:
+        ValueError: Neither or both targets given, or no threshold meets the target.
+    """
+    if (max_drop is None) == (max_cost is None):
+        raise ValueError('give exactly one of max_drop (accuracy points) and max_cost (share of the full FLOPs)')
+    if max_drop is not None:
+        ok = [r for r in rows if r['accuracy'] >= reference_accuracy - max_drop - 1e-9]
+        key, what = (lambda r: (r['mean_cost'], -r['accuracy'])), f'an accuracy drop of at most {max_drop:g} points'
+    else:
+        ok = [r for r in rows if r['mean_cost'] <= max_cost + 1e-9]
+        key, what = (lambda r: (-r['accuracy'], r['mean_cost'])), f'a mean cost of at most {max_cost:g}'
+    if not ok:
+        best = min(rows, key=lambda r: (-r['accuracy'], r['mean_cost'])) if max_drop is not None else \
+            min(rows, key=lambda r: r['mean_cost'])
+        raise ValueError(
+            f'no threshold gives {what} (reference accuracy {reference_accuracy:.2f}); the closest: threshold '
+            f'{best["threshold"]:g}, accuracy {best["accuracy"]:.2f}, mean cost {best["mean_cost"]:.4f}')
+    return min(ok, key=key)
+
+
+def budgeted_batch_table(
+        scores: torch.Tensor,
+        correct: torch.Tensor,
+        path_costs: Sequence[float],
+        mean_budgets: Sequence[float],
+        confident_high: bool = True,
+        calib: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> List[Dict[str, float]]:
+    """Budgeted batch classification (MSDNet's protocol, anytime / budgeted inference of 001_*.txt): for each mean
+    compute budget of the whole set, the threshold whose mean cost on ``calib`` (scores, correct; default: this set)
+    fits it with the best accuracy, and what it gives here. Budgets that no threshold meets are left out.
+
+    Returns:
+        ``[{'mean_budget', 'threshold', 'accuracy' (percent), 'mean_cost'}]``: accuracy and mean cost on this set.
+    """
+    calib_scores, calib_correct = (scores, correct) if calib is None else calib
+    rows = threshold_table(calib_scores, calib_correct, path_costs, candidate_thresholds(calib_scores),
+                           confident_high)
+    reference = accuracies(calib_correct)[-1]
+    out = []
+    for budget in mean_budgets:
+        try:
+            chosen = select_threshold(rows, reference, max_cost=budget)['threshold']
+        except ValueError:
+            continue
+        applied = threshold_table(scores, correct, path_costs, [chosen], confident_high)[0]
+        out.append({'mean_budget': float(budget), 'threshold': chosen, 'accuracy': applied['accuracy'],
+                    'mean_cost': applied['mean_cost']})
+    return out
+
+
+def choose_threshold(
+        model: MultiExitMixin,
+        outputs: Dict[str, torch.Tensor],
+        max_drop: Optional[float] = None,
+        max_cost: Optional[float] = None,
+) -> Dict[str, Any]:
+    """The threshold of ``model.exit_criterion`` meeting a target on ``collect_outputs`` of a validation set.
+
+    Returns:
+        ``{'criterion', 'threshold', 'target_drop', 'target_cost', 'calib_accuracy', 'calib_mean_cost',
+        'calib_full_accuracy'}``.
+    """
+    rows = threshold_table(outputs['scores'], outputs['correct'], list(model.threshold_costs),
+                           candidate_thresholds(outputs['scores']), model.exit_criterion == 'confidence')
+    full = accuracies(outputs['correct'])[-1]
+    row = select_threshold(rows, full, max_drop, max_cost)
+    return {'criterion': model.exit_criterion, 'threshold': row['threshold'], 'target_drop': max_drop,
+            'target_cost': max_cost, 'calib_accuracy': row['accuracy'], 'calib_mean_cost': row['mean_cost'],
+            'calib_full_accuracy': full}
+
+
+def _full_flops(model: nn.Module) -> int:
+    """FLOPs of one image through a plain model (no exits, no slimming), torch's flop counter."""
+    ref = next(model.parameters())
+    x = torch.zeros(1, model.patch_embed.proj.in_channels, *model.patch_embed.img_size, device=ref.device,
+                    dtype=ref.dtype)
+    was_training = model.training
+    model.eval()
+    flops = count_flops(model, x)[0]
+    model.train(was_training)
+    return flops
+
+
+def _latencies(candidates: Dict[Any, Callable[[], Any]], batch: int, rounds: int = 5) -> Dict[Any, float]:
+    """Median ms per image of each candidate, interleaved timing (``timm_exits.benchmark``)."""
+    from .benchmark import time_interleaved
+    with torch.inference_mode():
+        times = time_interleaved(candidates, rounds=rounds, warmup=1)
+    return {k: sorted(v)[len(v) // 2] / batch for k, v in times.items()}
+
+
+def evaluate(
+        model: nn.Module,
+        loader: DataLoader,
+        device: torch.device,
+        model_name: str,
+        dataset_name: str,
+        keep_rates: Sequence[float] = DEFAULT_KEEP_RATES,
+        thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+        budgets: Optional[Sequence[float]] = None,
+        latency_batch: int = 0,
+        outputs: Optional[Dict[str, torch.Tensor]] = None,
+        calib_outputs: Optional[Dict[str, torch.Tensor]] = None,
+) -> Dict[str, Any]:
+    """The evaluation JSON of a multi-exit or LifeRegress model (see the module docstring for the schema).
+
+    Args:
+        outputs: ``collect_outputs`` already computed on ``loader`` (else computed here).
+        latency_batch: Batch size of the latency timing (0: ``latency_ms`` is null).
+        calib_outputs: ``collect_outputs`` of another split on which the budgeted-batch thresholds are chosen
+            (default: chosen on ``loader``'s split itself, which flatters the accuracy).
+    """
+    model = _unwrap(model)
+    outputs = collect_outputs(model, loader, device, keep_rates) if outputs is None else outputs
+    correct = outputs['correct']
+    accs = accuracies(correct)
+    result: Dict[str, Any] = {'model': model_name, 'dataset': dataset_name, 'num_images': int(correct.shape[1])}
+    ref = next(model.parameters())
+    x = torch.randn(max(latency_batch, 1), model.patch_embed.proj.in_channels, *model.patch_embed.img_size,
+                    device=ref.device, dtype=ref.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(model, MultiExitMixin):
+            costs = list(model.exit_costs)
+            lat = _latencies({i: (lambda c=c: model(x, budget=c)) for i, c in enumerate(costs)}, len(x)) \
+                if latency_batch else {}
+            result['exits'] = [
+                {'layer': layer, 'accuracy': acc, 'cost': cost, 'gflops': cost * model.full_flops / 1e9,
+                 'latency_ms': lat.get(i), 'practical': practical}
+                for i, (layer, acc, cost, practical) in enumerate(
+                    zip(model.exit_layers, accs, costs, practical_exits(accs)))]
+            result['thresholds'] = threshold_table(
+                outputs['scores'], correct, list(model.threshold_costs), thresholds,
+                model.exit_criterion == 'confidence')
+            grid = [round(0.1 * i, 1) for i in range(1, 11)] if budgets is None else list(budgets)
+            result['budgets'] = budget_table(accs, costs, sorted({*grid, *costs}))
+            # what an image no exit lets go costs with a threshold and no budget (above 1: more than the full model)
+            result['worst_case_threshold_cost'] = model.worst_case_threshold_cost
+            calib = None if calib_outputs is None else (calib_outputs['scores'], calib_outputs['correct'])
+            result['budgeted_batch'] = budgeted_batch_table(
+                outputs['scores'], correct, list(model.threshold_costs), [round(0.05 * i, 2) for i in range(6, 21)],
+                model.exit_criterion == 'confidence', calib)
+            result['budgeted_batch_chosen_on'] = 'this split' if calib_outputs is None else 'calibration split'
+        elif isinstance(model, LifeRegressMixin):
+            lat = _latencies({r: (lambda r=r: model(x, keep_rate=r)) for r in keep_rates}, len(x)) \
+                if latency_batch else {}
+            result['keep_rates'] = [
+                {'keep_rate': float(rate), 'accuracy': acc, 'flops_ratio': model.flops_ratio(rate),
+                 'gflops': model.flops(rate) / 1e9, 'latency_ms': lat.get(rate)}
+                for rate, acc in zip(keep_rates, accs)]
+        else:
+            result['accuracy'] = accs[0]
+            result['gflops'] = _full_flops(model) / 1e9
+    finally:
+        model.train(was_training)
+    result['plot'] = 'tradeoff.png'
+    return result
