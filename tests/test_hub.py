@@ -5,6 +5,7 @@ HF_HUB_CACHE and HF_HUB_OFFLINE when it is imported, so everything that talks to
 """
 import argparse
 import json
+import warnings
 import os
 import subprocess
 import sys
@@ -399,3 +400,23 @@ def test_label_names(tmp_path):
     (tmp_path / 'names.txt').write_text('\n'.join(f'class {i}' for i in range(1000)))
     assert hub._label_config(model, {}, tmp_path / 'names.txt') == dict(label_names=[f'class {i}' for i in range(1000)])
     assert hub._label_config(timm.create_model(NAMED), hub.card_metadata(NAMED), None) == {}
+
+
+def test_any_parent_twin_round_trip_with_parent_base_model(tmp_path):
+    """A twin of any timm parent (here a rotary Eva at a tiny size) publishes with its build arguments and the
+    parent's Hub repo as base_model, and comes back equal through local-dir."""
+    kwargs = dict(depth=3, embed_dim=32, num_heads=2, img_size=28, num_classes=4, exit_layers=(1, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        model = timm.create_model('eva02_tiny_patch14_224_mexit', **kwargs).eval()
+    torch.save({'state_dict': model.state_dict(), 'epoch': 1}, tmp_path / 'twin.pth.tar')
+    folder, _ = hub.push(tmp_path / 'twin.pth.tar', 'eva02_tiny_patch14_224_mexit', 'me/eva-exits', None,
+                         tmp_path / 'out', upload=False, model_kwargs=kwargs)
+    card = (folder / 'README.md').read_text()
+    parent_repo = timm.models.get_pretrained_cfg('eva02_tiny_patch14_224').hf_hub_id
+    assert f'base_model: {parent_repo}' in card
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    assert type(loaded).__name__ == 'MultiExitEva' and loaded.exit_layers == (1, 2, 3)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))

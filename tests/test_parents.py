@@ -139,3 +139,11 @@ def test_slimming_keeps_the_rotary_entries_of_kept_patches(parent):
             expected.append(model.forward_head(model.norm(t)))
     torch.testing.assert_close(out, torch.cat(expected), rtol=1e-4, atol=1e-5)
 
+
+
+@pytest.mark.parametrize('parent', ['eva02_tiny_patch14_224', 'vit_base_patch16_rope_mixed_224'])
+def test_torchscript_of_a_rotary_parent_slims_as_eager(parent):
+    model = _quiet_create(f'{parent}_liferegress', **TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=0, atol=0)  # default keep rate 0.7

@@ -146,3 +146,32 @@ def test_recipes_are_valid(path, monkeypatch):
     for recipe in recipes.values():
         assert isinstance(recipe, Recipe) and timm.is_model(recipe.model.split('.')[0]), recipe.name
         assert all(isinstance(s, Stage) for s in recipe.stages)
+
+
+def test_recipe_model_flag_takes_any_parent(tmp_path):
+    """--model: a timm parent (tag kept) trains as its twin of the recipe's family; other names are refused."""
+    from timm_exits.train import family_model, main
+    assert family_model('vit_base_patch14_reg4_dinov2.lvd142m', TINY.model) == \
+        'vit_base_patch14_reg4_dinov2_mexit.lvd142m'
+    assert family_model('eva02_tiny_patch14_224', 'deit_small_liferegress') == 'eva02_tiny_patch14_224_liferegress'
+    assert family_model('vit_small_patch16_224_mexit', TINY.model) == 'vit_small_patch16_224_mexit'
+    with pytest.raises(ValueError, match="'resnet50' is neither a mexit model nor a timm parent"):
+        family_model('resnet50', TINY.model)
+    with pytest.raises(ValueError, match="'test_vit_liferegress' is a liferegress model; this recipe trains mexit"):
+        family_model('test_vit_liferegress', TINY.model)
+    recipe = dataclasses.replace(TINY, model_kwargs={}, stages=TINY.stages[:1])
+    argv = ['--output', str(tmp_path / 'run'), '--device', 'cpu', '--epochs', '1', '--model', 'eva02_tiny_patch14_224',
+            '--model-kwargs', 'depth=3', 'embed_dim=32', 'num_heads=2', 'img_size=28']
+    result = main(recipe, argv)
+    assert result['model'] == 'eva02_tiny_patch14_224_mexit' and [e['layer'] for e in result['exits']] == [1, 2, 3]
+    meta = json.loads(load_file_metadata(tmp_path / 'run' / 'model.safetensors'))
+    assert meta['model'] == 'eva02_tiny_patch14_224_mexit'
+    with pytest.raises(SystemExit) as e:
+        main(recipe, ['--output', str(tmp_path / 'other'), '--model', 'resnet50'])
+    assert e.value.code == 2
+
+
+def load_file_metadata(path: Path) -> str:
+    from safetensors import safe_open
+    with safe_open(str(path), 'pt') as f:
+        return f.metadata()['timm_exits']

@@ -62,12 +62,14 @@ def truncated_parent(parent: nn.Module, depth: int) -> nn.Module:
     return trunc
 
 
-def build_models(name: str) -> Tuple[nn.Module, MultiExitVisionTransformer]:
+def build_models(name: str) -> Tuple[nn.Module, MultiExitMixin]:
     """The timm parent and its multi-exit model with the same (random) backbone weights, both in eval mode. ``name``
-    is the parent or the multi-exit model (``..._mexit``)."""
+    is the parent or the multi-exit model (``..._mexit``). A feature backbone (DINOv2, SigLIP, EVA02 pre-training
+    tags: ``num_classes=0``) gets a 1000-class head, since exits classify."""
     parent_name = name[:-len('_mexit')] if name.endswith('_mexit') else name
-    parent = timm.create_model(parent_name).eval()
-    model = timm.create_model(f'{parent_name}_mexit').eval()
+    num_classes = timm.models.get_pretrained_cfg(parent_name).num_classes or 1000
+    parent = timm.create_model(parent_name, num_classes=num_classes).eval()
+    model = timm.create_model(f'{parent_name}_mexit', num_classes=num_classes).eval()
     assert isinstance(model, MultiExitMixin)
     model.load_state_dict({**model.state_dict(), **parent.state_dict()})
     return parent, model

@@ -279,6 +279,28 @@ def build_model(recipe: Recipe) -> nn.Module:
         raise RunError(f'model {recipe.model} with model_kwargs {recipe.model_kwargs}: {e}') from e
 
 
+_FAMILY_MODULES = {'multi_exit_vit': 'mexit', 'life_regress_vit': 'liferegress'}
+
+
+def family_model(name: str, like: str) -> str:
+    """``name`` as a model of ``like``'s family: a model of that family as it is, a timm parent (any ViT or Eva
+    architecture, tag kept) as its twin: ``vit_base_patch14_reg4_dinov2.lvd142m`` ->
+    ``vit_base_patch14_reg4_dinov2_mexit.lvd142m`` for a multi-exit recipe."""
+    modules = timm.models._registry._model_to_module
+    family = _FAMILY_MODULES.get(modules.get(timm.models.get_arch_name(like), ''))
+    arch, tag = timm.models.split_model_name_tag(name)
+    if family is None or modules.get(arch) in _FAMILY_MODULES:
+        if family is not None and _FAMILY_MODULES[modules[arch]] != family:
+            raise ValueError(f'--model: {name!r} is a {_FAMILY_MODULES[modules[arch]]} model; this recipe trains '
+                             f'{family} models ({like}); give a {family} model or its timm parent')
+        return name
+    twin = f'{arch}_{family}'
+    if twin not in modules:
+        raise ValueError(f'--model: {name!r} is neither a {family} model nor a timm parent of one (any VisionTransformer or '
+                         f'Eva architecture, e.g. vit_base_patch14_reg4_dinov2 -> vit_base_patch14_reg4_dinov2_{family})')
+    return f'{twin}.{tag}' if tag else twin
+
+
 def build_optimizer(model: nn.Module, stage: Stage) -> torch.optim.Optimizer:
     """timm optimizer over the parameters that train, with timm's weight-decay groups, split by ``part_lrs``."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -838,6 +860,9 @@ def main(recipes: Union[Recipe, Dict[str, Recipe]], argv: Optional[Sequence[str]
     parser.add_argument('--amp', action='store_true', help='mixed precision (float16 + loss scaling on CUDA)')
     parser.add_argument('--torchcompile', nargs='?', const='inductor', default='', help='torch.compile backend')
     parser.add_argument('--init-checkpoint', default=None, help='plain timm checkpoint to start from')
+    parser.add_argument('--model', default=None,
+                        help="another model of the recipe's family, or any timm ViT / Eva parent (tag allowed), "
+                             'which trains as its twin (<parent>_mexit or <parent>_liferegress)')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
     parser.add_argument('--latency-batch', type=_int_at_least(0), default=None)
     parser.add_argument('--no-resume', action='store_true',
@@ -855,6 +880,11 @@ def main(recipes: Union[Recipe, Dict[str, Recipe]], argv: Optional[Sequence[str]
         changes['amp'] = True
     if args.model_kwargs:
         changes['model_kwargs'] = {**recipe.model_kwargs, **args.model_kwargs}
+    if args.model:
+        try:
+            changes['model'] = family_model(args.model, recipe.model)
+        except ValueError as e:
+            parser.error(f'argument {e}')
     stages = recipe.stages
     for key in ('epochs', 'lr'):
         values = getattr(args, key)

@@ -109,20 +109,25 @@ def export(
         label_names: Optional[Union[str, Path]] = None,
         cards_dir: Union[str, Path] = CARDS_DIR,
         source_dir: Optional[Union[str, Path]] = None,
+        model_args: Optional[Dict[str, Any]] = None,
 ) -> Path:
     """Write the Hub folder of ``model`` to ``out_dir`` (new or empty): config.json + model.safetensors (timm's
     ``save_for_hf``, ``model_args`` with the whole layout), training_args.json, tradeoff.png, README.md. Written
     into a temporary folder beside ``out_dir`` and renamed into place when complete; removed on any error.
 
     The evaluation's own plot is copied only from inside ``source_dir`` (the checkpoint's folder); with None, or a
-    plot elsewhere, the plot is drawn from the evaluation JSON. No other file is read into the export."""
+    plot elsewhere, the plot is drawn from the evaluation JSON. No other file is read into the export.
+
+    ``model_args``: the ``create_model`` arguments the model was built with beyond its architecture's own (e.g. a
+    parent's ``depth`` or ``img_size``); recorded with the layout so ``hf-hub:`` / ``local-dir:`` rebuild it."""
     out = Path(out_dir).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f'export folder {out} exists and is not empty; name a new one')
     with atomic_dir(out) as tmp:
         data = card_metadata(name, cards_dir)
         save_for_hf(
-            model, tmp, model_config=_label_config(model, data, label_names), model_args=layout_args(model),
+            model, tmp, model_config=_label_config(model, data, label_names),
+            model_args={**(model_args or {}), **layout_args(model)},
             safe_serialization=True)
         if training_args:
             (tmp / 'training_args.json').write_text(json.dumps(training_args, indent=2, default=str))
@@ -168,7 +173,8 @@ def push(
         raise ValueError(f'checkpoint {checkpoint} does not fit {model_name}: {e}') from e
     with tempfile.TemporaryDirectory() as scratch:
         folder = export(model, local_dir or Path(scratch) / 'export', model_name, repo_id, evaluation, args,
-                        label_names, cards_dir, source_dir=Path(checkpoint).resolve().parent)
+                        label_names, cards_dir, source_dir=Path(checkpoint).resolve().parent,
+                        model_args={k: v for k, v in (model_kwargs or {}).items() if k != 'num_classes'})
         url = None
         if upload:
             api = HfApi(library_name='timm-exits')

@@ -375,11 +375,8 @@ class LifeRegressMixin(NewPartsMixin):
             mask: Optional[torch.Tensor] = None
             if self.training and lives is not None:
                 mask = self.life_attn_mask(lives, t, x.dtype)
-            if torch.jit.is_scripting():  # TorchScript passes no module as an argument: timm's ViT block call
-                if rope is not None:
-                    raise RuntimeError('a scripted LifeRegress model with rotary position embeddings (Eva) would run '
-                                       'its blocks without them; script a VisionTransformer parent, or run it eagerly')
-                x = blk(x, attn_mask=mask)
+            if torch.jit.is_scripting():  # TorchScript passes no module as an argument
+                x = self._script_block(i, x, self._block_rope(rope, i), mask)
             elif self.grad_checkpointing:
                 x = checkpoint(self._apply_block, blk, x, self._block_rope(rope, i), mask)
             else:

@@ -40,6 +40,16 @@ class ParentAdapter:
         """One block on tokens x, as the parent runs it (``attn_mask``: additive, broadcast over heads)."""
         raise NotImplementedError
 
+    def _script_block(
+            self,
+            index: int,
+            x: torch.Tensor,
+            rope: Optional[torch.Tensor],
+            attn_mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """``_apply_block`` of block ``index`` under ``torch.jit.script``, which passes no module as an argument."""
+        raise NotImplementedError
+
     def _has_cls(self) -> bool:
         """Whether the first token is a class token."""
         return getattr(self, 'cls_token', None) is not None

@@ -43,3 +43,15 @@ class EvaAdapter(ParentAdapter):
             attn_mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
         return blk(x, rope=rope, attn_mask=attn_mask)
+
+    def _script_block(
+            self,
+            index: int,
+            x: torch.Tensor,
+            rope: Optional[torch.Tensor],
+            attn_mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        for i, blk in enumerate(self.blocks):
+            if i == index:
+                x = blk(x, rope=rope, attn_mask=attn_mask)
+        return x

@@ -36,5 +36,17 @@ class VitAdapter(ParentAdapter):
     ) -> torch.Tensor:
         return blk(x) if attn_mask is None else blk(x, attn_mask=attn_mask)
 
+    def _script_block(
+            self,
+            index: int,
+            x: torch.Tensor,
+            rope: Optional[torch.Tensor],
+            attn_mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        for i, blk in enumerate(self.blocks):
+            if i == index:
+                x = blk(x, attn_mask=attn_mask)
+        return x
+
     def _has_cls(self) -> bool:
         return self.has_class_token
