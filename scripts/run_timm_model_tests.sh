@@ -3,7 +3,9 @@
 #
 #   scripts/run_timm_model_tests.sh PATH_TO_PYTORCH_IMAGE_MODELS_CHECKOUT [extra pytest args, e.g. -x]
 #
-# MODELS="test_vit or named_tiny" narrows the run to models matching that -k expression (default: all of them).
+# MODELS="test_vit or named_tiny" narrows the run to models matching that -k expression. Default: the package's own
+# named and tiny models and one twin per kind of parent (registers, no [CLS], LayerScale, distilled, rotary cat /
+# mixed); MODELS="mexit or liferegress" runs every twin of every timm ViT (about 500 architectures, hours on a CPU).
 #
 # The plugin is loaded with `-p timm_exits` (importing it registers the models). Only the tests that download
 # weights are deselected: test_model_inference (timm's reference outputs of test_* models), test_model_load_pretrained
@@ -17,7 +19,9 @@ TIMM_SRC=$(cd "$1" && pwd)
 shift
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+KINDS="vit_small_patch14_reg4_dinov2 or vit_base_patch16_siglip_224 or deit3_small_patch16_224 or deit_tiny_distilled or eva02_tiny_patch14_224 or vit_base_patch16_rope_mixed_224"
+DEFAULT="test_vit or named_tiny or vit_b16_mexit or _patch16_224_mexit or deit_tiny_liferegress or $KINDS"
 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 exec python -m pytest -p timm_exits -p no:cacheprovider \
     "$TIMM_SRC/tests/test_models.py" --rootdir "$TIMM_SRC" \
-    -k "(mexit or liferegress) and (${MODELS:-mexit or liferegress}) and not test_model_inference and not test_model_load_pretrained and not test_model_features_pretrained" \
+    -k "(mexit or liferegress) and (${MODELS:-$DEFAULT}) and not test_model_inference and not test_model_load_pretrained and not test_model_features_pretrained" \
     -q "$@"

@@ -147,3 +147,18 @@ def test_torchscript_of_a_rotary_parent_slims_as_eager(parent):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=0, atol=0)  # default keep rate 0.7
+
+
+@pytest.mark.parametrize('name,family', [('mevit', 'mexit'), ('end_to_end', 'mexit'), ('classifier_wise', 'mexit'),
+                                         ('liferegress', 'liferegress')])
+def test_training_tasks_take_any_parents_twin(name, family):
+    """The papers' objectives on a converted rotary parent: a finite loss whose gradient reaches the new parts."""
+    from timm_exits.tasks import create_task
+    model = convert(_quiet_create('eva02_tiny_patch14_224', **TINY), family)
+    task = create_task(name, model)
+    task.train()
+    out = task(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3]))
+    assert torch.isfinite(out['loss'])
+    out['loss'].backward()
+    new = 'exits.' if family == 'mexit' else 'life.'
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith(new) and p.requires_grad)

@@ -6,6 +6,7 @@ timm's own ``checkpoint_filter_fn`` (pos-embed resampling, npz/CLIP conversions)
 checkpoint, with their layout checked, or are kept as initialised, with a warning that they are untrained.
 """
 import contextlib
+import inspect
 import logging
 import math
 import warnings
@@ -40,7 +41,7 @@ _logger = logging.getLogger(__name__)
 install_checkpoint_loader()  # create_model(checkpoint_path=...) of these models: files named, recorded layout checked
 
 __all__ = [
-    'NewPartsMixin', 'UntrainedWeightsWarning', 'add_block_group', 'check_fraction', 'check_layout',
+    'NewPartsMixin', 'UntrainedWeightsWarning', 'add_block_group', 'pop_kwargs', 'check_fraction', 'check_layout',
     'check_num_classes', 'count_flops', 'embed_tokens', 'is_fx_tracing', 'new_parts_filter', 'parent_cfgs',
 ]
 __all__ += ['WeightsUnavailableError', 'check_weights_reachable', 'tracing_tool']
@@ -276,6 +277,12 @@ def check_layout(
         raise ValueError(
             f'checkpoint {what} do not match this model: {detail}. Create the model with the {layout_arg} '
             f'the checkpoint was trained with.{hint}')
+
+
+def pop_kwargs(fn: Callable, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Remove from ``kwargs`` and return the keyword arguments ``fn`` takes (a mechanism's, out of a constructor's)."""
+    names = inspect.signature(fn).parameters
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
 
 
 def add_block_group(matcher: Dict[str, Any], rule: Tuple[str, Any]) -> Dict[str, Any]:

@@ -31,7 +31,9 @@ from timm.models._manipulate import checkpoint
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
-from ._base import NewPartsMixin, add_block_group, check_fraction, count_flops, is_fx_tracing, parent_cfgs
+from ._base import (
+    NewPartsMixin, add_block_group, check_fraction, count_flops, is_fx_tracing, parent_cfgs, pop_kwargs,
+)
 from ._build import build_family, register_twins
 from ._pretrained import explain_missing_weights, published_cfg
 from .adapters import EvaAdapter, VitAdapter, register_adapted
@@ -150,29 +152,11 @@ class LifeRegressMixin(NewPartsMixin):
     new_parts_name = 'life predictor'
     layout_arg = 'life_layer'
 
-    def __init__(
-            self,
-            life_layer: Optional[int] = None,
-            prune_layers: Optional[Sequence[int]] = None,
-            keep_rate: Optional[float] = None,
-            U: float = 1.5,
-            budget: Optional[float] = None,
-            **kwargs: Any,
-    ) -> None:
-        """
-        Args:
-            life_layer: t_base, the 1-based block after which the life module runs; before ``prune_layers[0]``. The
-                default, the block before the first prune layer (3 for 12 blocks), feeds the first slimming layer
-                (the paper clamps lives to [4, 12] "as predicted at layer 4").
-            prune_layers: 1-based blocks after which patches leave (default: the paper's 4, 7, 10 for 12 blocks,
-                scaled to the depth, ``default_life_layout``).
-            keep_rate: Default rho in (0, 1] (default 0.7 without a budget, none with one).
-            U: Temperature of the soft weights, eq. (7) (paper: 1.5).
-            budget: Default share (0, 1] of the parent's FLOPs; caps the keep rate (see ``resolve_keep_rate``).
-            **kwargs: The parent's arguments (``VisionTransformer``, ``Eva``).
-        """
+    def __init__(self, **kwargs: Any) -> None:
+        """The parent's arguments (``VisionTransformer``, ``Eva``) and the life predictor's (``_init_mechanism``)."""
+        own = pop_kwargs(self._init_mechanism, kwargs)
         super().__init__(**kwargs)
-        self._init_mechanism(life_layer=life_layer, prune_layers=prune_layers, keep_rate=keep_rate, U=U, budget=budget)
+        self._init_mechanism(**own)
 
     def _init_mechanism(
             self,
@@ -182,8 +166,19 @@ class LifeRegressMixin(NewPartsMixin):
             U: float = 1.5,
             budget: Optional[float] = None,
     ) -> None:
-        """Check the arguments and add the life predictor to a built parent (``__init__``'s arguments but the
-        parent's)."""
+        """Check the arguments and add the life predictor to a built parent (``__init__`` and
+        ``timm_exits.convert``).
+
+        Args:
+            life_layer: t_base, the 1-based block after which the life module runs; before ``prune_layers[0]``. The
+                default, the block before the first prune layer (3 for 12 blocks), feeds the first slimming layer
+                (the paper clamps lives to [4, 12] "as predicted at layer 4").
+            prune_layers: 1-based blocks after which patches leave (default: the paper's 4, 7, 10 for 12 blocks,
+                scaled to the depth, ``default_life_layout``).
+            keep_rate: Default rho in (0, 1] (default 0.7 without a budget, none with one).
+            U: Temperature of the soft weights, eq. (7) (paper: 1.5).
+            budget: Default share (0, 1] of the parent's FLOPs; caps the keep rate (see ``resolve_keep_rate``).
+        """
         self.depth = len(self.blocks)
         self.life_layer, self.prune_layers = _check_layout(self.depth, life_layer, prune_layers)
         self.U = _check_temperature(U)

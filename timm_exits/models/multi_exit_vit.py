@@ -30,7 +30,9 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
 from ..losses import attach_exit_losses, scale_gradient
-from ._base import NewPartsMixin, add_block_group, check_fraction, count_flops, is_fx_tracing, tracing_tool
+from ._base import (
+    NewPartsMixin, add_block_group, check_fraction, count_flops, is_fx_tracing, pop_kwargs, tracing_tool,
+)
 from ._build import build_family, register_twins
 from ._pretrained import explain_missing_weights, published_cfg
 from .adapters import EvaAdapter, VitAdapter, register_adapted
@@ -114,7 +116,13 @@ class MultiExitMixin(NewPartsMixin):
     new_parts_name = 'exit heads'
     layout_arg = 'exit_layers / exit_head'
 
-    def __init__(
+    def __init__(self, **kwargs: Any) -> None:
+        """The parent's arguments (``VisionTransformer``, ``Eva``) and the exits' (``_init_mechanism``)."""
+        own = pop_kwargs(self._init_mechanism, kwargs)
+        super().__init__(**kwargs)
+        self._init_mechanism(**own)
+
+    def _init_mechanism(
             self,
             exit_layers: Optional[Sequence[int]] = None,
             exit_head: Union[str, Sequence[str]] = 'linear',
@@ -125,9 +133,9 @@ class MultiExitMixin(NewPartsMixin):
             exit_weight: float = 1.,
             exit_num_sampled: Optional[int] = None,
             exit_grad_scale: float = .25,
-            **kwargs: Any,
     ) -> None:
-        """
+        """Check the arguments and add the exits to a built parent (``__init__`` and ``timm_exits.convert``).
+
         Args:
             exit_layers: 1-based blocks followed by an exit (default: middle block to depth - 1, MEViT's 6..11).
                 The final classifier is always the last exit, numbered by the depth.
@@ -142,27 +150,7 @@ class MultiExitMixin(NewPartsMixin):
                 sandwich rule, sec. 2.2 of 000_*.txt); None: every exit, every step.
             exit_grad_scale: Train-mode hook: the intermediate exits' gradient into the backbone is multiplied by
                 this, in [0, 1] (0: the exits train on detached tokens, the backbone learns from the final head alone).
-            **kwargs: The parent's arguments (``VisionTransformer``, ``Eva``).
         """
-        super().__init__(**kwargs)
-        self._init_mechanism(
-            exit_layers=exit_layers, exit_head=exit_head, exit_criterion=exit_criterion, threshold=threshold,
-            budget=budget, exit_drop_rate=exit_drop_rate, exit_weight=exit_weight, exit_num_sampled=exit_num_sampled,
-            exit_grad_scale=exit_grad_scale)
-
-    def _init_mechanism(
-            self,
-            exit_layers: Optional[Sequence[int]] = None,
-            exit_head: Union[str, Sequence[str]] = 'linear',
-            exit_criterion: str = 'confidence',
-            threshold: Optional[float] = None,
-            budget: Optional[float] = None,
-            exit_drop_rate: float = 0.,
-            exit_weight: float = 1.,
-            exit_num_sampled: Optional[int] = None,
-            exit_grad_scale: float = .25,
-    ) -> None:
-        """Check the arguments and add the exits to a built parent (``__init__``'s arguments but the parent's)."""
         depth = len(self.blocks)
         layers = _exit_layout(depth, exit_layers)
         heads = [exit_head] * len(layers) if isinstance(exit_head, str) else list(exit_head)

@@ -3,7 +3,6 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import apply_keep_indices_nlc
 from timm.models.eva import Eva
 
 from ._base import ParentAdapter
@@ -28,12 +27,14 @@ class EvaAdapter(ParentAdapter):
         return rope
 
     def _keep_rope(self, rope: Optional[torch.Tensor], keep: torch.Tensor) -> Optional[torch.Tensor]:
-        """As ``Eva._pos_embed`` does for patch dropout: (N, dim) -> (B, 1, n, dim); mixed (depth, heads, N, dim) ->
-        (depth, B, heads, n, dim)."""
+        """The rows of the kept patches, shaped as ``Eva._pos_embed`` shapes them after patch dropout: (N, dim) ->
+        (B, 1, n, dim); mixed (depth, heads, N, dim) -> (depth, B, heads, n, dim). Plain indexing: torch.fx and
+        TorchScript trace it."""
         if rope is None:
             return None
-        rope = apply_keep_indices_nlc(keep, rope, keep)
-        return rope.transpose(0, 1) if self.rope_mixed else rope.unsqueeze(1)
+        if self.rope_mixed:
+            return rope[:, :, keep].transpose(1, 2)
+        return rope[keep].unsqueeze(1)
 
     def _apply_block(
             self,
