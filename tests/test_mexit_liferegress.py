@@ -260,3 +260,11 @@ def test_rotary_parent_runs_slimmed():
         alone = model.forward_dynamic(x[3:4], threshold=.2, keep_rate=.5)
         assert alone.exit_layer.item() == out.exit_layer[3].item()
         torch.testing.assert_close(alone.logits, out.logits[3:4], rtol=1e-4, atol=1e-5)
+
+
+def test_export_refuses_the_slimmed_model(tmp_path):
+    from timm_exits.export import export_onnx
+    with pytest.raises(ValueError, match=r'exports at keep rate 1 only, its exits without slimming'):
+        export_onnx(_model(keep_rate=.7), tmp_path / 'x')
+    with pytest.raises(ValueError, match=r'exports at keep rate 1 only'):
+        export_onnx(_model(), tmp_path / 'y', static=True, budget=.8)
