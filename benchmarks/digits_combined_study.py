@@ -1,4 +1,4 @@
-""" Does early exit plus patch slimming in one model pay? Accuracy against FLOPs on scikit-learn's digits, several seeds.
+""" Does early exit plus patch slimming in one model pay? Accuracy against FLOPs on scikit-learn's digits, seeds.
 
     python benchmarks/digits_combined_study.py [--output output/digits_combined] [--epochs 30] [--seeds 0 1 2]
         [--docs docs] [--no-resume]
@@ -270,8 +270,9 @@ def main() -> None:
             parser.error(f'seed {seed}: {e}')
         choices[seed] = budgeted(per_seed[seed]['points'])
     lines = ['Fixed paths: test accuracy (%), mean ± std over seeds, (cost: share of the parent\'s FLOPs)', '',
-             *static_table(per_seed, 2 * max(args.epochs // 3, 1)), '', 'Budgeted (configuration chosen on val): test accuracy (%), mean ± std '
-             '(mean test cost)', '', *budget_table(choices), '',
+             *static_table(per_seed, 2 * max(args.epochs // 3, 1)), '',
+             'Budgeted (configuration chosen on val): test accuracy (%), mean ± std (mean test cost)', '',
+             *budget_table(choices), '',
              'Backbone alone (final, test): ' + _mean_std([per_seed[s]['backbone_accuracy']['test'] for s in per_seed])]
     table = '\n'.join(lines)
     os.makedirs(args.docs, exist_ok=True)
@@ -281,7 +282,7 @@ def main() -> None:
                 'backbone_accuracy': {str(s): r['backbone_accuracy'] for s, r in per_seed.items()},
                 'fixed_points': {str(s): v for s, v in static.items()},
                 'budgeted': {str(s): v for s, v in choices.items()}, 'table': table,
-                'minutes': (time.time() - start) / 60}, os.path.join(args.docs, 'digits_combined_study.json'))
+                'minutes_this_call': (time.time() - start) / 60}, os.path.join(args.docs, 'digits_combined_study.json'))
     plot(choices, per_seed, os.path.join(args.docs, 'digits_combined_study.png'))
     print(table)
 

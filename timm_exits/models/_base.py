@@ -250,7 +250,7 @@ def new_parts_filter(
     absent = tuple(p for p in model.new_prefixes if not any(k.startswith(p) for k in own))
     if absent:  # none of the new parts, or some (a multi-exit checkpoint loaded into a model that also slims)
         name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
-        what = model.new_parts_name if not own else ', '.join(p.rstrip('.') for p in absent)
+        what = model.new_parts_name if not own else ', '.join(p.rstrip('.') for p in absent) + ' parameters'
         msg = (f'{name}: loaded the pretrained backbone; its {what} are not in the checkpoint and are '
                f'UNTRAINED (random init). Train them before use (see train_recipes/).')
         warnings.warn(msg, UntrainedWeightsWarning, stacklevel=2)  # once: no logger copy of the same line
