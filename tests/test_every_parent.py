@@ -1,6 +1,6 @@
-"""Every registered ``_mexit`` and ``_liferegress`` architecture at a tiny size (timm's entry points accept depth,
-width and head overrides): the parent's output at full depth / keep rate 1 on the same weights, one threshold call,
-one keep-rate call, batch invariance, and a backward that reaches every parameter."""
+"""Every registered ``_mexit``, ``_liferegress`` and ``_mexit_liferegress`` architecture at a tiny size (timm's entry
+points accept depth, width and head overrides): the parent's output at full depth / keep rate 1 on the same weights,
+one threshold call, one keep-rate call, batch invariance, and a backward that reaches every parameter."""
 import warnings
 
 import pytest
@@ -10,6 +10,7 @@ import torch
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits.models._build import parent_build, twin_parents
 from timm_exits.models.life_regress_vit import LifeRegressMixin
+from timm_exits.models.mexit_liferegress import MultiExitLifeRegressMixin
 from timm_exits.models.multi_exit_vit import MultiExitMixin
 
 TINY = dict(depth=4, embed_dim=48, num_heads=2, num_classes=5)
@@ -74,4 +75,19 @@ def test_liferegress_twin(parent: str) -> None:
         slim = model(x, keep_rate=.5)
         assert slim.shape == (3, 5) and torch.isfinite(slim).all()
         torch.testing.assert_close(model(x[1:2], keep_rate=.5), slim[1:2], rtol=1e-4, atol=1e-5)
+    _check_backward(model, x)
+
+
+@pytest.mark.parametrize('parent', PARENTS)
+def test_mexit_liferegress_twin(parent: str) -> None:
+    ref, model = _tiny_pair(f'{parent}_mexit_liferegress', parent)
+    assert isinstance(model, MultiExitLifeRegressMixin) and isinstance(model, type(ref))
+    x = torch.randn(3, 3, *model.patch_embed.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+        out = model.forward_dynamic(x, threshold=0.3, keep_rate=.5)
+        assert out.logits.shape == (3, 5) and set(out.exit_layer.tolist()) <= set(model.exit_layers)
+        alone = model.forward_dynamic(x[1:2], threshold=0.3, keep_rate=.5)
+        assert alone.exit_layer.item() == out.exit_layer[1].item()
+        torch.testing.assert_close(alone.logits, out.logits[1:2], rtol=1e-4, atol=1e-5)
     _check_backward(model, x)

@@ -87,7 +87,8 @@ def test_convert_keeps_any_built_model_and_its_output():
 
 def test_convert_refuses_with_the_reason():
     model = _quiet_create('vit_small_patch16_224', **TINY)
-    with pytest.raises(ValueError, match=r"family must be one of \['liferegress', 'mexit'\], got 'exits'"):
+    with pytest.raises(ValueError,
+                       match=r"family must be one of \['liferegress', 'mexit', 'mexit_liferegress'\], got 'exits'"):
         convert(model, 'exits')
     with pytest.raises(ValueError, match=r'exit_layers must hold block numbers in 1..4'):
         convert(model, 'mexit', exit_layers=(9,))

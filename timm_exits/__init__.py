@@ -9,6 +9,7 @@ from .models import (
 )
 from .models import LifeRegression, LifeRegressVisionTransformer
 from .models import FAMILIES, LifeRegressEva, LifeRegressMixin, MultiExitEva, MultiExitMixin, convert
+from .models import MultiExitLifeRegressEva, MultiExitLifeRegressMixin, MultiExitLifeRegressVisionTransformer
 from .hub import MissingWeightsError, published_models, push
 
 __version__ = '0.1.0'

@@ -157,6 +157,11 @@ def export_onnx(
     if not isinstance(model, (MultiExitMixin, LifeRegressMixin)):
         raise ValueError(f'--model must be a multi-exit or LifeRegress model, got {type(model).__name__}; a plain timm '
                          f'model exports with torch.onnx.export directly')
+    if isinstance(model, MultiExitMixin) and getattr(model, 'life', None) is not None and (
+            model.keep_rate < 1 or budget is not None or keep_rate is not None):
+        raise ValueError('a model with exits and slimming (*_mexit_liferegress) exports at keep rate 1 only, its '
+                         'exits without slimming (its default keep_rate=1.0, no --budget / --keep-rate); the slimmed '
+                         'per-image path runs in PyTorch (model.forward_dynamic)')
     out = Path(output).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f'--output {out} exists and is not empty; name a new folder')

@@ -16,6 +16,8 @@ classification term is ``criterion(exit_logits, target)``. Multi-exit tasks run 
 - ``BackboneTask``: the backbone and final classifier alone (``forward_head(forward_features(x))``), new parts frozen.
 - ``LifeRegressTask``: LifeRegress (003_*.txt, eq. 8): stage 'predictor' (backbone frozen), 'backbone' (life predictor
   frozen), Algorithm 1; 'joint' is the single-stage ablation (Table IV).
+- ``MEViTLifeRegressTask``: both in one model (``*_mexit_liferegress``): MEViT's sandwich rule with in-place
+  distillation on the soft-weighted tokens of eqs. (6)-(7), 003, in LifeRegress's stages.
 
 Bakhtiarnia's branches have no uncertainty predictor; there the tasks still fit each exit's u_i (eq. 3 of 000) to
 eq. (4)'s target on detached logits, which leaves the classifiers' objective exactly the paper's.
@@ -32,10 +34,12 @@ from timm.task import TrainingTask, resolve_classification_loss
 
 from .losses import inplace_kl, sample_exits, uncertainty_mse
 from .models.life_regress_vit import LifeRegressMixin, LifeRegressVisionTransformer
+from .models.mexit_liferegress import MultiExitLifeRegressMixin
 from .models.multi_exit_vit import MultiExitMixin, MultiExitVisionTransformer
 
 __all__ = [
-    'BackboneTask', 'ClassifierWiseTask', 'EndToEndTask', 'ExitsForward', 'LIFE_STAGES', 'LifeRegressTask', 'MEViTTask',
+    'BackboneTask', 'ClassifierWiseTask', 'EndToEndTask', 'ExitsForward', 'LIFE_STAGES', 'LifeRegressTask',
+    'MEViTLifeRegressTask', 'MEViTTask',
     'MultiExitTask', 'TASKS', 'check_bool', 'check_weight', 'create_task', 'freeze_parts', 'in_parts', 'sample_exits',
     'target_distribution',
 ]
@@ -334,12 +338,40 @@ class LifeRegressTask(BackboneTask):
         self.stage = stage
 
 
+class MEViTLifeRegressTask(MEViTTask):
+    """Exits and slimming trained together (a ``*_mexit_liferegress`` model): MEViT's sandwich rule with in-place
+    distillation (eqs. 1-5, 000_*.txt; ``MEViTTask``) on one train-mode ``forward_exits`` pass, where every attention
+    after ``life_layer`` is weighted by the soft weights of eqs. (6)-(7), 003_*.txt, so the loss of every sampled exit
+    and of the final classifier reaches the life predictor. LifeRegress's stages (Algorithm 1, 003) choose what trains.
+
+    Args:
+        model: A ``MultiExitLifeRegressVisionTransformer`` (or ``MultiExitLifeRegressEva``).
+        stage: 'predictor' (life predictor alone, backbone, exits and uncertainty predictors frozen), 'backbone' (life
+            predictor frozen, everything else trained) or 'joint' (everything).
+        num_sampled: Intermediate exits drawn each step besides the earliest (MEViT's sandwich rule).
+        **kwargs: ``MultiExitTask``'s (``criterion``, ``exit_weight``, ``uncertainty_weight``, ...).
+    """
+
+    def __init__(self, model: MultiExitLifeRegressMixin, stage: str = 'predictor', num_sampled: Optional[int] = 2,
+                 **kwargs: Any) -> None:
+        if not isinstance(model, MultiExitLifeRegressMixin):
+            raise ValueError(f'MEViTLifeRegressTask needs a model with exits and slimming (*_mexit_liferegress), got '
+                             f'{type(model).__name__}')
+        if stage not in LIFE_STAGES:
+            raise ValueError(f'stage={stage!r} is not known; allowed: {list(LIFE_STAGES)}')
+        parts = {'predictor': dict(trainable_parts=('life',)), 'backbone': dict(frozen_parts=('life',)),
+                 'joint': {}}[stage]
+        super().__init__(model, num_sampled=num_sampled, **parts, **kwargs)
+        self.stage = stage
+
+
 TASKS: Dict[str, Callable[..., TrainingTask]] = {
     'mevit': MEViTTask,
     'end_to_end': EndToEndTask,
     'classifier_wise': ClassifierWiseTask,
     'backbone': BackboneTask,
     'liferegress': LifeRegressTask,
+    'mevit_liferegress': MEViTLifeRegressTask,
 }
 
 

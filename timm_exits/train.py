@@ -126,7 +126,8 @@ class Stage:
     """One training stage: an objective of ``timm_exits.tasks`` with its optimizer and schedule.
 
     Args:
-        task: Key of ``timm_exits.tasks.TASKS`` ('mevit', 'end_to_end', 'classifier_wise', 'backbone', 'liferegress').
+        task: Key of ``timm_exits.tasks.TASKS`` ('mevit', 'end_to_end', 'classifier_wise', 'backbone', 'liferegress',
+            'mevit_liferegress').
         epochs: Epochs of the stage.
         opt: timm optimizer name ('sgd' is SGD with Nesterov off: timm's 'momentum').
         lr: Learning rate.

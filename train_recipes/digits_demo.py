@@ -11,11 +11,14 @@ Runs (each resumable, in its own folder), then a table (``table.md``, ``summary.
     the backbone of (a), with the untrained life predictor as the floor and, as a control, the backbone fine-tuned as
     long with the predictor left untrained;
 (c) classifier-wise training (001) on that backbone: the final accuracy must not move, the backbone stays bit-identical;
-(d) its exits on the frozen backbone against chance (10 %).
+(d) its exits on the frozen backbone against chance (10 %);
+(e) ``mexit_liferegress``: exits and slimming in one model, from the MEViT run of (a), LifeRegress's two stages with
+    the sandwich rule (``MEViTLifeRegressTask``), and ``mevit_finetune``, the MEViT run trained as many more epochs
+    (``benchmarks/digits_combined_study.py`` compares them with slimming alone).
 Splits: train 60 %, val 20 % (per-epoch validation, threshold choice), test 20 % (every number in the table).
 With several ``--seeds`` each seed runs in ``OUTPUT/seed<N>/`` and ``seeds.md`` gives, per run and exit, the mean,
 std and min-max over the seeds, and each objective's final accuracy minus the backbone's, seed by seed.
-``--runs`` picks a subset (those that start from the backbone run bring it along).
+``--runs`` picks a subset (those that start from the backbone or MEViT run bring it along).
 """
 import argparse
 import dataclasses
@@ -47,11 +50,16 @@ def recipes(out: str, epochs: int, seed: int) -> Dict[str, Recipe]:
     scratch = dict(epochs=epochs, lr=2e-3, warmup_epochs=2, **ADAMW)
     short = max(epochs // 3, 1)
     backbone = os.path.join(out, 'backbone', 'model.safetensors')
+    mevit = os.path.join(out, 'mevit', 'model.safetensors')
     life = dataclasses.replace(base, model='test_vit_liferegress', model_kwargs={**BACKBONE, **LIFE},
                                init_checkpoint=backbone)
 
     def life_stage(stage: str, epochs: int, lr: float, **kwargs: Any) -> Stage:
         return Stage('liferegress', epochs=epochs, lr=lr, task_kwargs=dict(stage=stage), name=stage, **kwargs, **ADAMW)
+
+    def combined_stage(stage: str, epochs: int, lr: float) -> Stage:
+        return Stage('mevit_liferegress', epochs=epochs, lr=lr, task_kwargs=dict(stage=stage, num_sampled=1),
+                     name=stage, **ADAMW)
 
     return {
         'backbone': dataclasses.replace(base, name='backbone', model='vit_tiny_patch16_224',
@@ -68,6 +76,14 @@ def recipes(out: str, epochs: int, seed: int) -> Dict[str, Recipe]:
             life_stage('predictor', short, 1e-3), life_stage('backbone', short, 1e-4)]),
         'life_single_stage': dataclasses.replace(life, name='life_single_stage', stages=[
             life_stage('joint', 2 * short, 1e-4, part_lrs={'life': 1e-3})]),
+        # exits and slimming in one model, from the MEViT run: LifeRegress's two stages with the sandwich rule
+        'mexit_liferegress': dataclasses.replace(
+            base, name='mexit_liferegress', model='test_vit_mexit_liferegress', model_kwargs={**BACKBONE, **LIFE},
+            init_checkpoint=mevit, stages=[combined_stage('predictor', short, 1e-3),
+                                           combined_stage('backbone', short, 1e-4)]),
+        # its control: the MEViT run trained as many more epochs, at the second stage's learning rate
+        'mevit_finetune': dataclasses.replace(base, name='mevit_finetune', init_checkpoint=mevit, stages=[
+            Stage('mevit', epochs=2 * short, lr=1e-4, task_kwargs=dict(num_sampled=1), **ADAMW)]),
     }
 
 
@@ -193,6 +209,8 @@ def main() -> None:
     wanted = set(args.runs or names)
     if wanted & {'classifier_wise', 'life_untrained', 'life_backbone_only', 'life_two_stage', 'life_single_stage'}:
         wanted.add('backbone')  # they start from the backbone run
+    if wanted & {'mexit_liferegress', 'mevit_finetune'}:
+        wanted.add('mevit')  # they start from the MEViT run
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
     per_seed: Dict[int, Dict[str, Any]] = {}
     for seed in args.seeds:

@@ -7,14 +7,18 @@ from .exit_heads import EXIT_HEADS, ExitHead, create_exit_head
 from .multi_exit_vit import EXIT_CRITERIA, AnytimeStep, ExitOutput, MultiExitEva, MultiExitMixin, MultiExitVisionTransformer
 from ._base import UntrainedWeightsWarning
 from .life_regress_vit import LifeRegression, LifeRegressEva, LifeRegressMixin, LifeRegressVisionTransformer
+from .mexit_liferegress import (
+    MultiExitLifeRegressEva, MultiExitLifeRegressMixin, MultiExitLifeRegressVisionTransformer,
+)
 from .adapters import adapted_class
 
-FAMILIES = {'mexit': MultiExitMixin, 'liferegress': LifeRegressMixin}
+FAMILIES = {'mexit': MultiExitMixin, 'liferegress': LifeRegressMixin, 'mexit_liferegress': MultiExitLifeRegressMixin}
 
 
 def convert(model: nn.Module, family: str, **kwargs: Any) -> nn.Module:
     """Turn a built timm model (any weights, any arguments) into a ``family`` model in place: 'mexit' (early exits,
-    ``MultiExitMixin`` arguments) or 'liferegress' (patch slimming, ``LifeRegressMixin`` arguments). Its weights are
+    ``MultiExitMixin`` arguments), 'liferegress' (patch slimming, ``LifeRegressMixin`` arguments) or
+    'mexit_liferegress' (both, ``MultiExitLifeRegressMixin`` arguments). Its weights are
     kept and the new parts are initialised (untrained); at full depth / keep rate 1 its output is unchanged.
 
     Returns:

@@ -248,12 +248,14 @@ def new_parts_filter(
     own = {k: v for k, v in state_dict.items() if k.startswith(model.new_prefixes)}
     parent_filter = parent_filter or vit_checkpoint_filter_fn
     out = parent_filter({k: v for k, v in state_dict.items() if k not in own}, model)
-    if not own:
+    absent = tuple(p for p in model.new_prefixes if not any(k.startswith(p) for k in own))
+    if absent:  # none of the new parts, or some (a multi-exit checkpoint loaded into a model that also slims)
         name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
-        msg = (f'{name}: loaded the pretrained backbone; its {model.new_parts_name} are not in the checkpoint and are '
+        what = model.new_parts_name if not own else ', '.join(p.rstrip('.') for p in absent) + ' parameters'
+        msg = (f'{name}: loaded the pretrained backbone; its {what} are not in the checkpoint and are '
                f'UNTRAINED (random init). Train them before use (see train_recipes/).')
         warnings.warn(msg, UntrainedWeightsWarning, stacklevel=2)  # once: no logger copy of the same line
-        own = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(model.new_prefixes)}
+        own.update({k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(absent)})
     out.update(own)
     return out
 

@@ -53,6 +53,9 @@ def layout_args(model: nn.Module) -> Dict[str, Any]:
             threshold=model.threshold,
             budget=model.budget,
         )
+        if getattr(model, 'life', None) is not None:  # exits and slimming in one model (mexit_liferegress)
+            args.update(life_layer=model.life_layer, prune_layers=list(model.prune_layers), keep_rate=model.keep_rate,
+                        train_keep_rate=model.train_keep_rate, min_keep_rate=model.min_keep_rate, U=model.U)
     elif isinstance(model, LifeRegressMixin):
         args = dict(
             life_layer=model.life_layer, prune_layers=list(model.prune_layers), keep_rate=model.keep_rate, U=model.U,

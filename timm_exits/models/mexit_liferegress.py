@@ -1,0 +1,629 @@
+""" Early exit and LifeRegress patch slimming in one model (MEViT, 000_*.txt; LifeRegress, 003_*.txt) as timm models.
+
+Early exit saves depth on the images that are easy; patch slimming saves width (patches) on every image. Here both run
+in one model: one life-regression module after block ``life_layer`` predicts each patch's life (eqs. 1-3, 003), before
+each block after a prune layer every image keeps its top-n_t patches by life (Property 1, eqs. 9-10), and exits after
+chosen blocks read the slimmed tokens ([CLS], or the mean of the patches kept); images leave at their first confident
+exit (or the deepest one a budget affords) and are removed from the running batch together with their lives and the
+positions of their kept patches.
+
+- ``model(x)``: the parent timm model's answer (full depth, keep rate 1, the default ``keep_rate=1.0``).
+- ``model(x, keep_rate=r)``: slimmed at rho = r, full depth; ``threshold=t``: per-image early exit on top;
+  ``budget=b``: no image spends more than b of the parent's FLOPs.
+- ``model.forward_dynamic(x, threshold=, budget=, keep_rate=, deadline_ms=)``: logits, exit taken and cost per image.
+- ``model.forward_anytime(x, threshold=, keep_rate=)``: each exit's answer for the images still running.
+- Train mode (timm's train.py through ``--device-modules timm_exits``, or ``timm_exits.tasks``): no patch is dropped;
+  the soft weights of eqs. (6)-(7), 003, weigh every attention after ``life_layer`` and every exit is trained with
+  MEViT's losses (eqs. 1-5, 000) through the multi-exit train-mode hook, so ``criterion(model(x), y)`` trains the
+  backbone, the exits and the life predictor together.
+
+**Budget rule.** A budget without a keep rate picks the deepest exit first, then the largest keep rate in
+[``min_keep_rate``, 1] whose cost at that exit fits: the deepest exit that fits at some keep rate in that range
+answers, at the largest keep rate that still fits there. With a keep rate in the call the budget picks only the exit
+(the deepest whose cost at that keep rate fits). With a threshold the costs are the threshold paths' (every exit head
+evaluated on the way). A budget below the cheapest option (first exit at ``min_keep_rate``) raises, naming it.
+
+Only exit heads that read [CLS] or the mean of the patch tokens (``linear``, ``mlp``, ``vit``) can follow slimmed
+tokens: each image keeps different patches, so no patch grid is left for the CNN heads, and the token-MLP heads
+(``mixer``, ``resmlp``) have one weight per patch position.
+"""
+import math
+import time
+from numbers import Real
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from timm.models import generate_default_cfgs, register_model
+from timm.models._manipulate import checkpoint
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
+
+from ..losses import scale_gradient
+from ._base import add_block_group, check_fraction, count_flops, is_fx_tracing
+from ._build import build_family, register_twins
+from .adapters import EvaAdapter, VitAdapter, register_adapted
+from .exit_heads import EXIT_HEADS
+from .life_regress_vit import (
+    DEFAULT_KEEP_RATE, LifeRegressMixin, LifeRegression, _check_layout, _check_temperature, token_counts,
+)
+from .multi_exit_vit import AnytimeStep, ExitOutput, MultiExitMixin, _cfg as _mexit_cfg, _classifier_names, \
+    _classifiers, default_exit_layers
+
+__all__ = [
+    'POOLED_EXIT_HEADS', 'MultiExitLifeRegressEva', 'MultiExitLifeRegressMixin',
+    'MultiExitLifeRegressVisionTransformer',
+]
+
+POOLED_EXIT_HEADS = ('linear', 'mlp', 'vit')  # exit heads that read [CLS] / the mean of the patches, never the grid
+_State = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]  # tokens, lives, kept positions
+
+
+class MultiExitLifeRegressMixin(MultiExitMixin):
+    """Early exits (``MultiExitMixin``) on LifeRegress-slimmed tokens, on any parent class through its adapter
+    (``MultiExitLifeRegressVisionTransformer``, ``MultiExitLifeRegressEva``; ``timm_exits.convert`` for a model
+    already built). The life module and its functions are LifeRegress's own (``LifeRegression``,
+    ``LifeRegressMixin.life_attn_mask`` / ``_keep_longest`` / ``_plan``)."""
+    __jit_ignored_attributes__ = ['_flops']
+    new_prefixes = ('exits.', 'uncertainty.', 'life.')
+    new_parts_name = 'exit heads and life predictor'
+    layout_arg = 'exit_layers / exit_head / life_layer'
+
+    # LifeRegress's soft attention weights (eqs. 6-7), top-n selection (Property 1) and schedule (eqs. 9-10)
+    life_attn_mask = LifeRegressMixin.life_attn_mask
+    _keep_longest = LifeRegressMixin._keep_longest
+    _plan = LifeRegressMixin._plan
+    _num_patches = LifeRegressMixin._num_patches
+
+    def __init__(
+            self,
+            exit_layers: Optional[Sequence[int]] = None,
+            exit_head: Union[str, Sequence[str]] = 'linear',
+            exit_criterion: str = 'confidence',
+            threshold: Optional[float] = None,
+            budget: Optional[float] = None,
+            life_layer: Optional[int] = None,
+            prune_layers: Optional[Sequence[int]] = None,
+            keep_rate: float = 1.,
+            train_keep_rate: float = DEFAULT_KEEP_RATE,
+            min_keep_rate: float = .5,
+            U: float = 1.5,
+            exit_drop_rate: float = 0.,
+            exit_weight: float = 1.,
+            exit_num_sampled: Optional[int] = None,
+            exit_grad_scale: float = .25,
+            **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            exit_layers, exit_head, exit_criterion, threshold, exit_drop_rate, exit_weight, exit_num_sampled,
+                exit_grad_scale: As ``MultiExitMixin`` (``exit_head`` one of ``POOLED_EXIT_HEADS``).
+            budget: Default compute budget of ``forward``, a share (0, 1] of the parent's FLOPs (module docstring:
+                the rule that picks the exit and the keep rate).
+            life_layer, prune_layers, U: As ``LifeRegressMixin`` (default: ``default_life_layout``).
+            keep_rate: Default rho in (0, 1] of ``forward`` (1.0: nothing dropped, the parent's answer).
+            train_keep_rate: rho in (0, 1) whose schedule sets the target mean and std of the lives in train mode
+                (eqs. 9-10, 003_*.txt); at rho = 1 every life would be T and the life predictor would get no gradient.
+            min_keep_rate: Lowest keep rate a budget may pick, in (0, 1].
+            **kwargs: The parent's arguments (``VisionTransformer``, ``Eva``).
+        """
+        super(MultiExitMixin, self).__init__(**kwargs)  # the parent's build; the exits come with the life module
+        self._init_mechanism(
+            exit_layers=exit_layers, exit_head=exit_head, exit_criterion=exit_criterion, threshold=threshold,
+            budget=budget, life_layer=life_layer, prune_layers=prune_layers, keep_rate=keep_rate,
+            train_keep_rate=train_keep_rate, min_keep_rate=min_keep_rate, U=U, exit_drop_rate=exit_drop_rate,
+            exit_weight=exit_weight, exit_num_sampled=exit_num_sampled, exit_grad_scale=exit_grad_scale)
+
+    def _init_mechanism(
+            self,
+            exit_head: Union[str, Sequence[str]] = 'linear',
+            budget: Optional[float] = None,
+            life_layer: Optional[int] = None,
+            prune_layers: Optional[Sequence[int]] = None,
+            keep_rate: float = 1.,
+            train_keep_rate: float = DEFAULT_KEEP_RATE,
+            min_keep_rate: float = .5,
+            U: float = 1.5,
+            **exit_kwargs: Any,
+    ) -> None:
+        """Check the arguments and add the exits and the life predictor to a built parent (``__init__``'s arguments
+        but the parent's)."""
+        names = [exit_head] if isinstance(exit_head, str) else list(exit_head) \
+            if isinstance(exit_head, Sequence) else []
+        grid = sorted({h for h in names if h in EXIT_HEADS and h not in POOLED_EXIT_HEADS})
+        if grid:
+            raise ValueError(
+                f'exit_head {grid} reads the patch tokens at their grid positions (or one weight per position), but '
+                f'patch slimming keeps different patches in each image, so no grid is left after a prune layer; '
+                f'allowed with slimming: {list(POOLED_EXIT_HEADS)} (they read [CLS] or the mean of the patches kept)')
+        depth = len(self.blocks)
+        life_layer, prune_layers = _check_layout(depth, life_layer, prune_layers)
+        U = _check_temperature(U)
+        keep_rate = check_fraction('keep_rate', keep_rate, low_open=True, allow_none=False)
+        train_keep_rate = check_fraction('train_keep_rate', train_keep_rate, low_open=True, high_open=True,
+                                         allow_none=False)
+        min_keep_rate = check_fraction('min_keep_rate', min_keep_rate, low_open=True, allow_none=False)
+        budget = None if budget is None else check_fraction('budget', budget, low_open=True)
+        super()._init_mechanism(exit_head=exit_head, budget=None, **exit_kwargs)
+        self.life_layer, self.prune_layers, self.U = life_layer, prune_layers, U
+        self.keep_rate, self.train_keep_rate, self.min_keep_rate = keep_rate, train_keep_rate, min_keep_rate
+        ref = next(self.parameters())
+        self.life = LifeRegression(self.embed_dim, cls_query=self._has_cls(), device=ref.device, dtype=ref.dtype)
+        for name, module in self.life.named_modules():
+            init_weights_vit_timm(module, name)
+        self.life.train(self.training)  # a converted model's new part follows its mode
+        self.budget = budget
+        if budget is not None:  # a default budget no option fits fails now, not at the first forward
+            self._plan_budget(budget, None, self.threshold is not None)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        """Parent groups; each exit joins the group after its block, the life module that of ``life_layer``."""
+        return add_block_group(super().group_matcher(coarse), (r'^life\.', (self.life_layer - 1,)))
+
+    # --- compute accounting -----------------------------------------------------------------------------------
+
+    def token_schedule(self, keep_rate: Optional[float] = None, img_size: Optional[Sequence[int]] = None
+                       ) -> Tuple[int, ...]:
+        """n_t, the patches (prefix tokens excluded) each block t = 1..depth runs on at ``keep_rate`` (default: the
+        model's) and ``img_size`` (default: the model's input size)."""
+        rate = self.keep_rate if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        return token_counts(self._patches_at(self._size(img_size)), self.depth, self.prune_layers, rate)
+
+    def _size(self, img_size: Optional[Sequence[int]]) -> Tuple[int, int]:
+        return tuple(self.patch_embed.img_size) if img_size is None else tuple(int(v) for v in img_size)
+
+    def _patches_at(self, img_size: Tuple[int, int]) -> int:
+        if self.dynamic_img_size:
+            h, w = self.patch_embed.dynamic_feat_size(img_size)
+            return h * w
+        return self.patch_embed.num_patches
+
+    def _count_flops(self, img_size: Optional[Tuple[int, int]] = None,
+                     keep_rate: Optional[float] = None) -> Dict[str, Any]:
+        """Costs of one image at ``img_size`` and ``keep_rate`` (defaults: the model's): ``costs`` and
+        ``threshold_costs`` per exit as shares of the parent's FLOPs (``full``), and the schedule ``counts``."""
+        img_size = self._size(img_size)
+        rate = self.keep_rate if keep_rate is None else keep_rate
+        counts = token_counts(self._patches_at(img_size), self.depth, self.prune_layers, rate)
+        key = ('schedule', img_size, counts)
+        return self._flops.get(key) or self._counted_flops(img_size, counts)
+
+    @torch.compiler.disable  # counted eagerly, outside any graph being compiled
+    def _counted_flops(self, img_size: Tuple[int, int], counts: Tuple[int, ...]) -> Dict[str, Any]:
+        """Torch's flop counter on the token schedule ``counts``: block t at n_t patches (+ prefix tokens), each exit
+        head at the tokens it reads, the life module (at every patch) for the exits after ``life_layer`` when the
+        schedule drops anything. Pieces are counted once each (cached with the result)."""
+        full_counts = (counts[0],) * self.depth
+        pieces = self._pieces(img_size, set(counts) | {counts[0]})
+        slim = counts[-1] < counts[0]
+
+        def path(layer: int, heads: Sequence[int], schedule: Sequence[int], life: bool) -> int:
+            total = pieces['embed'] + sum(pieces[('block', i, schedule[i])] for i in range(layer))
+            total += sum(pieces[('exit', h, schedule[h - 1])] for h in heads)
+            return total + (pieces[('life', schedule[0])] if life and layer > self.life_layer else 0)
+
+        full = path(self.depth, (self.depth,), full_counts, False)  # the parent: every patch, its own head
+        layers = self.exit_layers
+        result = {
+            'full': full,
+            'counts': counts,
+            'costs': tuple(path(layer, (layer,), counts, slim) / full for layer in layers),
+            'threshold_costs': tuple(
+                path(layer, layers[:k + 1], counts, slim) / full for k, layer in enumerate(layers)),
+        }
+        self._flops[('schedule', img_size, counts)] = result
+        return result
+
+    def _pieces(self, img_size: Tuple[int, int], patch_counts: Sequence[int]) -> Dict[Any, int]:
+        """FLOPs of one image through the embedding, each block, exit head (uncertainty unit included) and the life
+        module at each patch count in ``patch_counts`` (cached in ``_flops``)."""
+        npt = self.num_prefix_tokens
+        store: Dict[Any, Any] = self._flops.setdefault(('pieces', img_size), {})
+        missing = [n for n in patch_counts if ('block', n) not in store]
+        if 'embed' in store and not missing:
+            return _PieceView(store)
+        ref = next(self.parameters())
+        x = torch.zeros(1, self.patch_embed.proj.in_channels, *img_size, device=ref.device, dtype=ref.dtype)
+        store['embed'], (tokens, rope) = count_flops(self._embed, x)
+        tokens, rope = tokens.detach(), None if rope is None else rope.detach()
+        for n in missing:
+            z = tokens[:, :npt + n]
+            pos = torch.arange(n, device=z.device)[None]
+            rope_n = rope if n == tokens.shape[1] - npt else self._keep_rope(rope, pos)
+            blocks = [count_flops(self._apply_block, blk, z, self._block_rope(rope_n, i), None)[0]
+                      for i, blk in enumerate(self.blocks)]
+            exits = {}
+            for layer in self.exit_layers:
+                f, logits = count_flops(self._exit_logits, layer, z)
+                if self.exit_criterion == 'uncertainty' and layer != self.depth:
+                    f += count_flops(self.exit_uncertainty, layer, logits)[0]
+                exits[layer] = f
+            store[('block', n)], store[('exit', n)] = blocks, exits
+            store[('life', n)] = count_flops(self.life, z, npt, 0., 1.)[0]
+        return _PieceView(store)
+
+    def exit_costs_for(self, keep_rate: float, img_size: Optional[Sequence[int]] = None) -> Tuple[float, ...]:
+        """Per exit, the share of the parent's FLOPs an image answering there costs at ``keep_rate`` (blocks on the
+        slimmed schedule, the life module when anything is dropped, the exit's own head)."""
+        rate = check_fraction('keep_rate', keep_rate, low_open=True, allow_none=False)
+        return self._count_flops(None if img_size is None else tuple(img_size), rate)['costs']
+
+    def threshold_costs_for(self, keep_rate: float, img_size: Optional[Sequence[int]] = None) -> Tuple[float, ...]:
+        """``exit_costs_for`` with every exit head evaluated on the way (a threshold's path)."""
+        rate = check_fraction('keep_rate', keep_rate, low_open=True, allow_none=False)
+        return self._count_flops(None if img_size is None else tuple(img_size), rate)['threshold_costs']
+
+    def flops_ratio(self, keep_rate: Optional[float] = None) -> float:
+        """Share of the parent's FLOPs at full depth (final exit, no exit head on the way) at ``keep_rate``."""
+        rate = self.keep_rate if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        return self._count_flops(None, rate)['costs'][-1]
+
+    def _stop_layer(self, budget: Optional[float], threshold_path: bool = False,
+                    img_size: Optional[Tuple[int, int]] = None) -> int:
+        """The exit a budget sends images to (the keep rate it picks: ``plan_budget``)."""
+        return self._plan_budget(budget, None, threshold_path, img_size)[1]
+
+    def plan_budget(self, budget: float, keep_rate: Optional[float] = None, threshold: bool = False
+                    ) -> Tuple[float, int]:
+        """(keep rate, exit) that ``budget`` picks (module docstring, "Budget rule"); ``threshold``: costs of a
+        threshold's path."""
+        budget = check_fraction('budget', budget, low_open=True, allow_none=False)
+        rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        return self._plan_budget(budget, rate, threshold)
+
+    def _plan_budget(self, budget: Optional[float], keep_rate: Optional[float], threshold_path: bool = False,
+                     img_size: Optional[Tuple[int, int]] = None) -> Tuple[float, int]:
+        """(keep rate, last exit) of a call on checked arguments; see the module docstring for the rule."""
+        if budget is None:
+            return (self.keep_rate if keep_rate is None else keep_rate), self.depth
+        what = 'threshold_costs' if threshold_path else 'costs'
+        key = ('budget', budget, keep_rate, what, self._size(img_size))
+        if key in self._flops:
+            return self._flops[key]
+
+        def cost(rate: float, k: int) -> float:
+            return self._count_flops(img_size, rate)[what][k]
+
+        if keep_rate is not None:
+            fits = [k for k in range(len(self.exit_layers)) if cost(keep_rate, k) <= budget + 1e-9]
+            if not fits:
+                raise ValueError(
+                    f'budget={budget:g} is below the cheapest exit at keep_rate={keep_rate:g} (block '
+                    f'{self.exit_layers[0]}, cost {cost(keep_rate, 0):.4f} of the parent\'s FLOPs); allowed: '
+                    f'{cost(keep_rate, 0):.4f} <= budget <= 1, or a lower keep_rate')
+            plan = (keep_rate, self.exit_layers[fits[-1]])
+        else:
+            low = self.min_keep_rate
+
+            def cheapest(k: int) -> float:  # at 1.0 no life module runs: the cheapest rate of the exits before slimming
+                return min(cost(low, k), cost(1., k))
+
+            fits = [k for k in range(len(self.exit_layers)) if cheapest(k) <= budget + 1e-9]
+            if not fits:
+                raise ValueError(
+                    f'budget={budget:g} is below the cheapest option (exit after block {self.exit_layers[0]}, keep '
+                    f'rates in [min_keep_rate={low:g}, 1]: {cheapest(0):.4f} of the parent\'s FLOPs); allowed: '
+                    f'{cheapest(0):.4f} <= budget <= 1')
+            k = fits[-1]
+            plan = (self._largest_rate(lambda r: cost(r, k) <= budget + 1e-9, low, img_size), self.exit_layers[k])
+        self._flops[key] = plan
+        return plan
+
+    def _largest_rate(self, fits: Any, low: float, img_size: Optional[Tuple[int, int]]) -> float:
+        """Largest rate in [low, 1] for which ``fits(rate)`` (``fits(low)`` or ``fits(1.)`` holds). The cost is a
+        step function of the rate (integer token counts): bisection, then the right end of the step found (the largest
+        rate giving the same counts), which costs the same."""
+        if fits(1.):
+            return 1.
+        num = self._patches_at(self._size(img_size))
+        lo, hi = low, 1.
+        while hi - lo > 1 / (4 * num * num):  # steps are at least 1 / N^2 wide
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        c = token_counts(num, self.depth, self.prune_layers, lo)
+        rate = max(lo, min(c[p] / c[p - 1] for p in self.prune_layers))
+        return rate if fits(rate) else lo
+
+    # --- the slimmed path ---------------------------------------------------------------------------------------
+
+    def _run_blocks(
+            self,
+            state: _State,
+            rope_full: Optional[torch.Tensor],
+            start: int,
+            end: int,
+            counts: Sequence[int],
+            mu: float,
+            sigma: float,
+    ) -> _State:
+        """Blocks ``start``..``end - 1`` (0-based) of the schedule ``counts`` on ``state`` (tokens, lives, kept
+        positions in the full grid). The lives are predicted from the tokens block ``life_layer`` made (eqs. 1-3,
+        003_*.txt), when the schedule drops anything; before each block every image keeps its n_t patches of
+        longest life (Property 1), with their own rotary entries."""
+        x, lives, pos = state
+        npt, slim = self.num_prefix_tokens, counts[-1] < counts[0]
+        rope = rope_full if pos is None else self._keep_rope(rope_full, pos)
+        for i in range(start, end):
+            if slim and lives is None and i == self.life_layer:
+                lives = self.life(x, npt, mu, sigma)
+            if lives is not None and x.shape[1] - npt > counts[i]:
+                x, lives, kept = self._keep_longest(x, lives, counts[i])
+                pos = kept if pos is None else pos.gather(1, kept)
+                rope = self._keep_rope(rope_full, pos)
+            x = self._apply_block(self.blocks[i], x, self._block_rope(rope, i), None)
+        return x, lives, pos
+
+    def _walk(
+            self,
+            x: torch.Tensor,
+            threshold: Optional[float],
+            stop: int,
+            keep_rate: float,
+            costs: Dict[int, float],
+            deadline: Optional[float] = None,
+            every_head: bool = False,
+    ) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Any]]:
+        """Per-image early exit on the slimmed schedule of ``keep_rate`` up to exit ``stop``: yields, at each exit
+        whose head runs, (layer, rows, logits, leave (None: every image running answers here), out so far). An exit's
+        head runs when a threshold needs it, at ``stop``, at the first exit after ``deadline`` and, with
+        ``every_head`` (anytime), at every exit. ``_route`` writes the answers and keeps the rows that go on; their
+        tokens, lives and kept positions follow."""
+        batch = x.shape[0]
+        counts, mu, sigma = self._plan(keep_rate, self._num_patches(x))
+        tokens, rope_full = self._embed(x)
+        state: _State = (tokens, None, None)
+        rows = torch.arange(batch, device=x.device)
+        out, start = None, 0
+        for layer in self.exit_layers:
+            if layer > stop:
+                return
+            state = self._run_blocks(state, rope_full, start, layer, counts, mu, sigma)
+            start = layer
+            late = deadline is not None and time.perf_counter() >= deadline
+            if layer != stop and threshold is None and not late and not every_head:
+                continue
+            logits = self._exit_logits(layer, state[0])
+            if layer == stop or late:
+                leave = None
+            elif threshold is None:
+                leave = torch.zeros_like(rows, dtype=torch.bool)
+            else:
+                leave = self._leaves(self.exit_scores(layer, logits), threshold)
+            local = torch.arange(rows.shape[0], device=rows.device)
+            out, kept_rows, kept = self._route(out, rows, local, logits, leave, layer, costs[layer], batch)
+            yield layer, rows, logits, leave, out
+            if kept_rows is None or kept is None:
+                return
+            if kept is not local:
+                state = tuple(None if s is None else s[kept] for s in state)
+            rows = kept_rows
+
+    @torch._dynamo.disable(recursive=False)  # the host-side loop stays eager
+    def _per_image(
+            self,
+            x: torch.Tensor,
+            threshold: Optional[float],
+            stop: int,
+            keep_rate: float,
+            costs: Dict[int, float],
+            deadline: Optional[float] = None,
+    ) -> ExitOutput:
+        out = None
+        for *_, out in self._walk(x, threshold, stop, keep_rate, costs, deadline):
+            pass
+        if out is None:
+            raise RuntimeError('no exit evaluated')
+        return ExitOutput(*out)
+
+    def _dynamic(
+            self,
+            x: torch.Tensor,
+            threshold: Optional[float],
+            budget: Optional[float],
+            deadline: Optional[float] = None,
+            keep_rate: Optional[float] = None,
+    ) -> ExitOutput:
+        """``forward_dynamic`` on checked arguments (no defaults applied here)."""
+        if self.num_classes <= 0:
+            raise ValueError('forward_dynamic needs a classifier: the model was built or reset with num_classes=0')
+        self._refuse_tracing(threshold)
+        img_size = self._img_size(x)
+        rate, stop = self._plan_budget(budget, keep_rate, threshold is not None, img_size)
+        flops = self._count_flops(img_size, rate)
+        costs = flops['costs'] if threshold is None else flops['threshold_costs']
+        return self._per_image(x, threshold, stop, rate, dict(zip(self.exit_layers, costs)), deadline)
+
+    @torch.jit.unused
+    def forward_dynamic(
+            self,
+            x: torch.Tensor,
+            threshold: Optional[float] = None,
+            budget: Optional[float] = None,
+            keep_rate: Optional[float] = None,
+            deadline_ms: Optional[float] = None,
+    ) -> ExitOutput:
+        """Per-image early exit on slimmed tokens.
+
+        Args:
+            x: (B, C, H, W) images.
+            threshold: Exit threshold in [0, 1] for ``exit_criterion`` (default: the model's ``threshold``).
+            budget: Share (0, 1] of the parent's FLOPs (default: the model's ``budget``), a ceiling on every image's
+                ``cost``; it picks the keep rate too unless ``keep_rate`` is given (module docstring).
+            keep_rate: rho in (0, 1] (default: the model's ``keep_rate``, unless a budget picks it).
+            deadline_ms: Anytime inference: milliseconds from this call after which every image still running answers
+                at the first exit reached (``exit_layer`` says which).
+
+        Returns:
+            ``ExitOutput(logits, exit_layer, cost)``; ``cost`` is the share of the parent's FLOPs each image spent
+            (slimmed blocks, the life module when anything is dropped, exit heads on the way).
+        """
+        start = time.perf_counter()
+        threshold, budget = self._resolve(threshold, budget)
+        keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        if deadline_ms is not None:
+            if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, Real) or not deadline_ms >= 0 \
+                    or math.isinf(deadline_ms):
+                raise ValueError(
+                    f'deadline_ms must be a finite number of milliseconds >= 0 or None, got {deadline_ms!r}')
+            self._refuse_tracing(threshold, deadline_ms)
+        deadline = None if deadline_ms is None else start + deadline_ms / 1e3
+        return self._dynamic(x, threshold, budget, deadline, keep_rate)
+
+    @torch.jit.unused
+    def forward_anytime(self, x: torch.Tensor, threshold: Optional[float] = None,
+                        keep_rate: Optional[float] = None) -> Iterator[AnytimeStep]:
+        """``MultiExitMixin.forward_anytime`` on the slimmed schedule of ``keep_rate`` (default: the model's)."""
+        threshold, _ = self._resolve(threshold, None)
+        rate = self.keep_rate if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        if self.num_classes <= 0:
+            raise ValueError('forward_anytime needs a classifier: the model was built or reset with num_classes=0')
+        self._refuse_tracing(threshold)
+        costs = dict(zip(self.exit_layers, self._count_flops(self._img_size(x), rate)['threshold_costs']))
+        for layer, rows, logits, leave, _ in self._walk(x, threshold, self.depth, rate, costs, every_head=True):
+            exited = torch.ones_like(rows, dtype=torch.bool) if leave is None else leave
+            yield AnytimeStep(layer, rows, logits, exited, costs[layer])
+
+    # --- whole-batch paths: every exit, features, train mode ----------------------------------------------------
+
+    def _soft_pass(self, x: torch.Tensor, grad_scale: float = 1., heads: bool = True
+                   ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Train mode: every token kept; after ``life_layer`` every attention is weighted by the soft weights of
+        eqs. (6)-(7), 003_*.txt, mu and sigma from ``train_keep_rate``'s schedule. Returns the final tokens (before
+        the norm) and, with ``heads``, every exit's logits (intermediate exits read ``scale_gradient(tokens,
+        grad_scale)``)."""
+        _, mu, sigma = self._plan(self.train_keep_rate, self._num_patches(x))
+        x, rope = self._embed(x)
+        lives: Optional[torch.Tensor] = None
+        outputs = []
+        for i, blk in enumerate(self.blocks):
+            mask = None if lives is None else self.life_attn_mask(lives, i + 1, x.dtype)
+            block_rope = self._block_rope(rope, i)
+            if self.grad_checkpointing:
+                x = checkpoint(self._apply_block, blk, x, block_rope, mask)
+            else:
+                x = self._apply_block(blk, x, block_rope, mask)
+            layer = i + 1
+            if layer == self.life_layer:
+                lives = self.life(x, self.num_prefix_tokens, mu, sigma)
+            if heads and layer in self.exit_layers:
+                tokens = x if layer == self.depth else scale_gradient(x, grad_scale)
+                outputs.append(self._exit_logits(layer, tokens))
+        return x, outputs
+
+    def forward_exits(self, x: torch.Tensor, keep_rate: Optional[float] = None) -> List[torch.Tensor]:
+        """Logits of every exit for the whole batch at ``keep_rate`` (default: the model's), the final one last;
+        train mode: the soft weights of eqs. (6)-(7) instead of dropping patches."""
+        return self._forward_exits(x, keep_rate=keep_rate)
+
+    def _forward_exits(self, x: torch.Tensor, grad_scale: float = 1.,
+                       keep_rate: Optional[float] = None) -> List[torch.Tensor]:
+        if self.training:
+            return self._soft_pass(x, grad_scale)[1]
+        rate = self.keep_rate if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        counts, mu, sigma = self._plan(rate, self._num_patches(x))
+        tokens, rope = self._embed(x)
+        state: _State = (tokens, None, None)
+        outputs, start = [], 0
+        for layer in self.exit_layers:
+            state = self._run_blocks(state, rope, start, layer, counts, mu, sigma)
+            outputs.append(self._exit_logits(layer, state[0]))
+            start = layer
+        return outputs
+
+    @torch.jit.unused
+    def forward_features(self, x: torch.Tensor, keep_rate: Optional[float] = None) -> torch.Tensor:
+        """Tokens after the final norm: the parent's at keep rate 1 (default), slimmed below it; train mode: every
+        token, the soft weights of eqs. (6)-(7) after ``life_layer``."""
+        if self.training:
+            return self.norm(self._soft_pass(x, heads=False)[0])
+        rate = self.keep_rate if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        counts, mu, sigma = self._plan(rate, self._num_patches(x))
+        if counts[-1] == counts[0]:
+            return super().forward_features(x)
+        tokens, rope = self._embed(x)
+        return self.norm(self._run_blocks((tokens, None, None), rope, 0, self.depth, counts, mu, sigma)[0])
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            threshold: Optional[float] = None,
+            budget: Optional[float] = None,
+            keep_rate: Optional[float] = None,
+    ) -> torch.Tensor:
+        """(B, num_classes) logits. No argument (and the defaults ``keep_rate=1.0``, no threshold, no budget): the
+        parent's answer. In train mode (grad enabled) the output carries every exit's MEViT loss into the backward
+        (``MultiExitMixin``'s hook) on the soft-weighted tokens; the defaults apply in eval mode only."""
+        defaults = not self.training
+        plain = threshold is None and budget is None and keep_rate is None and not (defaults and (
+            self.threshold is not None or self.budget is not None or self.keep_rate < 1))
+        if is_fx_tracing() or plain:
+            if self.training and torch.is_grad_enabled() and self.num_classes > 0:
+                return self._forward_train(x)
+            return self.forward_head(self.forward_features(x))
+        threshold, budget = self._resolve(threshold, budget, defaults)
+        keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        return self._dynamic(x, threshold, budget, None, keep_rate).logits
+
+
+class _PieceView:
+    """Read access to counted pieces: ``('block', i, n)``, ``('exit', layer, n)``, ``('life', n)``, ``'embed'``."""
+
+    def __init__(self, store: Dict[Any, Any]) -> None:
+        self.store = store
+
+    def __getitem__(self, key: Any) -> int:
+        if key == 'embed':
+            return self.store['embed']
+        if key[0] == 'life':
+            return self.store[key]
+        return self.store[(key[0], key[2])][key[1]]
+
+
+@register_adapted
+class MultiExitLifeRegressVisionTransformer(MultiExitLifeRegressMixin, VitAdapter, VisionTransformer):
+    """timm ``VisionTransformer`` (ViT, DeiT, DINOv2, SigLIP, CLIP, ...) with early exits and LifeRegress slimming."""
+
+
+@register_adapted
+class MultiExitLifeRegressEva(MultiExitLifeRegressMixin, EvaAdapter, Eva):
+    """timm ``Eva`` (EVA02, DINOv3, Perception Encoder, RoPE-ViT) with early exits and LifeRegress slimming; a kept
+    patch keeps its rotary position embedding."""
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return _mexit_cfg(**{'paper_ids': None, **kwargs})
+
+
+default_cfgs = generate_default_cfgs({
+    'test_vit_mexit_liferegress.r32': _cfg(
+        input_size=(3, 32, 32), num_classes=10, classifier=_classifier_names(4, default_exit_layers(4))),
+})
+
+
+def _create_mexit_liferegress(
+        variant: str,
+        pretrained: bool = False,
+        parent: Optional[str] = None,
+        **kwargs: Any,
+) -> MultiExitLifeRegressMixin:
+    """A model with exits and slimming on timm architecture ``parent`` (its own arguments and weights), or on a
+    ``VisionTransformer`` of ``kwargs``."""
+    return build_family(MultiExitLifeRegressMixin, variant, pretrained, parent=parent, classifier_fn=_classifiers,
+                        **kwargs)
+
+
+@register_model
+def test_vit_mexit_liferegress(pretrained: bool = False, **kwargs) -> MultiExitLifeRegressMixin:
+    """Tiny test variant: 32 px, 16 patches, 4 blocks, exits after blocks 2 and 3, lives predicted after block 1,
+    patches leave after blocks 2 and 3."""
+    model_args = dict(
+        img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2., life_layer=1, prune_layers=(2, 3))
+    return _create_mexit_liferegress('test_vit_mexit_liferegress', pretrained, **dict(model_args, **kwargs))
+
+
+# ``<parent>_mexit_liferegress`` for every timm VisionTransformer / Eva architecture, every pretrained tag mirrored
+register_twins(__name__, 'mexit_liferegress', _create_mexit_liferegress, _cfg,
+               '``{parent}`` with early exits and LifeRegress patch slimming (parent: timm ``{parent}``, its weights '
+               'and arguments).')
