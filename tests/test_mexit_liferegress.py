@@ -268,3 +268,13 @@ def test_export_refuses_the_slimmed_model(tmp_path):
         export_onnx(_model(keep_rate=.7), tmp_path / 'x')
     with pytest.raises(ValueError, match=r'exports at keep rate 1 only'):
         export_onnx(_model(), tmp_path / 'y', static=True, budget=.8)
+
+
+def test_torchscript_full_depth_at_keep_rate_one_and_refuses_slimming():
+    model = timm.create_model('test_vit_mexit_liferegress').eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=0, atol=0)
+    slim = torch.jit.script(timm.create_model('test_vit_mexit_liferegress', keep_rate=.5).eval())
+    with pytest.raises(torch.jit.Error, match='runs full depth at keep rate 1 only'):
+        slim(x)

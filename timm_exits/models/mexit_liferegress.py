@@ -554,7 +554,27 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
     ) -> torch.Tensor:
         """(B, num_classes) logits. No argument (and the defaults ``keep_rate=1.0``, no threshold, no budget): the
         parent's answer. In train mode (grad enabled) the output carries every exit's MEViT loss into the backward
-        (``MultiExitMixin``'s hook) on the soft-weighted tokens; the defaults apply in eval mode only."""
+        (``MultiExitMixin``'s hook) on the soft-weighted tokens; the defaults apply in eval mode only.
+        ``torch.jit.script`` compiles the full-depth, keep-rate-1 forward only (and refuses anything else)."""
+        if torch.jit.is_scripting():
+            if threshold is not None or budget is not None or keep_rate is not None or self.threshold is not None \
+                    or self.budget is not None or self.keep_rate < 1.:
+                raise RuntimeError('a scripted exits + slimming model runs full depth at keep rate 1 only: no '
+                                   'threshold, budget or keep rate (as arguments or model defaults)')
+            tokens, rope = self._embed(x)
+            for i, blk in enumerate(self.blocks):
+                tokens = self._script_block(i, tokens, self._block_rope(rope, i), None)
+            return self.forward_head(self.norm(tokens))
+        return self._forward_eager(x, threshold, budget, keep_rate)
+
+    @torch.jit.unused
+    def _forward_eager(
+            self,
+            x: torch.Tensor,
+            threshold: Optional[float],
+            budget: Optional[float],
+            keep_rate: Optional[float],
+    ) -> torch.Tensor:
         defaults = not self.training
         plain = threshold is None and budget is None and keep_rate is None and not (defaults and (
             self.threshold is not None or self.budget is not None or self.keep_rate < 1))
