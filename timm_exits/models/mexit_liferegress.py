@@ -33,14 +33,13 @@ from numbers import Real
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn as nn
 
 from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
-from ..losses import scale_gradient
+from ..losses import attach_exit_losses, scale_gradient
 from ._base import add_block_group, check_fraction, count_flops, is_fx_tracing
 from ._build import build_family, register_twins
 from .adapters import EvaAdapter, VitAdapter, register_adapted
@@ -580,7 +579,8 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
             self.threshold is not None or self.budget is not None or self.keep_rate < 1))
         if is_fx_tracing() or plain:
             if self.training and torch.is_grad_enabled() and self.num_classes > 0:
-                return self._forward_train(x)
+                return attach_exit_losses(  # here, not in MultiExitMixin._forward_train: torch.fx's leaf
+                    *self._exit_loss_inputs(x), self.exit_weight, self.exit_num_sampled)
             return self.forward_head(self.forward_features(x))
         threshold, budget = self._resolve(threshold, budget, defaults)
         keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)

@@ -657,9 +657,15 @@ class MultiExitMixin(NewPartsMixin):
         num_sampled=self.exit_num_sampled)``'s, with each intermediate exit reading its block's tokens through
         ``scale_gradient(tokens, self.exit_grad_scale)``.
         """
+        return attach_exit_losses(*self._exit_loss_inputs(x), self.exit_weight, self.exit_num_sampled)
+
+    def _exit_loss_inputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+        """(final logits, intermediate exits' logits, every exit's uncertainty) of the train-mode hook. A family
+        whose forward lives in another module calls ``attach_exit_losses`` on these there: torch.fx keeps that
+        function one leaf node only where the traced forward's own module names it."""
         outputs = self._forward_exits(x, self.exit_grad_scale)
         uncertainties = [self.exit_uncertainty(layer, z) for layer, z in zip(self.exit_layers, outputs)]
-        return attach_exit_losses(outputs[-1], outputs[:-1], uncertainties, self.exit_weight, self.exit_num_sampled)
+        return outputs[-1], outputs[:-1], uncertainties
 
     def forward(
             self,
