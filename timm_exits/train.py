@@ -297,8 +297,9 @@ def family_model(name: str, like: str) -> str:
         return name
     twin = f'{arch}_{family}'
     if twin not in modules:
-        raise ValueError(f'--model: {name!r} is neither a {family} model nor a timm parent of one (any VisionTransformer or '
-                         f'Eva architecture, e.g. vit_base_patch14_reg4_dinov2 -> vit_base_patch14_reg4_dinov2_{family})')
+        raise ValueError(f'--model: {name!r} is neither a {family} model nor a timm parent of one (any '
+                         f'VisionTransformer or Eva architecture, e.g. vit_base_patch14_reg4_dinov2 -> '
+                         f'vit_base_patch14_reg4_dinov2_{family})')
     return f'{twin}.{tag}' if tag else twin
 
 

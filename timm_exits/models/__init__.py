@@ -4,7 +4,9 @@ from typing import Any
 import torch.nn as nn
 
 from .exit_heads import EXIT_HEADS, ExitHead, create_exit_head
-from .multi_exit_vit import EXIT_CRITERIA, AnytimeStep, ExitOutput, MultiExitEva, MultiExitMixin, MultiExitVisionTransformer
+from .multi_exit_vit import (
+    EXIT_CRITERIA, AnytimeStep, ExitOutput, MultiExitEva, MultiExitMixin, MultiExitVisionTransformer,
+)
 from ._base import UntrainedWeightsWarning
 from .life_regress_vit import LifeRegression, LifeRegressEva, LifeRegressMixin, LifeRegressVisionTransformer
 from .mexit_liferegress import (

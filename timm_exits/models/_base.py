@@ -148,7 +148,8 @@ def parent_cfgs(
     out = {}
     for tagged in [default] + [n for n in list_pretrained(f'{parent}.*') if n != default]:
         cfg = get_pretrained_cfg(tagged).to_dict()
-        drop = ('architecture', 'tag', 'custom_load') + (('url',) if cfg.get('hf_hub_id') or cfg.get('custom_load') else ())
+        drop = ('architecture', 'tag', 'custom_load')
+        drop += ('url',) if cfg.get('hf_hub_id') or cfg.get('custom_load') else ()
         for key in drop:  # a url is kept where it is the only source (and a plain torch checkpoint)
             cfg.pop(key, None)
         out[f'{name}.{tagged.split(".", 1)[1]}'] = cfg_fn(**{**cfg, **overrides})
@@ -281,9 +282,12 @@ def check_layout(
             f'the checkpoint was trained with.{hint}')
 
 
-def pop_kwargs(fn: Callable, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Remove from ``kwargs`` and return the keyword arguments ``fn`` takes (a mechanism's, out of a constructor's)."""
-    names = inspect.signature(fn).parameters
+def pop_kwargs(cls: type, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Remove from ``kwargs`` and return the named arguments of every ``_init_mechanism`` along ``cls``'s MRO (a
+    mechanism's, out of a constructor's; the rest are the parent's)."""
+    names = {name for c in cls.__mro__ if '_init_mechanism' in vars(c)
+             for name, p in inspect.signature(vars(c)['_init_mechanism']).parameters.items()
+             if name != 'self' and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
     return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
 
 

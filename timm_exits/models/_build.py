@@ -117,7 +117,8 @@ def register_twins(
     """
     mod = sys.modules[module]
     names = {p: f'{p}_{suffix}' for p in twin_parents() if not hasattr(mod, f'{p}_{suffix}')}
-    cfgs = generate_default_cfgs({k: v for p, n in names.items() for k, v in parent_cfgs(p, n, cfg_fn, **overrides).items()})
+    cfgs = generate_default_cfgs(
+        {k: v for p, n in names.items() for k, v in parent_cfgs(p, n, cfg_fn, **overrides).items()})
     mod.default_cfgs.update(cfgs)
     for parent, name in names.items():
         def entry(pretrained: bool = False, _parent: str = parent, _name: str = name, **kwargs: Any) -> nn.Module:

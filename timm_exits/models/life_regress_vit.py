@@ -154,7 +154,7 @@ class LifeRegressMixin(NewPartsMixin):
 
     def __init__(self, **kwargs: Any) -> None:
         """The parent's arguments (``VisionTransformer``, ``Eva``) and the life predictor's (``_init_mechanism``)."""
-        own = pop_kwargs(self._init_mechanism, kwargs)
+        own = pop_kwargs(type(self), kwargs)
         super().__init__(**kwargs)
         self._init_mechanism(**own)
 

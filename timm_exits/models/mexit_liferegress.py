@@ -75,45 +75,6 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
     _plan = LifeRegressMixin._plan
     _num_patches = LifeRegressMixin._num_patches
 
-    def __init__(
-            self,
-            exit_layers: Optional[Sequence[int]] = None,
-            exit_head: Union[str, Sequence[str]] = 'linear',
-            exit_criterion: str = 'confidence',
-            threshold: Optional[float] = None,
-            budget: Optional[float] = None,
-            life_layer: Optional[int] = None,
-            prune_layers: Optional[Sequence[int]] = None,
-            keep_rate: float = 1.,
-            train_keep_rate: float = DEFAULT_KEEP_RATE,
-            min_keep_rate: float = .5,
-            U: float = 1.5,
-            exit_drop_rate: float = 0.,
-            exit_weight: float = 1.,
-            exit_num_sampled: Optional[int] = None,
-            exit_grad_scale: float = .25,
-            **kwargs: Any,
-    ) -> None:
-        """
-        Args:
-            exit_layers, exit_head, exit_criterion, threshold, exit_drop_rate, exit_weight, exit_num_sampled,
-                exit_grad_scale: As ``MultiExitMixin`` (``exit_head`` one of ``POOLED_EXIT_HEADS``).
-            budget: Default compute budget of ``forward``, a share (0, 1] of the parent's FLOPs (module docstring:
-                the rule that picks the exit and the keep rate).
-            life_layer, prune_layers, U: As ``LifeRegressMixin`` (default: ``default_life_layout``).
-            keep_rate: Default rho in (0, 1] of ``forward`` (1.0: nothing dropped, the parent's answer).
-            train_keep_rate: rho in (0, 1) whose schedule sets the target mean and std of the lives in train mode
-                (eqs. 9-10, 003_*.txt); at rho = 1 every life would be T and the life predictor would get no gradient.
-            min_keep_rate: Lowest keep rate a budget may pick, in (0, 1].
-            **kwargs: The parent's arguments (``VisionTransformer``, ``Eva``).
-        """
-        super(MultiExitMixin, self).__init__(**kwargs)  # the parent's build; the exits come with the life module
-        self._init_mechanism(
-            exit_layers=exit_layers, exit_head=exit_head, exit_criterion=exit_criterion, threshold=threshold,
-            budget=budget, life_layer=life_layer, prune_layers=prune_layers, keep_rate=keep_rate,
-            train_keep_rate=train_keep_rate, min_keep_rate=min_keep_rate, U=U, exit_drop_rate=exit_drop_rate,
-            exit_weight=exit_weight, exit_num_sampled=exit_num_sampled, exit_grad_scale=exit_grad_scale)
-
     def _init_mechanism(
             self,
             exit_head: Union[str, Sequence[str]] = 'linear',
@@ -126,8 +87,20 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
             U: float = 1.5,
             **exit_kwargs: Any,
     ) -> None:
-        """Check the arguments and add the exits and the life predictor to a built parent (``__init__``'s arguments
-        but the parent's)."""
+        """Check the arguments and add the exits and the life predictor to a built parent (``MultiExitMixin.__init__``
+        splits them from the parent's; ``timm_exits.convert``).
+
+        Args:
+            exit_layers, exit_head, exit_criterion, threshold, exit_drop_rate, exit_weight, exit_num_sampled,
+                exit_grad_scale: As ``MultiExitMixin`` (``exit_head`` one of ``POOLED_EXIT_HEADS``).
+            budget: Default compute budget of ``forward``, a share (0, 1] of the parent's FLOPs (module docstring:
+                the rule that picks the exit and the keep rate).
+            life_layer, prune_layers, U: As ``LifeRegressMixin`` (default: ``default_life_layout``).
+            keep_rate: Default rho in (0, 1] of ``forward`` (1.0: nothing dropped, the parent's answer).
+            train_keep_rate: rho in (0, 1) whose schedule sets the target mean and std of the lives in train mode
+                (eqs. 9-10, 003_*.txt); at rho = 1 every life would be T and the life predictor would get no gradient.
+            min_keep_rate: Lowest keep rate a budget may pick, in (0, 1].
+        """
         names = [exit_head] if isinstance(exit_head, str) else list(exit_head) \
             if isinstance(exit_head, Sequence) else []
         grid = sorted({h for h in names if h in EXIT_HEADS and h not in POOLED_EXIT_HEADS})

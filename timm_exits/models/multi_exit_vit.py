@@ -118,7 +118,7 @@ class MultiExitMixin(NewPartsMixin):
 
     def __init__(self, **kwargs: Any) -> None:
         """The parent's arguments (``VisionTransformer``, ``Eva``) and the exits' (``_init_mechanism``)."""
-        own = pop_kwargs(self._init_mechanism, kwargs)
+        own = pop_kwargs(type(self), kwargs)
         super().__init__(**kwargs)
         self._init_mechanism(**own)
 
@@ -464,7 +464,8 @@ class MultiExitMixin(NewPartsMixin):
         if deadline_ms is not None:
             if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, Real) or not deadline_ms >= 0 \
                     or math.isinf(deadline_ms):
-                raise ValueError(f'deadline_ms must be a finite number of milliseconds >= 0 or None, got {deadline_ms!r}')
+                raise ValueError(
+                    f'deadline_ms must be a finite number of milliseconds >= 0 or None, got {deadline_ms!r}')
             self._refuse_tracing(threshold, deadline_ms)
         return self._dynamic(x, threshold, budget, None if deadline_ms is None else start + deadline_ms / 1e3)
 

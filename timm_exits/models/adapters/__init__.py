@@ -10,7 +10,8 @@ from .eva import EvaAdapter
 from .vit import VitAdapter
 
 __all__ = [
-    'ADAPTERS', 'EvaAdapter', 'ParentAdapter', 'VitAdapter', 'adapted_class', 'adapter_for', 'parent_modules', 'register_adapted', 'supported_parents',
+    'ADAPTERS', 'EvaAdapter', 'ParentAdapter', 'VitAdapter', 'adapted_class', 'adapter_for', 'parent_modules',
+    'register_adapted', 'supported_parents',
 ]
 
 ADAPTERS: List[Type[ParentAdapter]] = [VitAdapter, EvaAdapter]
@@ -54,6 +55,7 @@ def register_adapted(cls: type) -> type:
     (mechanism, parent)."""
     mechanism, adapter, parent = cls.__bases__
     if adapter is not adapter_for(parent):
-        raise TypeError(f'{cls.__name__}: {parent.__name__} takes {adapter_for(parent).__name__}, not {adapter.__name__}')
+        raise TypeError(
+            f'{cls.__name__}: {parent.__name__} takes {adapter_for(parent).__name__}, not {adapter.__name__}')
     _CLASSES[(mechanism, parent)] = cls
     return cls
