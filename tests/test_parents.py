@@ -163,3 +163,24 @@ def test_training_tasks_take_any_parents_twin(name, family):
     out['loss'].backward()
     new = 'exits.' if family == 'mexit' else 'life.'
     assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith(new) and p.requires_grad)
+
+
+def test_slimming_benchmark_oracle_runs_rotary_parents():
+    """benchmark_slim's free-token-choice oracle gives every block its rotary rows: at a full schedule it is the
+    parent; with drops, each kept (first) patch keeps its own rows, as the model's slimming does."""
+    from timm_exits.benchmark_slim import oracle_forward
+    from timm_exits.models.life_regress_vit import token_counts
+    torch.manual_seed(0)
+    model = _quiet_create('eva02_tiny_patch14_224_liferegress', **TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    full = [model.patch_embed.num_patches] * model.depth
+    with torch.no_grad():
+        torch.testing.assert_close(oracle_forward(model, x, full), model(x, keep_rate=1.), rtol=0, atol=0)
+        counts = token_counts(model.patch_embed.num_patches, model.depth, model.prune_layers, .5)
+        tokens, rope = model._embed(x)
+        npt = model.num_prefix_tokens
+        for i, blk in enumerate(model.blocks):
+            tokens = blk(tokens, rope=rope[:tokens.shape[1] - npt])
+            if i + 1 < model.depth and counts[i + 1] < counts[i]:
+                tokens = tokens[:, :npt + counts[i + 1]]
+        torch.testing.assert_close(oracle_forward(model, x, counts), model.forward_head(model.norm(tokens)))

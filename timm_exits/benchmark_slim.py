@@ -22,7 +22,6 @@ import torch.nn as nn
 import timm
 
 from .benchmark import time_interleaved
-from .models._base import embed_tokens
 from .models.life_regress_vit import LifeRegressVisionTransformer
 
 __all__ = ['main', 'oracle_forward']
@@ -31,13 +30,16 @@ TARGET = 0.95
 
 
 def oracle_forward(model: LifeRegressVisionTransformer, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-    """The model's blocks on the token schedule ``counts`` (n_t per block), keeping the first n_t patches."""
+    """The model's blocks on the token schedule ``counts`` (n_t per block), keeping the first n_t patches (and, with
+    a rotary parent, their rotary rows)."""
     npt = model.num_prefix_tokens
-    x = embed_tokens(model, x)
+    x, rope_full = model._embed(x)
+    rope = rope_full
     for i, blk in enumerate(model.blocks):
-        x = blk(x)
+        x = model._apply_block(blk, x, model._block_rope(rope, i), None)
         if i + 1 < len(counts) and counts[i + 1] < counts[i]:
             x = x[:, :npt + counts[i + 1]]
+            rope = model._keep_rope(rope_full, torch.arange(counts[i + 1], device=x.device).expand(x.shape[0], -1))
     return model.forward_head(model.norm(x))
 
 

@@ -42,7 +42,7 @@ install_checkpoint_loader()  # create_model(checkpoint_path=...) of these models
 
 __all__ = [
     'NewPartsMixin', 'UntrainedWeightsWarning', 'add_block_group', 'pop_kwargs', 'check_fraction', 'check_layout',
-    'check_num_classes', 'count_flops', 'embed_tokens', 'is_fx_tracing', 'new_parts_filter', 'parent_cfgs',
+    'check_num_classes', 'count_flops', 'is_fx_tracing', 'new_parts_filter', 'parent_cfgs',
 ]
 __all__ += ['WeightsUnavailableError', 'check_weights_reachable', 'tracing_tool']
 
@@ -72,12 +72,6 @@ def check_fraction(
     if math.isnan(value) or value > high or value < low or (low_open and value == low) or (high_open and value == high):
         raise ValueError(f'{name} must be {allowed}, got {value!r}')
     return value
-
-
-def embed_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Image to the token sequence the first block sees, exactly as the parent's ``forward_features`` (a family model;
-    its rotary embedding, if any, from ``model._embed``)."""
-    return model._embed(x)[0]
 
 
 def count_flops(fn: Callable, *args: Any) -> Tuple[int, Any]:

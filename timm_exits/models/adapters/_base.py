@@ -20,7 +20,7 @@ class ParentAdapter:
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Images to the tokens the first block sees, exactly as the parent's ``forward_features``, and the rotary
         position embedding of the patches (None without one)."""
-        raise NotImplementedError
+        raise NotImplementedError(f'{type(self).__name__}: every parent adapter defines _embed (see VitAdapter)')
 
     def _block_rope(self, rope: Optional[torch.Tensor], index: int) -> Optional[torch.Tensor]:
         """The rotary embedding block ``index`` (0-based) receives."""
@@ -38,7 +38,7 @@ class ParentAdapter:
             attn_mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
         """One block on tokens x, as the parent runs it (``attn_mask``: additive, broadcast over heads)."""
-        raise NotImplementedError
+        raise NotImplementedError(f'{type(self).__name__}: every parent adapter defines _apply_block (see VitAdapter)')
 
     def _script_block(
             self,
@@ -48,7 +48,7 @@ class ParentAdapter:
             attn_mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
         """``_apply_block`` of block ``index`` under ``torch.jit.script``, which passes no module as an argument."""
-        raise NotImplementedError
+        raise NotImplementedError(f'{type(self).__name__}: every parent adapter defines _script_block (see VitAdapter)')
 
     def _has_cls(self) -> bool:
         """Whether the first token is a class token."""
