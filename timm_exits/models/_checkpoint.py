@@ -32,11 +32,12 @@ from safetensors.torch import load_file
 from timm.models import clean_state_dict
 
 __all__ = [
-    'HIDDEN_LAYOUT', 'METADATA_KEY', 'check_checkpoint_args', 'checkpoint_model_args', 'install_checkpoint_loader',
+    'CALIBRATION_KEY', 'HIDDEN_LAYOUT', 'METADATA_KEY', 'apply_calibration', 'check_checkpoint_args', 'checkpoint_model_args', 'install_checkpoint_loader',
     'layout_args', 'load_checkpoint_into', 'read_checkpoint', 'read_checkpoint_args', 'same_value',
 ]
 
 METADATA_KEY = 'timm_exits'
+CALIBRATION_KEY = 'calibration'  # inside the METADATA_KEY object: the result of timm_exits.calibrate
 HIDDEN_LAYOUT = ('exit_criterion', 'life_layer', 'prune_layers', 'U', 'keep_rate')  # not visible in the weights
 
 
@@ -237,13 +238,50 @@ def load_checkpoint_into(
         source: Any,
         strict: bool = True,
 ) -> Any:
-    """Check the recorded arguments (``check_checkpoint_args``), then ``model.load_state_dict``; every error names
-    ``source`` (the checkpoint's path)."""
+    """Check the recorded arguments (``check_checkpoint_args``), then ``model.load_state_dict``, then the recorded
+    calibration becomes the model's default (``apply_calibration``); every error names ``source`` (the checkpoint's
+    path)."""
     check_checkpoint_args(model, args, f'checkpoint {source}')
     try:
-        return model.load_state_dict(state_dict, strict=strict)
+        result = model.load_state_dict(state_dict, strict=strict)
     except (ValueError, RuntimeError) as e:
         raise ValueError(f'checkpoint {source} does not fit this model: {e}') from e
+    try:
+        apply_calibration(model, (args or {}).get(CALIBRATION_KEY))
+    except ValueError as e:
+        raise ValueError(f'checkpoint {source}: {e}') from e
+    return result
+
+
+def apply_calibration(model: nn.Module, calibration: Optional[Dict[str, Any]]) -> None:
+    """Make a calibration result (``timm_exits.calibrate``: ``threshold`` and / or ``keep_rate``) the model's default
+    in eval mode and keep it as ``model.calibration``; None does nothing. A result for another kind of model (a
+    threshold for a model without exits, a keep rate for one without slimming) is an error."""
+    if not calibration:
+        return
+    if not isinstance(calibration, dict):
+        raise ValueError(f'calibration must be a dict (timm_exits.calibrate\'s result), got {type(calibration).__name__}')
+    from .life_regress_vit import LifeRegressMixin
+    from .multi_exit_vit import MultiExitMixin
+    threshold, keep_rate = calibration.get('threshold'), calibration.get('keep_rate')
+    exits = isinstance(model, MultiExitMixin)
+    slims = isinstance(model, LifeRegressMixin) or getattr(model, 'life', None) is not None
+    if threshold is not None and not exits:
+        raise ValueError(f'the calibration chose threshold={threshold!r}, but {type(model).__name__} has no exits')
+    if keep_rate is not None and not slims:
+        raise ValueError(f'the calibration chose keep_rate={keep_rate!r}, but {type(model).__name__} has no slimming')
+    for name, value, low_open in (('threshold', threshold, False), ('keep_rate', keep_rate, True)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                0 < value <= 1 if low_open else 0 <= value <= 1)):
+            raise ValueError(f'the calibration\'s {name}={value!r} is not allowed: a number in '
+                             f'{"(0" if low_open else "[0"}, 1]')
+    if exits:
+        model.threshold = None if threshold is None else float(threshold)
+    if slims:
+        model.keep_rate = 1. if keep_rate is None else float(keep_rate)
+        if hasattr(model, '_reset_costs'):
+            model._reset_costs()
+    model.calibration = dict(calibration)
 
 
 def install_checkpoint_loader() -> None:
