@@ -35,11 +35,13 @@ ALLOWED: Dict[str, Set[str]] = {
     'runtime': set(),
     'train': MODELS | {'_files', 'data', 'evaluation', 'plots', 'tasks', 'benchmark'},
     'validate': MODELS | {'_files', 'data', 'evaluation', 'plots'},
+    'calibrate': MODELS | {'_files', 'data'},
+    'fit': MODELS | {'_files', 'data', 'tasks', 'train', 'calibrate'},
     'export': MODELS | {'_files', 'timm_exits'},  # the root for __version__
     'benchmark_onnx': MODELS | {'_files', 'benchmark', 'export', 'runtime'},
     'hub': {'*'},
     'hub.*': {'*'},
-    'timm_exits': MODELS | {'hub'},
+    'timm_exits': MODELS | {'hub', 'fit', 'calibrate'},  # fit and calibrate on first use (module __getattr__)
 }
 # Only these outside the standard library, for the modules every model build imports.
 EXTERNAL: Dict[str, Set[str]] = {
