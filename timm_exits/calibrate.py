@@ -365,11 +365,17 @@ def calibrate_outputs(
             f'at least {need_zero} images are needed even if no answer differs' + seen)
     best = min(range(certified), key=lambda j: (float(costs[j]), -j))
     rate, threshold = points[best]
+    risk_hat, cost, p_best = float(rates[best]), float(costs[best]), float(p[best])
+    full = float(_cost_function(model, family)(1. if family != 'mexit' else None, None)[-1])
+    if cost >= full:  # the exit heads cost more than they save on these images: full depth is cheaper and exact
+        _logger.warning(f'warning: the cheapest certified point ({_describe(points[best])}) costs {cost:.4f} of the '
+                        f'full model on these images, more than full depth: keeping full depth')
+        rate, threshold, risk_hat, cost, p_best = (None if family == 'mexit' else 1.), None, 0., full, 0.
     result: Dict[str, Any] = {
         'epsilon': epsilon, 'delta': delta, 'n': n, 'risk': risk, 'family': family,
         'criterion': criterion if family != 'liferegress' else None,
         'threshold': threshold, 'keep_rate': rate,
-        'empirical_risk': float(rates[best]), 'mean_cost': float(costs[best]), 'p_value': float(p[best]),
+        'empirical_risk': risk_hat, 'mean_cost': cost, 'p_value': p_best,
         'certified_points': certified, 'grid_points': len(points),
         'method': 'Learn-then-Test: Hoeffding-Bentkus p-values (binary), fixed-sequence testing from the safest point '
                   f'(MAPIE {_mapie_version()})',

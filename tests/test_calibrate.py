@@ -1,0 +1,206 @@
+"""Calibration with a guarantee: p-values against hand computation, fixed-sequence testing, the guarantee over random
+splits of fixed outputs (and the choose-on-the-split rule violating it), every family, the recorded default, the CLI."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import binom
+from torch.utils.data import DataLoader, TensorDataset
+
+import timm
+import timm_exits
+from timm_exits import calibrate as cal
+from timm_exits.evaluation import select_threshold
+from timm_exits.models._checkpoint import METADATA_KEY
+
+from .conftest import spread_exit_heads
+
+pytest.importorskip('mapie')
+
+
+def _hand_hb(k: int, n: int, eps: float) -> float:
+    """LTT's Hoeffding-Bentkus p-value for a 0/1 loss, written out: min(exp(-n h1(min(r, eps), eps)), P(Bin(n, eps)
+    <= k)), h1(a, b) = a log(a / b) + (1 - a) log((1 - a) / (1 - b))."""
+    r = min(k / n, eps)
+    h1 = (r * math.log(r / eps) if r > 0 else 0.) + (1 - r) * math.log((1 - r) / (1 - eps))
+    return min(math.exp(-n * h1), float(binom.cdf(k, n, eps)))
+
+
+@pytest.mark.parametrize('n,eps', [(100, 0.05), (1000, 0.01), (359, 0.2), (7, 0.5)])
+def test_hb_p_values_match_the_formula(n, eps):
+    ks = list(range(0, n + 1, max(1, n // 40)))
+    got = cal.hb_p_values(ks, n, eps)
+    want = [_hand_hb(k, n, eps) for k in ks]
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-300)
+    assert got[0] == pytest.approx((1 - eps) ** n)  # no loss at all: (1 - eps)^n
+
+
+def test_hb_counts_k_not_k_plus_one():
+    """7 / 100 * 100 is 7.000000000000001 in floats: the Bentkus term must still be P(Bin(100, eps) <= 7)."""
+    assert cal.hb_p_values([7], 100, 0.1)[0] == pytest.approx(min(_hand_hb(7, 100, 0.1), binom.cdf(7, 100, 0.1)))
+    assert cal.hb_p_values([7], 100, 0.1)[0] < binom.cdf(8, 100, 0.1)
+
+
+def test_fixed_sequence_stops_at_the_first_non_rejection():
+    assert cal.fixed_sequence_test([0.01, 0.04, 0.2, 0.001], 0.05) == 2
+    assert cal.fixed_sequence_test([0.06, 0.001], 0.05) == 0
+    assert cal.fixed_sequence_test([0.001] * 5, 0.05) == 5
+
+
+def test_images_needed():
+    assert cal.images_needed(0.01, 0.05) == math.ceil(math.log(0.05) / math.log(0.99)) == 299
+    assert cal.images_needed(0.05, 0.1, 0.05) is None
+    n = cal.images_needed(0.05, 0.05, 0.02)
+    assert cal.hb_p_values([math.ceil(n * 0.02)], n, 0.05)[0] <= 0.05 < cal.hb_p_values([math.ceil(n * 0.02 / 2)],
+                                                                                        n // 2, 0.05)[0]
+
+
+@pytest.mark.parametrize('name,value', [('epsilon', 0), ('epsilon', 1), ('delta', -0.1), ('delta', float('nan')),
+                                        ('epsilon', True)])
+def test_levels_outside_the_open_interval_are_refused(name, value):
+    with pytest.raises(ValueError, match=f'{name} must be a number in \\(0, 1\\)'):
+        cal.ltt(torch.zeros(2, 10, dtype=torch.bool), **{'epsilon': 0.1, 'delta': 0.1, name: value})
+
+
+# --- the guarantee over random splits -------------------------------------------------------------------------------
+
+def _fixed_outputs(n: int = 20000, exits: int = 4, classes: int = 10, seed: int = 0):
+    """Fixed outputs of a multi-exit model on n images: each exit's confidence and answer, the final one last. An
+    exit's answer differs from the final one with a probability that falls with its confidence, and the final answer is
+    right 90 % of the time."""
+    g = torch.Generator().manual_seed(seed)
+    final = torch.randint(0, classes, (n,), generator=g)
+    ease = torch.rand(n, generator=g)
+    scores, preds = [], []
+    for e in range(exits - 1):
+        s = (0.1 + 0.9 * ease ** (1.5 - 0.3 * e) + 0.08 * torch.randn(n, generator=g)).clamp(0.1, 1.)
+        wrong = torch.rand(n, generator=g) < 0.9 * (1 - s) ** 1.5
+        scores.append(s)
+        preds.append(torch.where(wrong, (final + 1 + torch.randint(0, classes - 1, (n,), generator=g)) % classes,
+                                 final))
+    scores.append(torch.ones(n))
+    preds.append(final)
+    labels = torch.where(torch.rand(n, generator=g) < 0.9, final, (final + 1) % classes)
+    return {'family': 'mexit', 'labels': labels, 'keep_rates': [1.], 'preds': [torch.stack(preds)],
+            'scores': [torch.stack(scores)]}
+
+
+def test_the_guarantee_holds_over_200_random_splits_and_choosing_on_the_split_does_not():
+    """Over 200 random calibration (1000 images) / test (19000) splits of fixed outputs, LTT's threshold has a test
+    disagreement above epsilon in at most delta of the splits (with binomial slack), while the choose-on-the-split
+    rule (the cheapest threshold whose calibration accuracy is within epsilon of the full model's: validate's
+    ``--target-drop``) exceeds it far more often."""
+    out = _fixed_outputs()
+    eps, delta, n_cal, splits = 0.05, 0.1, 1000, 200
+    grid = cal.threshold_grid('confidence')
+    costs = [0.3, 0.55, 0.8, 1.0]
+    losses, mean_costs = cal.point_losses(out, [(None, t) for t in grid], costs=lambda r, t: costs)
+    n = losses.shape[1]
+    g = torch.Generator().manual_seed(1)
+    ltt_bad = naive_bad = 0
+    ltt_costs = []
+    for _ in range(splits):
+        perm = torch.randperm(n, generator=g)
+        c, t = perm[:n_cal], perm[n_cal:]
+        certified, _ = cal.ltt(losses[:, c], eps, delta)
+        calib_rates = losses[:, c].float().mean(1)
+        if certified:
+            j = min(range(certified), key=lambda i: float(mean_costs[i]))
+            ltt_bad += bool(losses[j, t].float().mean() > eps)
+            ltt_costs.append(float(mean_costs[j]))
+        rows = [{'threshold': th, 'accuracy': 100 * (1 - float(r)), 'mean_cost': float(m)}
+                for th, r, m in zip(grid, calib_rates, mean_costs)]
+        chosen = select_threshold(rows, 100., max_drop=100 * eps)['threshold']
+        naive_bad += bool(losses[grid.index(chosen), t].float().mean() > eps)
+    slack = binom.ppf(0.999, splits, delta)  # what a delta-rate coin would reach once in a thousand runs
+    assert len(ltt_costs) == splits  # 1000 images certify this epsilon every time
+    assert ltt_bad <= slack, (ltt_bad, slack)
+    assert naive_bad > slack and naive_bad >= 3 * max(ltt_bad, 1), (naive_bad, ltt_bad)
+    assert np.mean(ltt_costs) < 0.9  # and it does save: the certified threshold is not full depth
+
+
+def test_accuracy_drop_risk_bounds_the_drop_and_needs_labels():
+    out = _fixed_outputs(2000)
+    losses, _ = cal.point_losses(out, [(None, 0.5)], risk='accuracy_drop')
+    preds, labels = out['preds'][0], out['labels']
+    first = cal._first_exit(out['scores'][0], 0.5, True)
+    answer = preds[first, torch.arange(2000)]
+    drop = float((preds[-1] == labels).float().mean() - (answer == labels).float().mean())
+    assert float(losses.float().mean()) >= drop
+    out['labels'][3] = -1
+    with pytest.raises(ValueError, match="risk='accuracy_drop' needs a label for every image; 1 of 2000"):
+        cal.point_losses(out, [(None, 0.5)], risk='accuracy_drop')
+
+
+def test_refusal_names_the_images_needed():
+    out = _fixed_outputs(100)
+    model = spread_exit_heads(timm.create_model('test_vit_mexit', num_classes=10, exit_layers=(1, 2, 3))).eval()
+    with pytest.raises(cal.CalibrationError, match=r'no point can be certified with 100 images for epsilon=0.01, '
+                                                   r'delta=0.05 .* at least 299 images are needed'):
+        cal.calibrate_outputs(model, out, 0.01, 0.05)
+
+
+# --- every family, recorded default ------------------------------------------------------------------------------
+
+def _loader(n: int = 96, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.full((n,), -1)), batch_size=32)
+
+
+@pytest.mark.parametrize('name,knobs', [('test_vit_mexit', ('threshold',)), ('test_vit_liferegress', ('keep_rate',)),
+                                        ('test_vit_mexit_liferegress', ('keep_rate', 'threshold'))])
+def test_every_family_is_calibrated_and_the_choice_becomes_the_default(name, knobs):
+    model = spread_exit_heads(timm.create_model(name, num_classes=10)).eval()
+    x = torch.randn(8, 3, 32, 32)
+    result = timm_exits.calibrate(model, _loader(), epsilon=0.3, delta=0.2)
+    assert result['n'] == 96 and result['epsilon'] == 0.3 and result['delta'] == 0.2
+    assert 0 <= result['empirical_risk'] <= 0.3 and 0 < result['mean_cost'] <= 1.
+    assert model.calibration == result
+    chosen = {k: result[k] for k in knobs}
+    assert any(v is not None and v != 1. for v in chosen.values()), result  # it found something cheaper
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x, **chosen), rtol=0, atol=0)
+    for k, v in chosen.items():
+        assert getattr(model, k) == v
+
+
+def test_calibrated_checkpoint_round_trip(tmp_path):
+    """create_model(checkpoint_path=) of a calibrated file: the calibrated threshold is the eval-mode default."""
+    from safetensors.torch import save_file
+    model = spread_exit_heads(timm.create_model('test_vit_mexit', num_classes=10)).eval()
+    src = tmp_path / 'model.safetensors'
+    save_file(model.state_dict(), str(src), metadata={METADATA_KEY: json.dumps(
+        {'model': 'test_vit_mexit', 'model_kwargs': {}, 'num_classes': 10, 'format': 1})})
+    result = timm_exits.calibrate(model, _loader(), epsilon=0.3, delta=0.2, apply=False)
+    assert model.threshold is None and not hasattr(model, 'calibration')
+    cal.write_calibrated(str(src), result, str(tmp_path / 'calibrated.safetensors'), 'test_vit_mexit')
+    loaded = timm.create_model('test_vit_mexit', num_classes=10,
+                               checkpoint_path=str(tmp_path / 'calibrated.safetensors')).eval()
+    assert loaded.threshold == result['threshold'] and loaded.calibration == result
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x, threshold=result['threshold']), rtol=0, atol=0)
+        loaded.train()
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)  # train mode ignores the default
+
+
+def test_a_calibration_for_another_family_is_refused():
+    from timm_exits.models._checkpoint import apply_calibration
+    with pytest.raises(ValueError, match='chose threshold=0.5, but .* has no exits'):
+        apply_calibration(timm.create_model('test_vit_liferegress'), {'threshold': 0.5})
+    with pytest.raises(ValueError, match="calibration's keep_rate=0 is not allowed"):
+        apply_calibration(timm.create_model('test_vit_liferegress'), {'keep_rate': 0})
+
+
+def test_grids_and_path_are_ordered_from_the_safest_point():
+    conf, ent = cal.threshold_grid('confidence'), cal.threshold_grid('entropy')
+    assert conf[0] == 1. and conf[-1] == 0. and conf == sorted(conf, reverse=True)
+    assert ent[0] == 0. and ent == sorted(ent)
+    path = cal.pair_path([1., 0.9, 0.8], conf)
+    assert path[0] == (1., 1.) and path[-1][0] == 0.8
+    assert all(a[0] >= b[0] and a[1] >= b[1] for a, b in zip(path, path[1:]))
+    model = timm.create_model('test_vit_liferegress')
+    rates = cal.keep_rate_grid(model)
+    assert rates[0] == 1. and len({model.token_schedule(r) for r in rates}) == len(rates)
