@@ -494,9 +494,14 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
         raise ValueError(f'--device: {problem}')
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise ValueError(f'--checkpoint {args.checkpoint!r} is not a file')
-    if args.dataset == 'images' and not os.path.isdir(os.path.join(args.data_dir, args.split)):
-        raise ValueError(f'--data-dir {os.path.join(args.data_dir, args.split)!r} is not a folder')
+    if args.dataset == 'images' and not os.path.isdir((os.path.join(args.data_dir, args.split) if args.split else args.data_dir)):
+        raise ValueError(f'--data-dir {(os.path.join(args.data_dir, args.split) if args.split else args.data_dir)!r} is not a folder')
+    from timm.utils import random_seed
+    random_seed(args.seed)  # a random backbone (neither --pretrained nor --checkpoint) is the same on a resume
     model = _create(args)
+    if not args.pretrained and not args.checkpoint:
+        _logger.warning(f'warning: {args.model} has a random backbone (neither --pretrained nor --checkpoint): the '
+                        'exits learn to imitate an untrained model')
     if args.cache:
         _check_cache(model)
     augment = not (args.cache or args.no_augment)
