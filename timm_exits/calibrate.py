@@ -596,6 +596,11 @@ def write_calibrated(checkpoint: str, result: Dict[str, Any], path: str, name: s
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def _folder(args: argparse.Namespace) -> str:
+    """The image folder the command line names: --data-dir, or --data-dir/--split."""
+    return os.path.join(args.data_dir, args.split) if args.split else args.data_dir
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Calibrate as the command line asks; bad input raises ValueError naming the flag, before anything is written."""
     try:
@@ -608,14 +613,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.dataset == 'images':
         if not args.data_dir:
             raise ValueError('--data-dir is required: the folder of calibration images')
-        if not os.path.isdir((os.path.join(args.data_dir, args.split) if args.split else args.data_dir)):
-            raise ValueError(f'--data-dir {(os.path.join(args.data_dir, args.split) if args.split else args.data_dir)!r} is not a folder')
+        if not os.path.isdir(_folder(args)):
+            raise ValueError(f'--data-dir {_folder(args)!r} is not a folder')
     if args.fit_dir:
         if not os.path.isdir(args.fit_dir):
             raise ValueError(f'--fit-dir {args.fit_dir!r} is not a folder')
         if args.dataset != 'images':
             raise ValueError('--fit-dir is compared with --dataset images only (the folders of both)')
-        check_disjoint((os.path.join(args.data_dir, args.split) if args.split else args.data_dir), args.fit_dir)
+        check_disjoint(_folder(args), args.fit_dir)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise ValueError(f'--output {args.output!r} is a file, not a folder')
     try:

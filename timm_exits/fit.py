@@ -480,7 +480,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     from timm.utils.distributed import init_distributed_device_so
     from safetensors.torch import save_file
     from .train import _device_problem, _output_problem, _remove
-    from .calibrate import data_config
+    from .calibrate import _folder, data_config
     for flag, value, low, low_open in (('--lr', args.lr, 0., True), ('--temperature', args.temperature, 0., True),
                                        ('--weight-decay', args.weight_decay, 0., False),
                                        ('--label-weight', args.label_weight, 0., False),
@@ -494,8 +494,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
         raise ValueError(f'--device: {problem}')
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise ValueError(f'--checkpoint {args.checkpoint!r} is not a file')
-    if args.dataset == 'images' and not os.path.isdir((os.path.join(args.data_dir, args.split) if args.split else args.data_dir)):
-        raise ValueError(f'--data-dir {(os.path.join(args.data_dir, args.split) if args.split else args.data_dir)!r} is not a folder')
+    if args.dataset == 'images' and not os.path.isdir(_folder(args)):
+        raise ValueError(f'--data-dir {_folder(args)!r} is not a folder')
     from timm.utils import random_seed
     random_seed(args.seed)  # a random backbone (neither --pretrained nor --checkpoint) is the same on a resume
     model = _create(args)

@@ -32,7 +32,8 @@ from safetensors.torch import load_file
 from timm.models import clean_state_dict
 
 __all__ = [
-    'CALIBRATION_KEY', 'HIDDEN_LAYOUT', 'METADATA_KEY', 'apply_calibration', 'check_checkpoint_args', 'checkpoint_model_args', 'install_checkpoint_loader',
+    'CALIBRATION_KEY', 'HIDDEN_LAYOUT', 'METADATA_KEY', 'apply_calibration', 'check_checkpoint_args',
+    'checkpoint_model_args', 'install_checkpoint_loader',
     'layout_args', 'load_checkpoint_into', 'read_checkpoint', 'read_checkpoint_args', 'same_value',
 ]
 
@@ -260,7 +261,8 @@ def apply_calibration(model: nn.Module, calibration: Optional[Dict[str, Any]]) -
     if not calibration:
         return
     if not isinstance(calibration, dict):
-        raise ValueError(f'calibration must be a dict (timm_exits.calibrate\'s result), got {type(calibration).__name__}')
+        raise ValueError(f'calibration must be a dict (timm_exits.calibrate\'s result), got '
+                         f'{type(calibration).__name__}')
     from .life_regress_vit import LifeRegressMixin
     from .multi_exit_vit import MultiExitMixin
     threshold, keep_rate = calibration.get('threshold'), calibration.get('keep_rate')
