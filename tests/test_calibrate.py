@@ -204,3 +204,33 @@ def test_grids_and_path_are_ordered_from_the_safest_point():
     model = timm.create_model('test_vit_liferegress')
     rates = cal.keep_rate_grid(model)
     assert rates[0] == 1. and len({model.token_schedule(r) for r in rates}) == len(rates)
+
+
+def test_the_calibration_is_recorded_where_users_meet_it(tmp_path):
+    """A calibrated checkpoint: validate's eval.json, the model card and config of hub push, the ONNX manifest (whose
+    runtime then uses the calibrated threshold by default)."""
+    from safetensors.torch import save_file
+    from timm_exits import hub, validate
+    from timm_exits.export import main as export_main
+    from timm_exits.runtime import ExitSession
+    model = spread_exit_heads(timm.create_model('test_vit_mexit', num_classes=10, exit_layers=(2,))).eval()
+    meta = {'model': 'test_vit_mexit', 'model_kwargs': {'exit_layers': [2]}, 'num_classes': 10, 'format': 1}
+    save_file(model.state_dict(), str(tmp_path / 'plain.safetensors'), metadata={METADATA_KEY: json.dumps(meta)})
+    result = timm_exits.calibrate(model, _loader(), epsilon=0.3, delta=0.2, apply=False)
+    ck = tmp_path / 'model.safetensors'
+    cal.write_calibrated(str(tmp_path / 'plain.safetensors'), result, str(ck), 'test_vit_mexit')
+    evaluation = validate.main(['--checkpoint', str(ck), '--dataset', 'digits', '--split', 'val', '--workers', '0',
+                                '--no-progress', '--output', str(tmp_path / 'eval')])
+    assert evaluation['calibration'] == result
+    assert json.loads((tmp_path / 'eval' / 'eval.json').read_text())['calibration'] == result
+    folder, _ = hub.push(ck, 'test_vit_mexit', 'me/tiny', local_dir=tmp_path / 'hub', upload=False,
+                         model_kwargs={'exit_layers': (2,)})
+    card = (folder / 'README.md').read_text()
+    assert f'threshold {result["threshold"]:g}' in card and 'epsilon = 0.3' in card and '1 - delta = 0.8' in card
+    assert f'| 0.3 | 0.2 | 96 | {result["empirical_risk"]:.4f} | {result["mean_cost"]:.3f} |' in card
+    assert json.loads((folder / 'config.json').read_text())['model_args']['threshold'] == result['threshold']
+    assert export_main(['--model', 'test_vit_mexit', '--model-kwargs', 'exit_layers=(2,)', 'num_classes=10',
+                        '--checkpoint', str(ck), '--output', str(tmp_path / 'onnx')]) == 0
+    manifest = json.loads((tmp_path / 'onnx' / 'manifest.json').read_text())
+    assert manifest['calibration'] == result and manifest['default_threshold'] == result['threshold']
+    assert ExitSession(tmp_path / 'onnx').threshold == result['threshold']

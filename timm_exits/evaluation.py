@@ -321,5 +321,7 @@ def evaluate(
             result['gflops'] = _full_flops(model) / 1e9
     finally:
         model.train(was_training)
+    if getattr(model, 'calibration', None):  # timm_exits.calibrate's choice: the model's default in eval mode
+        result['calibration'] = dict(model.calibration)
     result['plot'] = 'tradeoff.png'
     return result

@@ -212,6 +212,8 @@ def export_onnx(
                 threshold_costs=list(model.threshold_costs), criterion=model.exit_criterion,
                 confident_high=model.exit_criterion == 'confidence', default_threshold=model.threshold,
                 default_budget=model.budget, segments=segments, heads=heads)
+        if getattr(model, 'calibration', None):  # timm_exits.calibrate's choice, the defaults above
+            manifest['calibration'] = dict(model.calibration)
         manifest['files'] = _file_info(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out

@@ -37,7 +37,7 @@ import timm
 from timm.models import save_for_hf
 
 from .._files import atomic_dir
-from ..models._checkpoint import check_checkpoint_args, layout_args, read_checkpoint
+from ..models._checkpoint import CALIBRATION_KEY, apply_calibration, check_checkpoint_args, layout_args, read_checkpoint
 from ..models._pretrained import (  # noqa: F401  (the named models' cfgs live beside the models; re-exported here)
     _NOT_FOUND, DEFAULT_HUB_ORG, HUB_ORG_ENV, RECIPE_NOTE, WEIGHTS_NAME, MissingWeightsError, _missing_reason,
     _weights_location, explain_missing_weights, hub_org, published_cfg, published_models, recipe_of,
@@ -171,6 +171,7 @@ def push(
         model.load_state_dict(state_dict, strict=True)
     except (ValueError, RuntimeError) as e:
         raise ValueError(f'checkpoint {checkpoint} does not fit {model_name}: {e}') from e
+    apply_calibration(model, (args or {}).get(CALIBRATION_KEY))  # the calibrated default goes to config and card
     with tempfile.TemporaryDirectory() as scratch:
         folder = export(model, local_dir or Path(scratch) / 'export', model_name, repo_id, evaluation, args,
                         label_names, cards_dir, source_dir=Path(checkpoint).resolve().parent,

@@ -83,6 +83,22 @@ def _results(evaluation: Optional[Dict[str, Any]]) -> str:
     return '\n\n'.join(parts)
 
 
+def _calibration_text(calibration: Optional[Dict[str, Any]]) -> str:
+    """The calibrated default (``timm_exits.calibrate``) in words, or '' without one."""
+    if not calibration:
+        return ''
+    knobs = ', '.join(f'{k} {calibration[k]:g}' for k in ('keep_rate', 'threshold') if calibration.get(k) is not None)
+    what = ('images whose answer differs from the full model\'s' if calibration.get('risk') == 'disagreement' else
+            'images the full model gets right and the early answer wrong')
+    return (f'\n\n**Calibrated default** (`python -m timm_exits.calibrate`, Learn-then-Test): {knobs or "full depth"}, '
+            f'the model\'s default in eval mode. With probability at least 1 - delta = {1 - calibration["delta"]:g} '
+            f'over the draw of the {calibration["n"]} calibration images, the share of {what} is at most epsilon = '
+            f'{calibration["epsilon"]:g}.\n\n'
+            + _table([calibration], [('epsilon', 'epsilon', 'g'), ('delta', 'delta', 'g'), ('n', 'n', 'g'),
+                                     ('Empirical risk', 'empirical_risk', '.4f'),
+                                     ('Mean share of full FLOPs', 'mean_cost', '.3f')]))
+
+
 def _allowed_plot(evaluation: Dict[str, Any], allowed_dir: Optional[Union[str, Path]]) -> Optional[Path]:
     """The evaluation's plot file if it may be published: a regular PNG file whose real path (symlinks resolved) lies
     inside ``allowed_dir`` (the checkpoint's folder); None, with a warning, for anything else."""
@@ -207,7 +223,8 @@ def render_card(
         create_name=name if named else f'hf-hub:{repo_id}',
         hub_name=f'hf-hub:{repo_id}',
         usage='\n'.join(data.get('usage', [])),
-        results=_results(evaluation),
+        results=_results(evaluation) + _calibration_text(
+            getattr(model, 'calibration', None) or (evaluation or {}).get('calibration')),
         plot=plot,
         citation=data.get('citation', ''),
     )
