@@ -10,7 +10,7 @@ published with the preprocessing it was trained with.
 import argparse
 import math
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,12 +18,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from timm.data import create_transform
-from timm.data.transforms import str_to_interp_mode
 
 __all__ = [
     'CROP_MODES', 'DATA_CONFIG_KEYS', 'TORCHVISION_DATASETS', 'DataConfig', 'DigitsDataset', 'add_data_config_args',
     'available_cpus', 'build_transform', 'check_data_config', 'create_dataset', 'data_config_flags',
-    'digits_augment', 'make_loader', 'recorded_data_config', 'resolve_data_cfg',
+    'digits_augment', 'make_loader', 'recorded_data_config', 'resolve_data_cfg', 'write_digits_folder',
 ]
 
 DATA_CONFIG_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
@@ -206,10 +205,16 @@ def resolve_data_cfg(
             values[key], sources[key] = value, where
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     own = _model_input_size(model)
+    dynamic = getattr(model.patch_embed, 'dynamic_img_size', False)
+    if 'input_size' in values and tuple(values['input_size']) != own and not dynamic:
+        where = 'the command line (--img-size / --input-size)' if sources['input_size'] == SOURCE_FLAG else \
+            sources['input_size']
+        raise ValueError(
+            f'input size {tuple(values["input_size"])} from {where} does not fit the model, built for {own} without '
+            f'dynamic_img_size: create it with img_size={values["input_size"][-1]} (or dynamic_img_size=True)')
     if 'input_size' not in values:
         size = cfg.get('test_input_size') if not use_train_size and cfg.get('test_input_size') else cfg.get(
             'input_size')
-        dynamic = getattr(model.patch_embed, 'dynamic_img_size', False)
         if size is not None and (tuple(size) == own or (dynamic and size[0] == in_chans)):
             values['input_size'], sources['input_size'] = tuple(size), SOURCE_CFG
         else:
@@ -342,6 +347,31 @@ def create_dataset(
     if key != 'imagenet':
         kwargs['download'] = download
     return getattr(torchvision.datasets, cls_name)(data_dir, **kwargs)
+
+
+def write_digits_folder(root: str, num_val: int = 397, img_size: int = 32, seed: int = 0) -> None:
+    """scikit-learn's digits as an ImageFolder (``train`` / ``validation``, one folder per class, grey PNGs of
+    ``img_size`` px, a stratified split of ``num_val`` validation images); written once, atomically (a folder that
+    exists is kept)."""
+    import shutil
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    if os.path.isdir(root):
+        return
+    digits = load_digits()
+    train, val = train_test_split(np.arange(len(digits.target)), test_size=num_val, stratify=digits.target,
+                                  random_state=seed)
+    tmp = f'{root}.tmp{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, rows in (('train', train), ('validation', val)):
+        for i in rows:
+            folder = os.path.join(tmp, split, str(digits.target[i]))
+            os.makedirs(folder, exist_ok=True)
+            img = Image.fromarray((digits.images[i] * 255. / 16.).astype('uint8'), mode='L')
+            img.resize((img_size, img_size), Image.BILINEAR).save(os.path.join(folder, f'{i:04d}.png'))
+    os.replace(tmp, root)
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoader:
