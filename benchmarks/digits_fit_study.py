@@ -81,8 +81,8 @@ def _model(checkpoint: str):
 def _loaders(model, data: str, batch_size: int = 64):
     import torch
     from torch.utils.data import DataLoader
-    from timm_exits.data import ImageFiles, build_transform
-    cfg = dict(crop_pct=1., mean=(.5,) * 3, std=(.5,) * 3)  # train.py's (TRAIN_ARGS)
+    from timm_exits.data import ImageFiles, build_transform, resolve_data_cfg
+    cfg = resolve_data_cfg(model, dict(crop_pct=1., mean=(.5,) * 3, std=(.5,) * 3), flags=False)  # train.py's
     transform = build_transform(model, False, data_config=cfg)
     train = ImageFiles(os.path.join(data, 'train'), transform)
     val = ImageFiles(os.path.join(data, 'validation'), transform)

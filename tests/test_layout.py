@@ -37,7 +37,7 @@ ALLOWED: Dict[str, Set[str]] = {
     'validate': MODELS | {'_files', 'data', 'evaluation', 'plots'},
     'calibrate': MODELS | {'_files', 'data'},
     'fit': MODELS | {'_files', 'data', 'tasks', 'train', 'calibrate'},
-    'export': MODELS | {'_files', 'timm_exits'},  # the root for __version__
+    'export': MODELS | {'_files', 'data', 'timm_exits'},  # the root for __version__
     'benchmark_onnx': MODELS | {'_files', 'benchmark', 'export', 'runtime'},
     'hub': {'*'},
     'hub.*': {'*'},

@@ -48,7 +48,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ._files import atomic_write, write_json
-from .data import DATA_CONFIG_KEYS, NO_LABEL, available_cpus, create_dataset, make_loader
+from .data import (
+    NO_LABEL, add_data_config_args, available_cpus, create_dataset, data_config_flags, make_loader, resolve_data_cfg,
+)
 from .models._base import UntrainedWeightsWarning
 from .models._checkpoint import (
     CALIBRATION_KEY, METADATA_KEY, apply_calibration, checkpoint_model_args, load_checkpoint_into, read_checkpoint,
@@ -474,29 +476,6 @@ def _int_at_least(low: int) -> Any:
     return parse
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """timm validate.py's data config flags (they replace the model's / checkpoint's pretrained cfg entries)."""
-    parser.add_argument('--img-size', type=_int_at_least(1), default=None, help='input image size (square)')
-    parser.add_argument('--input-size', type=int, nargs=3, default=None, metavar='N',
-                        help='input size C H W (overrides --img-size)')
-    parser.add_argument('--crop-pct', type=float, default=None, help='centre crop share')
-    parser.add_argument('--crop-mode', default=None, help="'center', 'squash' or 'border'")
-    parser.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='per channel mean')
-    parser.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='per channel std')
-    parser.add_argument('--interpolation', default=None, help="resize interpolation ('bicubic', 'bilinear', ...)")
-
-
-def data_config(args: argparse.Namespace) -> Dict[str, Any]:
-    """The data config entries the command line sets (``DATA_CONFIG_KEYS``)."""
-    cfg = {k: getattr(args, k) for k in DATA_CONFIG_KEYS if getattr(args, k, None) is not None}
-    if getattr(args, 'img_size', None) is not None and 'input_size' not in cfg:
-        cfg['input_size'] = (3, args.img_size, args.img_size)
-    for key in ('mean', 'std'):
-        if key in cfg:
-            cfg[key] = tuple(cfg[key]) * (3 if len(cfg[key]) == 1 else 1)
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m timm_exits.calibrate``."""
     parser = argparse.ArgumentParser(prog='python -m timm_exits.calibrate', description=__doc__.split('\n\n')[0])
@@ -520,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--output', required=True, help='folder for calibration.json and model.safetensors')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
-    add_data_arguments(parser)
+    add_data_config_args(parser)
     return parser
 
 
@@ -575,9 +554,11 @@ def load_model(checkpoint: str, model_name: Optional[str] = None) -> Tuple[nn.Mo
     return model, dict(recorded or {}), name
 
 
-def write_calibrated(checkpoint: str, result: Dict[str, Any], path: str, name: str) -> None:
+def write_calibrated(checkpoint: str, result: Dict[str, Any], path: str, name: str,
+                     data_config: Optional[Dict[str, Any]] = None) -> None:
     """Copy ``checkpoint``'s weights to ``path`` (safetensors, atomically) with ``result`` in its metadata: the
-    ``timm_exits`` JSON of a safetensors checkpoint (or model, kwargs and classes of another) plus ``calibration``."""
+    ``timm_exits`` JSON of a safetensors checkpoint (or model, kwargs and classes of another) plus ``calibration``
+    and the ``data_config`` the calibration images were preprocessed with (the one later commands resolve to)."""
     from safetensors.torch import save_file
     state_dict, recorded = read_checkpoint(checkpoint)
     metadata: Dict[str, str] = {}
@@ -591,6 +572,8 @@ def write_calibrated(checkpoint: str, result: Dict[str, Any], path: str, name: s
         info = {'model': name, 'model_kwargs': kwargs, 'num_classes': num_classes, 'format': 1}
     info['model'] = name
     info[CALIBRATION_KEY] = result
+    if data_config is not None:
+        info['data_config'] = data_config
     metadata[METADATA_KEY] = json.dumps(info, default=str)
     tensors = {k: v.contiguous() for k, v in state_dict.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -632,9 +615,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     model, recorded, name = load_model(args.checkpoint, args.model)
     _family(model)
     model = model.to(device).eval()
+    cfg = resolve_data_cfg(model, data_config_flags(args), recorded, use_train_size=args.use_train_size)
+    _logger.info(f'preprocessing: {cfg.describe()}')
     try:
-        ds = create_dataset(args.dataset, args.split, model, False, args.data_dir,
-                            **({} if args.dataset == 'digits' else {'data_config': data_config(args)}))
+        ds = create_dataset(args.dataset, args.split, model, False, args.data_dir, data_config=cfg)
     except ValueError as e:
         raise ValueError(f'--data-dir: {e}') from e
     if len(ds) == 0:
@@ -645,11 +629,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     loader = make_loader(ds, args.batch_size, args.workers)
     result = calibrate(model, loader, args.epsilon, args.delta, risk=args.risk, device=device,
                        progress=not args.no_progress)
+    calib = dict(result)
     result.update(model=name, checkpoint=os.path.abspath(args.checkpoint), data=f'{args.dataset}:{args.data_dir}'
-                  + (f'/{args.split}' if args.split else ''))
-    out_weights = os.path.join(args.output, 'model.safetensors')
-    calib = {k: v for k, v in result.items() if k not in ('model', 'checkpoint', 'data')}
-    write_calibrated(args.checkpoint, calib, out_weights, name)
+                  + (f'/{args.split}' if args.split else ''), data_config=cfg.record())
+    write_calibrated(args.checkpoint, calib, os.path.join(args.output, 'model.safetensors'), name, cfg.record())
     write_json(result, os.path.join(args.output, 'calibration.json'))
     _logger.info(json.dumps(result, indent=1))
     return result

@@ -394,7 +394,8 @@ def fit(
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m timm_exits.fit``."""
     from timm.utils import ParseKwargs
-    from .calibrate import _int_at_least, add_data_arguments
+    from .calibrate import _int_at_least
+    from .data import add_data_config_args
     parser = argparse.ArgumentParser(prog='python -m timm_exits.fit', description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', required=True, help="a timm-exits model, tag allowed ('<parent>_mexit', "
                         "'<parent>_liferegress', '<parent>_mexit_liferegress')")
@@ -427,14 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--no-resume', action='store_true', help='start over even if OUTPUT holds a fit')
     parser.add_argument('--no-progress', action='store_true')
-    add_data_arguments(parser)
+    add_data_config_args(parser)
     return parser
 
 
 RESULT_ARGS = ('model', 'pretrained', 'checkpoint', 'model_kwargs', 'num_classes', 'data_dir', 'dataset', 'split',
                'epochs', 'lr', 'weight_decay', 'batch_size', 'temperature', 'label_weight', 'uncertainty_weight',
-               'cache', 'no_augment', 'seed', 'img_size', 'input_size', 'crop_pct', 'crop_mode', 'mean', 'std',
-               'interpolation')
+               'cache', 'no_augment', 'seed', 'img_size', 'input_size', 'use_train_size', 'crop_pct', 'crop_mode',
+               'crop_border_pixels', 'mean', 'std', 'interpolation')
 
 
 def _fingerprint(args: argparse.Namespace) -> Dict[str, Any]:
@@ -444,7 +445,7 @@ def _fingerprint(args: argparse.Namespace) -> Dict[str, Any]:
     return json.loads(json.dumps(out, default=str))
 
 
-def _create(args: argparse.Namespace) -> nn.Module:
+def _create(args: argparse.Namespace) -> Tuple[nn.Module, Optional[Dict[str, Any]]]:
     import timm
     kwargs = dict(args.model_kwargs)
     if args.num_classes is not None:
@@ -459,13 +460,14 @@ def _create(args: argparse.Namespace) -> nn.Module:
         except TypeError as e:
             raise ValueError(f'--model {args.model} with --model-kwargs {args.model_kwargs}: {e}') from e
         fit_parts(model)
+        recorded = None
         if args.checkpoint:
             state_dict, recorded = read_checkpoint(args.checkpoint)
             if not any(k.startswith(model.new_prefixes) for k in state_dict):
                 model.load_state_dict(new_parts_filter(state_dict, model), strict=True)
             else:
                 load_checkpoint_into(model, state_dict, recorded, args.checkpoint)
-    return model
+    return model, recorded
 
 
 def _recorded_kwargs(model: nn.Module, given: Dict[str, Any]) -> Dict[str, Any]:
@@ -480,7 +482,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     from timm.utils.distributed import init_distributed_device_so
     from safetensors.torch import save_file
     from .train import _device_problem, _output_problem, _remove
-    from .calibrate import _folder, data_config
+    from .calibrate import _folder
+    from .data import data_config_flags, resolve_data_cfg
     for flag, value, low, low_open in (('--lr', args.lr, 0., True), ('--temperature', args.temperature, 0., True),
                                        ('--weight-decay', args.weight_decay, 0., False),
                                        ('--label-weight', args.label_weight, 0., False),
@@ -498,16 +501,17 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
         raise ValueError(f'--data-dir {_folder(args)!r} is not a folder')
     from timm.utils import random_seed
     random_seed(args.seed)  # a random backbone (neither --pretrained nor --checkpoint) is the same on a resume
-    model = _create(args)
+    model, recorded = _create(args)
     if not args.pretrained and not args.checkpoint:
         _logger.warning(f'warning: {args.model} has a random backbone (neither --pretrained nor --checkpoint): the '
                         'exits learn to imitate an untrained model')
     if args.cache:
         _check_cache(model)
     augment = not (args.cache or args.no_augment)
+    cfg = resolve_data_cfg(model, data_config_flags(args), recorded, use_train_size=args.use_train_size)
+    _logger.info(f'preprocessing: {cfg.describe()}')
     try:
-        ds = create_dataset(args.dataset, args.split, model, augment and args.dataset != 'digits', args.data_dir,
-                            **({} if args.dataset == 'digits' else {'data_config': data_config(args)}))
+        ds = create_dataset(args.dataset, args.split, model, augment, args.data_dir, data_config=cfg)
     except ValueError as e:
         raise ValueError(f'--data-dir: {e}') from e
     if len(ds) == 0:
@@ -568,7 +572,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
             dist.barrier()
     if rank == 0:
         info = {'model': args.model, 'model_kwargs': _recorded_kwargs(model, args.model_kwargs),
-                'num_classes': int(model.num_classes), 'format': METADATA_FORMAT, 'fit': fingerprint}
+                'num_classes': int(model.num_classes), 'format': METADATA_FORMAT, 'fit': fingerprint,
+                'data_config': cfg.record()}
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         atomic_write(path(WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(info)}))
         write_json({'model': args.model, 'images': len(ds), 'labelled': bool(getattr(ds, 'labelled', True)),
