@@ -40,29 +40,6 @@ DELTA = 0.05
 ARMS = ('fit', 'classifier_wise', 'mevit')
 
 
-def write_data(root: str, num_train: int = 1000, seed: int = 0) -> None:
-    """Digits as an ImageFolder, ``train`` / ``validation`` (stratified, fixed seed), 32 px grey PNGs; atomically."""
-    if os.path.isdir(root):
-        return
-    import shutil
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    digits = load_digits()
-    index = np.arange(len(digits.target))
-    train, val = train_test_split(index, train_size=num_train, stratify=digits.target, random_state=seed)
-    tmp = root + '.tmp'
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split, rows in (('train', train), ('validation', val)):
-        for i in rows:
-            folder = os.path.join(tmp, split, str(digits.target[i]))
-            os.makedirs(folder, exist_ok=True)
-            img = Image.fromarray((digits.images[i] * 255. / 16.).astype('uint8'), mode='L')
-            img.resize((32, 32), Image.BILINEAR).save(os.path.join(folder, f'{i:04d}.png'))
-    os.replace(tmp, root)
-
-
 def _model(checkpoint: str):
     import timm
     import timm_exits  # noqa: F401
@@ -341,7 +318,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     args.work = os.path.abspath(args.work)
     args.data = os.path.join(args.work, 'data')
     os.makedirs(args.work, exist_ok=True)
-    write_data(args.data)
+    from timm_exits.data import write_digits_folder
+    write_digits_folder(args.data, num_val=797)  # train 1000, validation 797
     start = time.time()
     results = [run_seed(args, s) for s in args.seeds]
     text = tables(results)

@@ -133,6 +133,8 @@ def test_cache_is_refused_where_it_cannot_hold():
 def test_nothing_to_fit_is_refused():
     with pytest.raises(ValueError, match='VisionTransformer has nothing to fit'):
         timm_exits.fit(timm.create_model('test_vit'), _loader())
+    with pytest.raises(ValueError, match='nothing to fit: no intermediate exit'):
+        timm_exits.fit(timm.create_model('test_vit_mexit', exit_layers=()), _loader())
 
 
 def test_an_interrupted_fit_resumes_to_the_same_weights():
@@ -222,7 +224,7 @@ def test_fit_cli_writes_a_checkpoint_that_create_model_and_validate_read(folders
 def test_calibrate_cli_records_the_choice(folders, tmp_path, capsys):
     from safetensors import safe_open
     out = tmp_path / 'run'
-    fit_module.main(FIT + ['--data-dir', str(folders / 'fit'), '--output', str(out), '--cache'])
+    fit_module.main(FIT + ['--data-dir', str(folders / 'fit'), '--output', str(out), '--cache', '--mean', '0.25'])
     cal_out = tmp_path / 'cal'
     result = timm_exits.calibrate.main(['--checkpoint', str(out / 'model.safetensors'), '--data-dir',
                                         str(folders / 'calib'), '--fit-dir', str(folders / 'fit'), '--epsilon', '0.4',
@@ -233,6 +235,7 @@ def test_calibrate_cli_records_the_choice(folders, tmp_path, capsys):
     with safe_open(str(cal_out / 'model.safetensors'), 'pt') as f:
         recorded = json.loads(f.metadata()['timm_exits'])
     assert recorded['calibration']['threshold'] == result['threshold'] and recorded['fit']['epochs'] == 2
+    assert recorded['data_config']['mean'] == [0.25] * 3 == result['data_config']['mean']  # fit's flag, recorded
     loaded = timm.create_model('test_vit_mexit', num_classes=10,
                                checkpoint_path=str(cal_out / 'model.safetensors'))
     assert loaded.threshold == result['threshold']
@@ -244,6 +247,8 @@ def test_calibrate_cli_records_the_choice(folders, tmp_path, capsys):
     (['--data-dir', '{d}/missing'], "error: --data-dir '{d}/missing' is not a folder"),
     (['--data-dir', '{d}/fit', '--model', 'test_vit'], 'error: VisionTransformer has nothing to fit'),
     (['--data-dir', '{d}/fit', '--lr', '-1'], 'error: --lr: must be a finite number > 0, got -1.0'),
+    (['--data-dir', '{d}/fit', '--crop-mode', 'bogus'], "error: --crop-mode 'bogus' is not known; allowed: center"),
+    (['--data-dir', '{d}/fit', '--img-size', '64'], 'error: input size (3, 64, 64) from the command line'),
     (['--data-dir', '{d}/fit', '--model-kwargs', 'exit_head=vit', '--cache'],
      "error: cache=True: exit heads ['vit'] read every token"),
 ])

@@ -52,6 +52,7 @@ from .data import (
     NO_LABEL, add_data_config_args, available_cpus, create_dataset, data_config_flags, make_loader, resolve_data_cfg,
 )
 from .models._base import UntrainedWeightsWarning
+from .validate import _int_at_least, run_command
 from .models._checkpoint import (
     CALIBRATION_KEY, METADATA_KEY, apply_calibration, checkpoint_model_args, load_checkpoint_into, read_checkpoint,
 )
@@ -464,18 +465,6 @@ def _level(text: str) -> float:
         raise argparse.ArgumentTypeError(f'must be a number in (0, 1), got {text!r}') from None
 
 
-def _int_at_least(low: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'must be an integer >= {low}, got {text!r}') from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f'must be an integer >= {low}, got {value}')
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m timm_exits.calibrate``."""
     parser = argparse.ArgumentParser(prog='python -m timm_exits.calibrate', description=__doc__.split('\n\n')[0])
@@ -579,6 +568,21 @@ def write_calibrated(checkpoint: str, result: Dict[str, Any], path: str, name: s
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def command_dataset(args: argparse.Namespace, model: nn.Module, recorded: Optional[Dict[str, Any]],
+                    is_training: bool) -> Tuple[Any, Any]:
+    """The dataset a command line names (``--dataset``, ``--data-dir``, ``--split``), preprocessed with the one data
+    config resolution (its flags, else the checkpoint's record, else the pretrained cfg), and that resolution."""
+    cfg = resolve_data_cfg(model, data_config_flags(args), recorded, use_train_size=args.use_train_size)
+    _logger.info(f'preprocessing: {cfg.describe()}')
+    try:
+        ds = create_dataset(args.dataset, args.split, model, is_training, args.data_dir, data_config=cfg)
+    except ValueError as e:
+        raise ValueError(f'--data-dir: {e}') from e
+    if len(ds) == 0:
+        raise ValueError(f'--data-dir: no images in {args.dataset} {args.split!r}')
+    return ds, cfg
+
+
 def _folder(args: argparse.Namespace) -> str:
     """The image folder the command line names: --data-dir, or --data-dir/--split."""
     return os.path.join(args.data_dir, args.split) if args.split else args.data_dir
@@ -586,12 +590,11 @@ def _folder(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Calibrate as the command line asks; bad input raises ValueError naming the flag, before anything is written."""
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise ValueError(f'--device {args.device!r} is not a torch device; e.g. cpu, cuda, cuda:1') from e
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f'--device {args.device!r}: CUDA is not available here; use --device cpu')
+    from .train import _device_problem
+    problem = _device_problem(args.device)
+    if problem:
+        raise ValueError(f'--device: {problem}')
+    device = torch.device(args.device)
     _mapie()
     if args.dataset == 'images':
         if not args.data_dir:
@@ -615,14 +618,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     model, recorded, name = load_model(args.checkpoint, args.model)
     _family(model)
     model = model.to(device).eval()
-    cfg = resolve_data_cfg(model, data_config_flags(args), recorded, use_train_size=args.use_train_size)
-    _logger.info(f'preprocessing: {cfg.describe()}')
-    try:
-        ds = create_dataset(args.dataset, args.split, model, False, args.data_dir, data_config=cfg)
-    except ValueError as e:
-        raise ValueError(f'--data-dir: {e}') from e
-    if len(ds) == 0:
-        raise ValueError(f'--data-dir: no images in {args.dataset} {args.split!r}')
+    ds, cfg = command_dataset(args, model, recorded, False)
     if args.risk == 'accuracy_drop' and getattr(ds, 'labelled', True) is False:
         raise ValueError(f'--risk accuracy_drop needs labels: {args.data_dir!r} is a flat folder (no class folders); '
                          'use --risk disagreement or class folders')
@@ -640,13 +636,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """``python -m timm_exits.calibrate``: bad input prints one ``error: ...`` line and exits with status 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
-    try:
-        return run(args)
-    except (ValueError, OSError, RuntimeError, ImportError) as e:
-        parser.exit(2, f'error: {" ".join(str(e).split())}\n')
+    return run_command(build_parser(), run, argv)
 
 
 class _CallableModule(types.ModuleType):

@@ -394,8 +394,8 @@ def fit(
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m timm_exits.fit``."""
     from timm.utils import ParseKwargs
-    from .calibrate import _int_at_least
     from .data import add_data_config_args
+    from .validate import _int_at_least
     parser = argparse.ArgumentParser(prog='python -m timm_exits.fit', description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', required=True, help="a timm-exits model, tag allowed ('<parent>_mexit', "
                         "'<parent>_liferegress', '<parent>_mexit_liferegress')")
@@ -482,8 +482,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     from timm.utils.distributed import init_distributed_device_so
     from safetensors.torch import save_file
     from .train import _device_problem, _output_problem, _remove
-    from .calibrate import _folder
-    from .data import data_config_flags, resolve_data_cfg
+    from .calibrate import _folder, command_dataset
     for flag, value, low, low_open in (('--lr', args.lr, 0., True), ('--temperature', args.temperature, 0., True),
                                        ('--weight-decay', args.weight_decay, 0., False),
                                        ('--label-weight', args.label_weight, 0., False),
@@ -508,14 +507,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     if args.cache:
         _check_cache(model)
     augment = not (args.cache or args.no_augment)
-    cfg = resolve_data_cfg(model, data_config_flags(args), recorded, use_train_size=args.use_train_size)
-    _logger.info(f'preprocessing: {cfg.describe()}')
-    try:
-        ds = create_dataset(args.dataset, args.split, model, augment, args.data_dir, data_config=cfg)
-    except ValueError as e:
-        raise ValueError(f'--data-dir: {e}') from e
-    if len(ds) == 0:
-        raise ValueError(f'--data-dir: no images in {args.dataset} {args.split!r}')
+    ds, cfg = command_dataset(args, model, recorded, augment)
     problem = _output_problem(args.output)
     if problem:
         raise ValueError(f'--output: {problem}')
@@ -586,13 +578,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     """``python -m timm_exits.fit``: bad input prints one ``error: ...`` line and exits with status 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
-    try:
-        return run(args)
-    except (ValueError, OSError, ImportError) as e:
-        parser.exit(2, f'error: {" ".join(str(e).split())}\n')
+    from .validate import run_command
+    return run_command(build_parser(), run, argv)
 
 
 class _CallableModule(types.ModuleType):

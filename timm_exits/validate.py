@@ -298,15 +298,21 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return result
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """``python -m timm_exits.validate``: bad input prints one ``error: ...`` line and exits with status 2."""
-    parser = build_parser()
+def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any],
+                argv: Optional[List[str]] = None) -> Any:
+    """Parse ``argv`` and ``run`` it; bad input (ValueError, OSError, RuntimeError, ImportError) prints one ``error:
+    ...`` line and exits with status 2 (validate, fit and calibrate)."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     try:
         return run(args)
     except (ValueError, OSError, RuntimeError, ImportError) as e:
         parser.exit(2, f'error: {" ".join(str(e).split())}\n')
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """``python -m timm_exits.validate``: bad input prints one ``error: ...`` line and exits with status 2."""
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == '__main__':
