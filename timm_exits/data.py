@@ -1,8 +1,9 @@
 """ Datasets and transforms of the training recipes and ``python -m timm_exits.validate``.
 
 ``digits`` (scikit-learn's bundled 8x8 digits, nothing downloaded), ``folder`` (an ImageFolder at ``data_dir/split``),
-``images`` (the image files of a folder, labelled when they sit in class folders, else label -1) or ``torch/<name>`` (torchvision: cifar10, cifar100, flowers102, stanford_cars, fgvc_aircraft, imagenet; downloads only
-when asked), transformed with one resolution of the data config (``resolve_data_cfg``: input size, mean, std,
+``images`` (the image files of a folder, labelled when they sit in class folders, else label -1) or ``torch/<name>``
+(torchvision: cifar10, cifar100, flowers102, stanford_cars, fgvc_aircraft, imagenet; downloads only when asked),
+transformed with one resolution of the data config (``resolve_data_cfg``: input size, mean, std,
 crop_pct, crop_mode, interpolation): a command-line flag, else what the checkpoint records, else the model's pretrained
 cfg. validate, the recipes, export, hub push, fit and calibrate all read it, so a checkpoint is evaluated, exported and
 published with the preprocessing it was trained with.
