@@ -234,3 +234,17 @@ def test_the_calibration_is_recorded_where_users_meet_it(tmp_path):
     manifest = json.loads((tmp_path / 'onnx' / 'manifest.json').read_text())
     assert manifest['calibration'] == result and manifest['default_threshold'] == result['threshold']
     assert ExitSession(tmp_path / 'onnx').threshold == result['threshold']
+
+
+def test_a_training_checkpoint_is_calibrated_into_safetensors(tmp_path):
+    """A recipe's last.pth.tar (its 'recipe' records model, kwargs, classes): the calibrated copy is safetensors with
+    the model, kwargs and classes it needs, and loads with the choice as the default."""
+    model = spread_exit_heads(timm.create_model('test_vit_mexit', num_classes=10, exit_criterion='entropy')).eval()
+    recipe = {'model': 'test_vit_mexit', 'model_kwargs': {'exit_criterion': 'entropy'}, 'num_classes': 10}
+    torch.save({'state_dict': model.state_dict(), 'recipe': recipe}, tmp_path / 'last.pth.tar')
+    result = timm_exits.calibrate(model, _loader(), epsilon=0.3, delta=0.2, apply=False)
+    assert result['criterion'] == 'entropy'
+    cal.write_calibrated(str(tmp_path / 'last.pth.tar'), result, str(tmp_path / 'c.safetensors'), 'test_vit_mexit')
+    loaded, recorded, name = cal.load_model(str(tmp_path / 'c.safetensors'))
+    assert name == 'test_vit_mexit' and recorded['model_kwargs'] == {'exit_criterion': 'entropy'}
+    assert loaded.exit_criterion == 'entropy' and loaded.threshold == result['threshold'] and loaded.num_classes == 10

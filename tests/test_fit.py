@@ -212,6 +212,10 @@ def test_fit_cli_writes_a_checkpoint_that_create_model_and_validate_read(folders
     result = validate.main(['--checkpoint', str(out / 'model.safetensors'), '--dataset', 'digits', '--split', 'val',
                             '--workers', '0', '--no-progress', '--output', str(tmp_path / 'eval')])
     assert [e['layer'] for e in result['exits']] == [2, 3, 4]
+    from timm_exits import hub
+    folder, _ = hub.push(out / 'model.safetensors', 'test_vit_mexit', 'me/fitted', local_dir=tmp_path / 'hub',
+                         upload=False, model_kwargs={'num_classes': 10})
+    assert json.loads((folder / 'training_args.json').read_text())['fit']['epochs'] == 2
     # rerunning the finished command resumes: nothing trains again, the products are rewritten identically
     before = (out / 'model.safetensors').read_bytes()
     rows = fit_module.main(FIT + ['--data-dir', str(folders / 'fit'), '--output', str(out)])
