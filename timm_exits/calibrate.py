@@ -364,7 +364,8 @@ def calibrate_outputs(
                 f'certifies it: raise epsilon')
         raise CalibrationError(
             f'no point can be certified with {n} images for epsilon={epsilon:g}, delta={delta:g} (safest point '
-            f'{_describe(points[0])}: {int(losses[0].sum())} of {n} images lost, p-value {p[0]:.3g} > delta): '
+            f'{_describe(points[0])}: {int(losses[0].sum())} of {n} images count toward the risk, p-value '
+            f'{p[0]:.3g} > delta): '
             f'at least {need_zero} images are needed even if no answer differs' + seen)
     best = min(range(certified), key=lambda j: (float(costs[j]), -j))
     rate, threshold = points[best]

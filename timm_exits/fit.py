@@ -284,6 +284,8 @@ def fit(
         weight_decay: AdamW weight decay (timm's groups: none on norms and biases).
         cache: Keep each exit's token and the final logits of the first epoch; later epochs read them (multi-exit
             models with ``linear`` / ``mlp`` heads). The loader's first epoch is then what every epoch sees.
+        device: Where the model and the batches go (default: the model's device).
+        progress: Show a progress bar (batches) on stderr.
         state: A checkpoint of an earlier call (``on_epoch``'s argument): continue after its epoch.
         on_epoch: Called after every epoch with the state to keep (new parts, optimizer, schedule, epoch, log).
         seed: Every epoch reseeds the RNGs from (seed, epoch) (shuffling, dropout).
@@ -306,7 +308,8 @@ def fit(
     module = FitModule(model, temperature, label_weight, uncertainty_weight)
     if cache:
         _check_cache(model)
-    device = device if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
     module.freeze()
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
