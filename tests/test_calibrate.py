@@ -248,3 +248,24 @@ def test_a_training_checkpoint_is_calibrated_into_safetensors(tmp_path):
     loaded, recorded, name = cal.load_model(str(tmp_path / 'c.safetensors'))
     assert name == 'test_vit_mexit' and recorded['model_kwargs'] == {'exit_criterion': 'entropy'}
     assert loaded.exit_criterion == 'entropy' and loaded.threshold == result['threshold'] and loaded.num_classes == 10
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_ltt_fuzzed_against_a_hand_loop(seed):
+    """Seeded fuzzing: random loss tables, epsilon and delta; LTT's certified prefix equals a loop over the grid that
+    computes each p-value by the formula and stops at the first above delta."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(5, 400, (1,), generator=g))
+    points = int(torch.randint(1, 30, (1,), generator=g))
+    eps = float(torch.empty(1).uniform_(0.01, 0.5, generator=g))
+    delta = float(torch.empty(1).uniform_(0.01, 0.3, generator=g))
+    rates = torch.linspace(0, 2 * eps, points)  # risk grows along the grid, as toward cheaper points
+    losses = torch.rand(points, n, generator=g) < rates[:, None]
+    certified, p = cal.ltt(losses, eps, delta)
+    want = 0
+    for k in losses.sum(1).tolist():
+        if _hand_hb(int(k), n, eps) > delta:
+            break
+        want += 1
+    assert certified == want
+    np.testing.assert_allclose(p, [_hand_hb(int(k), n, eps) for k in losses.sum(1).tolist()], rtol=1e-9, atol=1e-300)

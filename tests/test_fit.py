@@ -309,3 +309,28 @@ def test_fit_ddp_two_cpu_processes(folders, tmp_path):
     model = timm.create_model('test_vit_mexit', num_classes=10,
                               checkpoint_path=str(tmp_path / 'ddp' / 'model.safetensors'))
     assert model.num_classes == 10
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_frozen_parts_fuzzed_over_layouts(seed):
+    """Seeded fuzzing of the contract: random exit layout, head, criterion and family; after fitting, every frozen
+    tensor is bit-identical and every new part moved."""
+    import random
+    rng = random.Random(seed)
+    family = rng.choice(['test_vit_mexit', 'test_vit_mexit_liferegress'])
+    heads = ['linear', 'mlp', 'vit'] + (['cnn_ignore', 'mixer'] if family == 'test_vit_mexit' else [])
+    layers = tuple(sorted(rng.sample([1, 2, 3], rng.randint(1, 3))))
+    kwargs = dict(num_classes=rng.choice([3, 10]), exit_layers=layers, exit_head=rng.choice(heads),
+                  exit_criterion=rng.choice(['confidence', 'entropy', 'uncertainty']))
+    if family.endswith('liferegress'):
+        kwargs['exit_layers'] = tuple(v for v in layers if v != 1) or (2,)
+    model = timm.create_model(family, **kwargs)
+    before = _frozen(model)
+    new_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(model.new_prefixes)}
+    cache = kwargs['exit_head'] in ('linear', 'mlp') and family == 'test_vit_mexit' and rng.random() < 0.5
+    timm_exits.fit(model, _loader(32, labels=rng.random() < 0.5), epochs=2, lr=1e-2, cache=cache,
+                   label_weight=rng.choice([0., 0.5]))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), kwargs
+    moved = {k.split('.')[0] for k, v in new_before.items() if not torch.equal(v, after[k])}
+    assert moved == {p.rstrip('.') for p in model.new_prefixes}, (kwargs, moved)
