@@ -1,8 +1,13 @@
-"""Record the cost numbers of the three families (run on main, before the cost-model refactor)."""
-import json, sys, warnings
-import torch, timm
-import timm_exits  # noqa
-warnings.simplefilter('ignore')
+"""The cost numbers of the three families, recorded on main before the cost model was shared:
+``python tests/data/record_costs.py tests/data/costs_main.json``; ``tests/test_costs.py`` recomputes them."""
+import json
+import sys
+import warnings
+
+import torch
+
+import timm
+import timm_exits  # noqa: F401
 
 CASES = [
     # (family, name, kwargs)
@@ -47,10 +52,12 @@ def attempt(fn):
         return {'error': str(e)}
 
 
-out = []
-for family, name, kwargs in CASES:
+def record(family, name, kwargs):
+    """Every cost number of one model."""
     torch.manual_seed(0)
-    m = timm.create_model(name, **kwargs).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        m = timm.create_model(name, **kwargs).eval()
     rec = {'family': family, 'name': name, 'kwargs': kwargs}
     if family in ('mexit', 'mexit_liferegress'):
         rec['full_flops'] = m.full_flops
@@ -75,6 +82,10 @@ for family, name, kwargs in CASES:
         if family == 'mexit_liferegress':
             rec['exit_costs_for_at'] = list(m.exit_costs_for(0.6, SIZE[name]))
             rec['threshold_costs_for_at'] = list(m.threshold_costs_for(0.6, SIZE[name]))
-    out.append(rec)
-    print(name, kwargs, file=sys.stderr)
-json.dump(out, open(sys.argv[1], 'w'), indent=1)
+    return rec
+
+
+if __name__ == '__main__':
+    out = [record(*case) for case in CASES]
+    with open(sys.argv[1], 'w') as f:
+        json.dump(out, f, indent=1)
