@@ -5,6 +5,9 @@ eager ``forward_dynamic``: segment by segment, each exit's head on the images st
 passes the threshold leave, and only the others go on to the next segment (002_*.txt: a batch-wide decision gives no
 speed-up). A budget stops every image at the deepest exit whose cost fits it. A static export runs its one graph.
 
+``session.exit_walker(threshold=, budget=)`` is the same walk to drive step by step (``start(x, rows)`` and ``step(state)``,
+as ``timm_exits.models.walker.ExitWalker``), for a server that lets new images join between segments.
+
 Needs numpy and onnxruntime only (``pip install "timm-exits[deploy]"``); torch tensors are accepted and returned as
 tensors when torch is importable.
 """
@@ -16,7 +19,7 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ['ExitSession', 'RuntimeOutput']
+__all__ = ['ExitSession', 'RuntimeOutput', 'SessionState', 'SessionStep', 'SessionWalker']
 
 FORMAT = 1
 MANIFEST = 'manifest.json'
@@ -29,6 +32,46 @@ class RuntimeOutput(NamedTuple):
     logits: Any
     exit_layer: Any
     cost: Any
+
+
+class SessionState(NamedTuple):
+    """Images at one point of a walk through a staged export: ``done`` blocks run (0: not embedded yet), their ids
+    ``rows`` (the caller's) and ``tokens`` (the images themselves at the start)."""
+    done: int
+    rows: np.ndarray
+    tokens: np.ndarray
+
+    def select(self, index: Any) -> 'SessionState':
+        """The images ``index`` (a bool mask or indices over ``rows``)."""
+        return SessionState(self.done, self.rows[index], self.tokens[index])
+
+    @staticmethod
+    def cat(states: Sequence['SessionState']) -> 'SessionState':
+        """One state of the images of ``states``, which must stand at the same point of walks of one setting."""
+        states = list(states)
+        if not states:
+            raise ValueError('SessionState.cat needs at least one state')
+        first = states[0]
+        for s in states[1:]:
+            if s.done != first.done or s.tokens.shape[1:] != first.tokens.shape[1:]:
+                raise ValueError(f'states concatenate only at the same point of a walk: done={s.done} with '
+                                 f'{s.tokens.shape[1:]} vs done={first.done} with {first.tokens.shape[1:]}')
+        if len(states) == 1:
+            return first
+        return SessionState(first.done, np.concatenate([s.rows for s in states]),
+                            np.concatenate([s.tokens for s in states]))
+
+
+class SessionStep(NamedTuple):
+    """What one step did, as ``timm_exits.models.walker.WalkStep``: the images that reached ``exit_layer`` (``rows``),
+    their ``logits`` there, which of them ``leave``, the share of full FLOPs an image leaving here spent (``cost``) and
+    the ``state`` of the images that go on (None when none does)."""
+    exit_layer: int
+    rows: np.ndarray
+    logits: np.ndarray
+    leave: np.ndarray
+    cost: float
+    state: Optional[SessionState]
 
 
 def _fraction(name: str, value: Any, low_open: bool) -> float:
@@ -124,6 +167,19 @@ class ExitSession:
                              f'input size), got {tuple(x.shape)}')
         return np.ascontiguousarray(x, dtype=np.float32)
 
+    def exit_walker(self, threshold: Optional[float] = None, budget: Optional[float] = None) -> 'SessionWalker':
+        """The walk of ``session(x, threshold, budget)`` to drive step by step (``SessionWalker``); the export's
+        defaults apply.
+
+        Raises:
+            ValueError: A ``--static`` export (no exits), a threshold or budget out of range, a budget below the
+                cheapest exit.
+        """
+        if self.static:
+            raise ValueError('a --static export has no exits to walk: export without --static for per-image early '
+                             'exit')
+        return SessionWalker(self, threshold, budget)
+
     def __call__(self, x: Any, threshold: Optional[float] = None, budget: Optional[float] = None) -> RuntimeOutput:
         """Per-image early exit, as ``forward_dynamic`` of the exported model.
 
@@ -151,30 +207,60 @@ class ExitSession:
         return out
 
     def _staged(self, x: np.ndarray, threshold: Optional[float], budget: Optional[float]) -> RuntimeOutput:
-        threshold = self.threshold if threshold is None else threshold
-        budget = self.budget if budget is None else budget
-        threshold = None if threshold is None else _fraction('threshold', threshold, low_open=False)
-        budget = None if budget is None else _fraction('budget', budget, low_open=True)
-        m = self.manifest
-        costs = m['exit_costs'] if threshold is None else m['threshold_costs']
-        stop = self._stop(costs, budget)
+        walker = self.exit_walker(threshold, budget)
         batch = len(x)
-        logits_out = np.empty((batch, m['num_classes']), dtype=np.float32)
-        exit_out = np.full(batch, self.exit_layers[stop], dtype=np.int64)
+        logits_out = np.empty((batch, self.manifest['num_classes']), dtype=np.float32)
+        exit_out = np.full(batch, self.exit_layers[walker.stop], dtype=np.int64)
         cost_out = np.empty(batch, dtype=np.float32)
-        rows, feed = np.arange(batch), x
-        for k in range(stop + 1):
-            if len(rows) == 0:
-                break
-            feed = self.segments[k].run(None, {'input': feed})[0]
-            if k < stop and threshold is None:
-                continue
-            logits, score = self.heads[k].run(None, {'input': feed})
-            if k == stop:
-                leave = np.ones(len(rows), dtype=bool)
-            else:
-                leave = score >= threshold if m['confident_high'] else score <= threshold
-            gone = rows[leave]
-            logits_out[gone], exit_out[gone], cost_out[gone] = logits[leave], self.exit_layers[k], costs[k]
-            rows, feed = rows[~leave], feed[~leave]
+        state = walker.start(x) if batch else None
+        while state is not None:
+            step = walker.step(state)
+            gone = step.rows[step.leave]
+            logits_out[gone], exit_out[gone], cost_out[gone] = step.logits[step.leave], step.exit_layer, step.cost
+            state = step.state
         return RuntimeOutput(logits_out, exit_out, cost_out)
+
+
+class SessionWalker:
+    """Per-image early exit through a staged export at one setting (``ExitSession.exit_walker``): ``start(x, rows)``
+    takes images, ``step(state)`` runs them to the next exit whose head runs and says who leaves there; the images
+    of several states at the same point go on together (``SessionState.cat``). ``stop`` is the index of the last exit
+    the walk reaches, ``threshold`` the criterion's (None: every image runs to ``stop``)."""
+
+    def __init__(self, session: ExitSession, threshold: Optional[float], budget: Optional[float]) -> None:
+        threshold = session.threshold if threshold is None else threshold
+        budget = session.budget if budget is None else budget
+        self.session = session
+        self.threshold = None if threshold is None else _fraction('threshold', threshold, low_open=False)
+        budget = None if budget is None else _fraction('budget', budget, low_open=True)
+        m = session.manifest
+        self.costs: List[float] = m['exit_costs'] if self.threshold is None else m['threshold_costs']
+        self.stop = session._stop(self.costs, budget)
+
+    def start(self, x: Any, rows: Any = None) -> SessionState:
+        """Images x (B, C, H, W) at the start of the walk; ``rows`` their ids (default 0..B-1)."""
+        x = self.session._input(x)
+        rows = np.arange(len(x)) if rows is None else np.asarray(rows)
+        return SessionState(0, rows, x)
+
+    def step(self, state: SessionState) -> SessionStep:
+        """Run the images of ``state`` to the next exit whose head runs; who leaves there and who goes on."""
+        session, layers = self.session, self.session.exit_layers
+        k = 0 if state.done == 0 else layers.index(state.done) + 1
+        if k > self.stop:
+            raise ValueError(f'the walk is over: the state has run {state.done} blocks, the last exit is '
+                             f'{layers[self.stop]}')
+        feed = state.tokens
+        while True:
+            feed = session.segments[k].run(None, {'input': feed})[0]
+            if k == self.stop or self.threshold is not None:
+                break
+            k += 1
+        logits, score = session.heads[k].run(None, {'input': feed})
+        if k == self.stop:
+            leave = np.ones(len(state.rows), dtype=bool)
+        else:
+            leave = score >= self.threshold if session.manifest['confident_high'] else score <= self.threshold
+        stay = ~leave
+        going = SessionState(layers[k], state.rows[stay], feed[stay]) if stay.any() else None
+        return SessionStep(layers[k], state.rows, logits, leave, self.costs[k], going)
