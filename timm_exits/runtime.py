@@ -5,8 +5,8 @@ eager ``forward_dynamic``: segment by segment, each exit's head on the images st
 passes the threshold leave, and only the others go on to the next segment (002_*.txt: a batch-wide decision gives no
 speed-up). A budget stops every image at the deepest exit whose cost fits it. A static export runs its one graph.
 
-``session.exit_walker(threshold=, budget=)`` is the same walk to drive step by step (``start(x, rows)`` and ``step(state)``,
-as ``timm_exits.models.walker.ExitWalker``), for a server that lets new images join between segments.
+``session.exit_walker(threshold=, budget=)`` is the same walk to drive step by step (``start(x, rows)`` and
+``step(state)``, as ``timm_exits.models.walker.ExitWalker``), for a server that lets new images join between segments.
 
 Needs numpy and onnxruntime only (``pip install "timm-exits[deploy]"``); torch tensors are accepted and returned as
 tensors when torch is importable.

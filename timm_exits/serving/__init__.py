@@ -128,7 +128,8 @@ class _TorchBackend:
                             f'{type(image).__name__}')
         if not image.is_floating_point():
             raise ValueError(f'image must hold floating-point values (preprocessed), got dtype {image.dtype}')
-        fits = image.ndim == 3 and (tuple(image.shape) == self.shape or (self.dynamic and image.shape[0] == self.shape[0]))
+        shape = tuple(image.shape)
+        fits = image.ndim == 3 and (shape == self.shape or (self.dynamic and shape[0] == self.shape[0]))
         if not fits:
             size = f'({self.shape[0]}, H, W)' if self.dynamic else str(self.shape)
             raise ValueError(f'image must be one image of shape {size} (no batch axis), got {tuple(image.shape)}')
@@ -263,8 +264,8 @@ class ExitScheduler:
         self._live: Dict[int, _Request] = {}
         self._ids = itertools.count()
         self._groups: Dict[tuple, _Group] = {}
-        self._held: List[Tuple[_Request, Answer]] = []
-        self._walkers: 'collections.OrderedDict[tuple, Any]' = collections.OrderedDict()  # 'batch': answers given when their batch is done
+        self._held: List[Tuple[_Request, Answer]] = []  # 'batch': answers given when their batch is done
+        self._walkers: 'collections.OrderedDict[tuple, Any]' = collections.OrderedDict()
         self._started = self._closing = False
         self._thread: Optional[threading.Thread] = None
         self._stats: Dict[str, int] = collections.Counter()
