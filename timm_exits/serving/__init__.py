@@ -56,7 +56,7 @@ class Answer(NamedTuple):
 
 
 class SchedulerClosed(RuntimeError):
-    """The scheduler is closed (or not started): it takes no new requests."""
+    """The scheduler is closed: it takes no new requests."""
 
 
 class SchedulerFull(RuntimeError):
@@ -294,6 +294,9 @@ class ExitScheduler:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+            never = [] if self._started else list(self._live.values())
+        for request in never:
+            self._finish(request, SchedulerClosed('the ExitScheduler was closed before it started'))
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -314,8 +317,10 @@ class ExitScheduler:
         A bad image or setting fails the returned future (ValueError / TypeError naming the argument) and leaves the
         scheduler serving. ``future.cancel()`` withdraws a request until it is answered: it runs no further segment.
 
+        Requests submitted before ``start`` wait for it.
+
         Raises:
-            SchedulerClosed: The scheduler is closed or was never started.
+            SchedulerClosed: The scheduler is closed.
             SchedulerFull: ``max_queue`` requests are waiting or running.
         """
         future: Future = Future()
@@ -345,9 +350,6 @@ class ExitScheduler:
     def _refuse_if_closed(self) -> None:
         if self._closing:
             raise SchedulerClosed('this ExitScheduler is closed: it takes no new requests')
-        if not self._started:
-            raise SchedulerClosed('this ExitScheduler is not started: use it as a context manager (with '
-                                  'ExitScheduler(model) as s: ...) or call start()')
 
     def stats(self) -> Dict[str, int]:
         """Counts so far: requests ``submitted``, ``answered``, ``failed``, ``cancelled``, ``refused`` (queue full),
@@ -465,9 +467,12 @@ class ExitScheduler:
                 state = state.select(backend.index(state.rows, range(self.max_batch_size)))
         try:
             step = group.walker.step(state)
-        except Exception as e:  # noqa: B902
+        except Exception as e:  # noqa: B902  (its images fail; the setting's next batch gets a new walker)
             for rid in state.rows.tolist():
                 self._finish(self._live[rid], e)
+            if not group.points:  # a walker's state (rotary rows, e.g.) stays with the images it started
+                group.walker = None
+                self._walkers.pop(group.key, None)
             return
         rows = step.rows.tolist()
         with self._cond:
