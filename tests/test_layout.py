@@ -37,6 +37,9 @@ ALLOWED: Dict[str, Set[str]] = {
     'validate': MODELS | {'_files', 'data', 'evaluation', 'plots'},
     'export': MODELS | {'_files', 'data', 'timm_exits'},  # the root for __version__
     'benchmark_onnx': MODELS | {'_files', 'benchmark', 'export', 'runtime'},
+    'serving': MODELS | {'data', 'runtime'},
+    'serving.ray': MODELS | {'data', 'serving', 'timm_exits'},  # the root registers the families in a replica
+    'serving.load': MODELS | {'_files', 'data', 'serving', 'runtime'},
     'hub': {'*'},
     'hub.*': {'*'},
     'timm_exits': MODELS | {'hub'},
@@ -52,7 +55,7 @@ LAZY_BACK_EDGES = {
     ('models._checkpoint', 'models.multi_exit_vit'),
     ('models._checkpoint', 'models.life_regress_vit'),
 }
-HEAVY = ('matplotlib', 'onnx', 'onnxruntime', 'sklearn', 'pandas', 'scipy')
+HEAVY = ('matplotlib', 'onnx', 'onnxruntime', 'sklearn', 'pandas', 'scipy', 'ray')
 
 
 def _modules() -> Dict[str, Path]:

@@ -331,6 +331,7 @@ class ExitScheduler:
         except (TypeError, ValueError) as e:
             with self._cond:
                 self._refuse_if_closed()
+                self._stats['submitted'] += 1
                 self._stats['failed'] += 1
             future.set_exception(e)
             return future
