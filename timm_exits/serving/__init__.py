@@ -11,8 +11,9 @@ staged ONNX export ``ExitSession.exit_walker``) one step at a time: a step runs 
 the walk through the next segment, the images that exit there are answered at once, and the others wait at the next
 point, where the survivors of several batches join into one. New requests start between any two steps, so every
 segment runs on a batch of up to ``max_batch_size`` of the images waiting for it; a point whose images are fewer runs
-when its oldest image has waited ``max_wait_ms`` there (or when nothing upstream can add to it). Of the points ready
-to run, the one holding the oldest request runs first. What an image gets never depends on the images it runs with:
+when its oldest image has waited ``max_wait_ms`` there, when nothing upstream can add to it, or when the worker would
+otherwise idle (only new requests wait for company while nothing else is to be done). Of the points ready to run, the
+one holding the oldest request runs first. What an image gets never depends on the images it runs with:
 every answer is the one ``forward_dynamic`` gives for that image alone.
 
 Requests of different settings (threshold, budget; image size for a ``dynamic_img_size`` model) walk apart, one
@@ -392,6 +393,7 @@ class ExitScheduler:
         wait for one (None: until a request comes)."""
         running = self.policy != 'continuous' and any(g.points for g in self._groups.values())
         best, best_age, wake = None, math.inf, math.inf
+        idle, idle_age = None, math.inf  # never idle while images wait past the first segment
         for group in list(self._groups.values()):
             while group.new and group.new[0].future.cancelled():
                 self._finish(group.new.popleft(), None)
@@ -409,10 +411,12 @@ class ExitScheduler:
                     best, best_age = (group, done), oldest
                 elif not ready:
                     wake = min(wake, since + self.max_wait - now)
+                    if done > 0 and oldest < idle_age:
+                        idle, idle_age = (group, done), oldest
             if not group.new and not group.points:
                 del self._groups[group.key]
-        if best is not None:
-            return best, None
+        if best is not None or idle is not None:
+            return best or idle, None
         return None, (None if wake == math.inf else max(wake, 0.))
 
     def _run(self, group: _Group, point: int) -> None:
