@@ -28,7 +28,7 @@ import torch.nn as nn
 
 __all__ = [
     'CRITERIA', 'AnytimeStep', 'ConfidenceCriterion', 'EntropyCriterion', 'ExitCriterion', 'ExitOutput', 'ExitWalker',
-    'UncertaintyCriterion', 'WalkState', 'WalkStep', 'register_criterion',
+    'UncertaintyCriterion', 'WalkState', 'WalkStep', 'criterion', 'register_criterion',
 ]
 
 
@@ -110,14 +110,20 @@ class UncertaintyCriterion(ExitCriterion):
 
 
 CRITERIA: Dict[str, Type[ExitCriterion]] = {}
+_INSTANCES: Dict[str, ExitCriterion] = {}  # criteria keep no state of their own: one object serves every model
 
 
 def register_criterion(cls: Type[ExitCriterion]) -> Type[ExitCriterion]:
     """Class decorator: ``exit_criterion=cls.name`` builds models with this criterion."""
     if not cls.name:
         raise ValueError(f'{cls.__name__} needs a name to be registered')
-    CRITERIA[cls.name] = cls
+    CRITERIA[cls.name], _INSTANCES[cls.name] = cls, cls()
     return cls
+
+
+def criterion(name: str) -> ExitCriterion:
+    """The registered criterion ``name``."""
+    return _INSTANCES[name]
 
 
 for _cls in (ConfidenceCriterion, EntropyCriterion, UncertaintyCriterion):
