@@ -412,8 +412,9 @@ class LifeRegressMixin(NewPartsMixin):
         rate = self._default_keep_rate() if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
         if rate >= 1. or attn_mask is not None or is_causal or self.training:  # train mode drops nothing
             extra = dict(output_dict=True) if output_dict else {}  # Eva's has no output_dict
-            return super().forward_intermediates(
-                x, indices=indices, return_prefix_tokens=return_prefix_tokens, norm=norm, stop_early=stop_early,
+            parent = next(c for c in type(self).__mro__ if c.__module__.split('.')[0] == 'timm')  # also when borrowed
+            return parent.forward_intermediates(
+                self, x, indices=indices, return_prefix_tokens=return_prefix_tokens, norm=norm, stop_early=stop_early,
                 output_fmt=output_fmt, intermediates_only=intermediates_only, attn_mask=attn_mask, is_causal=is_causal,
                 **extra)
         assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'

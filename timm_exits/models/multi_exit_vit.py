@@ -542,7 +542,7 @@ class MultiExitMixin(NewPartsMixin):
         counts, mu, sigma = self._schedule(rate, img_size)
         grid = self.patch_embed.dynamic_feat_size(img_size) if self.dynamic_img_size else None
         return ExitWalker(self, threshold, stop, dict(zip(self.exit_layers, costs)), counts, mu, sigma, deadline,
-                          every_head, grid)
+                          every_head, grid, img_size)
 
     def _refuse_tracing(self, threshold: Optional[float], deadline_ms: Optional[float] = None) -> None:
         tool = tracing_tool()
