@@ -38,7 +38,7 @@ from ._costs import schedule_costs
 from ._pretrained import explain_missing_weights, published_cfg
 from .adapters import EvaAdapter, VitAdapter, register_adapted
 from .exit_heads import EXIT_HEADS, create_exit_head
-from .walker import CRITERIA, AnytimeStep, ExitOutput, ExitWalker
+from .walker import CRITERIA, AnytimeStep, ExitCriterion, ExitOutput, ExitWalker, criterion
 
 __all__ = [
     'EXIT_CRITERIA', 'AnytimeStep', 'ExitOutput', 'MultiExitEva', 'MultiExitMixin', 'MultiExitVisionTransformer',
@@ -94,8 +94,9 @@ def _classifier_names(depth: int, exit_layers: Sequence[int]) -> Tuple[str, ...]
 class MultiExitMixin(NewPartsMixin):
     """Early exits after chosen blocks and per-image dynamic inference, on any parent class through its adapter
     (``MultiExitVisionTransformer``, ``MultiExitEva``; ``timm_exits.convert`` for a model already built)."""
-    __jit_unused_properties__ = ['full_flops', 'exit_costs', 'threshold_costs', 'worst_case_threshold_cost']
-    __jit_ignored_attributes__ = ['_flops', 'criterion']
+    __jit_unused_properties__ = [
+        'full_flops', 'exit_costs', 'threshold_costs', 'worst_case_threshold_cost', 'criterion']
+    __jit_ignored_attributes__ = ['_flops']
     new_prefixes = ('exits.', 'uncertainty.')
     new_parts_name = 'exit heads'
     layout_arg = 'exit_layers / exit_head'
@@ -166,7 +167,6 @@ class MultiExitMixin(NewPartsMixin):
         self.exit_layers = (*layers, depth)
         self.exit_head_types = tuple(heads)
         self.exit_criterion = exit_criterion
-        self.criterion = CRITERIA[exit_criterion]()
         self.threshold = None if threshold is None else check_fraction('threshold', threshold)
         self.budget = None if budget is None else check_fraction('budget', budget, low_open=True)
         self.exits = nn.ModuleDict({
@@ -264,6 +264,11 @@ class MultiExitMixin(NewPartsMixin):
         """Per image, the value ``exit_criterion`` compares with the threshold (max softmax, normalised entropy or
         uncertainty)."""
         return self.criterion.scores(logits, self.uncertainty[_key(layer)])
+
+    @property
+    def criterion(self) -> ExitCriterion:
+        """The ``exit_criterion`` object: its scores, its decision and its per-image state."""
+        return criterion(self.exit_criterion)
 
     def _exits_now(self, layer: int, logits: torch.Tensor, threshold: float) -> torch.Tensor:
         return self.criterion.leaves(self.exit_scores(layer, logits), threshold)
@@ -537,7 +542,7 @@ class MultiExitMixin(NewPartsMixin):
         counts, mu, sigma = self._schedule(rate, img_size)
         grid = self.patch_embed.dynamic_feat_size(img_size) if self.dynamic_img_size else None
         return ExitWalker(self, threshold, stop, dict(zip(self.exit_layers, costs)), counts, mu, sigma, deadline,
-                          every_head, grid)
+                          every_head, grid, img_size)
 
     def _refuse_tracing(self, threshold: Optional[float], deadline_ms: Optional[float] = None) -> None:
         tool = tracing_tool()

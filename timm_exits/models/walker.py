@@ -28,7 +28,7 @@ import torch.nn as nn
 
 __all__ = [
     'CRITERIA', 'AnytimeStep', 'ConfidenceCriterion', 'EntropyCriterion', 'ExitCriterion', 'ExitOutput', 'ExitWalker',
-    'UncertaintyCriterion', 'WalkState', 'WalkStep', 'register_criterion',
+    'UncertaintyCriterion', 'WalkState', 'WalkStep', 'criterion', 'register_criterion',
 ]
 
 
@@ -110,14 +110,20 @@ class UncertaintyCriterion(ExitCriterion):
 
 
 CRITERIA: Dict[str, Type[ExitCriterion]] = {}
+_INSTANCES: Dict[str, ExitCriterion] = {}  # criteria keep no state of their own: one object serves every model
 
 
 def register_criterion(cls: Type[ExitCriterion]) -> Type[ExitCriterion]:
     """Class decorator: ``exit_criterion=cls.name`` builds models with this criterion."""
     if not cls.name:
         raise ValueError(f'{cls.__name__} needs a name to be registered')
-    CRITERIA[cls.name] = cls
+    CRITERIA[cls.name], _INSTANCES[cls.name] = cls, cls()
     return cls
+
+
+def criterion(name: str) -> ExitCriterion:
+    """The registered criterion ``name``."""
+    return _INSTANCES[name]
 
 
 for _cls in (ConfidenceCriterion, EntropyCriterion, UncertaintyCriterion):
@@ -186,7 +192,7 @@ class ExitWalker:
     before ``stop``), ``costs`` per exit (what an image leaving there spent), the token schedule ``counts`` with the
     target mean and std of the lives (slimming; None: every patch), a ``deadline`` in ``time.perf_counter()``
     seconds after which every image still running answers at the next exit, and ``every_head`` (anytime: each exit's
-    answer for every image). Under torch.compile each segment is one graph and the exit decision the only host sync.
+    answer for every image), at input size ``img_size``. Under torch.compile each segment is one graph and the exit decision the only host sync.
     """
 
     def __init__(
@@ -201,10 +207,12 @@ class ExitWalker:
             deadline: Optional[float] = None,
             every_head: bool = False,
             grid: Optional[Tuple[int, int]] = None,
+            img_size: Optional[Tuple[int, int]] = None,
     ) -> None:
         self.model, self.threshold, self.stop, self.costs = model, threshold, stop, costs
         self.counts = None if counts is None or counts[-1] == counts[0] else list(counts)  # nothing dropped: no life
         self.mu, self.sigma, self.deadline, self.every_head, self.grid = mu, sigma, deadline, every_head, grid
+        self.img_size = tuple(model.patch_embed.img_size) if img_size is None else img_size
         self.exit_layers = tuple(layer for layer in model.exit_layers if layer <= stop)
         self.ropes: Optional[List[Optional[torch.Tensor]]] = None
 
@@ -223,6 +231,10 @@ class ExitWalker:
 
     def _segment_to(self, state: WalkState, layer: int, with_head: bool, threshold: Optional[float]):
         model, start = self.model, state.done
+        if self.ropes is None:  # a state started by another walker of this setting: the rows of an empty image
+            with torch.no_grad():
+                ref = state.tokens
+                self.start(ref.new_zeros(1, model.patch_embed.proj.in_channels, *self.img_size))
         blocks, ropes = list(model.blocks)[start:layer], self.ropes[start:layer]
         counts, life_at = None, -1
         if self.counts is not None:
