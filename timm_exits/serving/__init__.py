@@ -10,10 +10,11 @@ A worker thread drives the model's per-image exit walker (``model.exit_walker``,
 staged ONNX export ``ExitSession.exit_walker``) one step at a time: a step runs the images standing at one point of
 the walk through the next segment, the images that exit there are answered at once, and the others wait at the next
 point, where the survivors of several batches join into one. New requests start between any two steps, so every
-segment runs on a batch of up to ``max_batch_size`` of the images waiting for it; a point whose images are fewer runs
-when its oldest image has waited ``max_wait_ms`` there, when nothing upstream can add to it, or when the worker would
-otherwise idle (only new requests wait for company while nothing else is to be done). Of the points ready to run, the
-one holding the oldest request runs first. What an image gets never depends on the images it runs with:
+segment runs on a batch of up to ``max_batch_size`` of the images waiting for it. New requests wait at most
+``max_wait_ms`` for company (ordinary dynamic batching); images past an exit wait for the survivors of later batches
+only while more are coming (a full batch of new requests is waiting, or images stand at an earlier exit), at most
+``refill_wait_ms``, and never while the worker would otherwise idle. Of the points ready to run, the one holding the
+oldest request runs first. What an image gets never depends on the images it runs with:
 every answer is the one ``forward_dynamic`` gives for that image alone.
 
 Requests of different settings (threshold, budget; image size for a ``dynamic_img_size`` model) walk apart, one
@@ -232,7 +233,10 @@ class ExitScheduler:
         model: A model that exits (either exit family, eager or ``torch.compile``d, in eval mode), a
             ``timm_exits.runtime.ExitSession`` of a staged export, or a model without exits (answered whole).
         max_batch_size: The most images one segment runs on.
-        max_wait_ms: How long a point waits for more images before it runs on fewer than ``max_batch_size``.
+        max_wait_ms: How long new requests wait for more before the first segment runs on fewer than
+            ``max_batch_size``.
+        refill_wait_ms: How long images past an exit wait at most for survivors of later batches to join them while
+            the worker is busy (default: ``max(50, 10 * max_wait_ms)``; ``policy='continuous'`` only).
         max_queue: The most requests waiting or running; beyond it ``submit`` raises ``SchedulerFull``.
         policy: 'continuous' (new requests join between segments), 'early' (answers at each exit, one batch at a
             time) or 'batch' (ordinary dynamic batching: answers when the batch is done).
@@ -248,6 +252,7 @@ class ExitScheduler:
             model: Any,
             max_batch_size: int = 32,
             max_wait_ms: float = 5.,
+            refill_wait_ms: Optional[float] = None,
             max_queue: int = 4096,
             policy: str = 'continuous',
     ) -> None:
@@ -256,6 +261,13 @@ class ExitScheduler:
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, Real) or not 0 <= max_wait_ms < math.inf:
             raise ValueError(f'max_wait_ms must be a finite number of milliseconds >= 0, got {max_wait_ms!r}')
         self.max_wait = float(max_wait_ms) / 1e3
+        if refill_wait_ms is None:
+            refill_wait_ms = max(50., 10 * max_wait_ms)
+        if isinstance(refill_wait_ms, bool) or not isinstance(refill_wait_ms, Real) or not (
+                0 <= refill_wait_ms < math.inf):
+            raise ValueError(f'refill_wait_ms must be a finite number of milliseconds >= 0 or None, got '
+                             f'{refill_wait_ms!r}')
+        self.refill_wait = float(refill_wait_ms) / 1e3
         if policy not in POLICIES:
             raise ValueError(f'policy={policy!r} is not known; allowed: {list(POLICIES)}')
         self.policy = policy
@@ -404,13 +416,16 @@ class ExitScheduler:
                 count = sum(len(w.state.rows) for w in waiting)
                 candidates.append((done, count, min(w.since for w in waiting), min(w.oldest for w in waiting)))
             for done, count, since, oldest in candidates:
-                upstream = done > 0 and (group.new or any(d < done for d in group.points))
-                ready = (count >= self.max_batch_size or now - since >= self.max_wait or self._closing or running
+                # survivors wait for company only where it is coming: a full batch of new requests (a backlog) or
+                # images at an earlier exit
+                upstream = done > 0 and (len(group.new) >= self.max_batch_size or any(d < done for d in group.points))
+                patience = self.refill_wait if done > 0 else self.max_wait
+                ready = (count >= self.max_batch_size or now - since >= patience or self._closing or running
                          or (done > 0 and not upstream))
                 if ready and oldest < best_age:
                     best, best_age = (group, done), oldest
                 elif not ready:
-                    wake = min(wake, since + self.max_wait - now)
+                    wake = min(wake, since + patience - now)
                     if done > 0 and oldest < idle_age:
                         idle, idle_age = (group, done), oldest
             if not group.new and not group.points:
