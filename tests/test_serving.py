@@ -359,3 +359,21 @@ def test_future_is_a_concurrent_future(mexit):
         future = scheduler.submit(torch.randn(3, 32, 32))
         assert isinstance(future, Future)
         assert future.result(timeout=60).exit_layer == mexit.exit_layers[-1]
+
+
+def test_load_generator_runs_bounded(tmp_path):
+    """The load generator's command: every configuration at saturation and at a load, every request answered, ratios
+    to the parent of the same round (timings themselves are not asserted)."""
+    import json
+    from timm_exits.serving.load import CONFIGS, main
+    out, png = tmp_path / 'load.json', tmp_path / 'load.png'
+    assert main(['--model', 'test_vit', '--img-size', '32', '--num-classes', '10', '--requests', '6', '--rounds', '1',
+                 '--loads', '0.5', '--report-load', '0.5', '--max-seconds', '10', '--max-batch-size', '4',
+                 '--output', str(out), '--plot', str(png)]) == 0
+    result = json.loads(out.read_text())
+    assert sorted(r['config'] for r in result['runs']) == sorted([c for c, _ in CONFIGS] * 2)
+    assert all(r['answered'] == r['submitted'] == 6 for r in result['runs'])
+    for load in ('saturation', '0.5'):
+        assert result['summary'][load]['parent']['throughput_ratio'] == 1.
+        assert result['summary'][load]['refill']['mean_cost'] < 1.
+    assert png.stat().st_size > 0
