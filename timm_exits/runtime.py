@@ -48,17 +48,10 @@ class SessionState(NamedTuple):
     @staticmethod
     def cat(states: Sequence['SessionState']) -> 'SessionState':
         """One state of the images of ``states``, which must stand at the same point of walks of one setting."""
-        states = list(states)
-        if not states:
-            raise ValueError('SessionState.cat needs at least one state')
-        first = states[0]
-        for s in states[1:]:
-            if s.done != first.done or s.tokens.shape[1:] != first.tokens.shape[1:]:
-                raise ValueError(f'states concatenate only at the same point of a walk: done={s.done} with '
-                                 f'{s.tokens.shape[1:]} vs done={first.done} with {first.tokens.shape[1:]}')
-        if len(states) == 1:
-            return first
-        return SessionState(first.done, np.concatenate([s.rows for s in states]),
+        points = sorted({(s.done, tuple(s.tokens.shape[1:])) for s in states})
+        if len(points) != 1:
+            raise ValueError(f'states concatenate only at one point of a walk (blocks done, token shape), got {points}')
+        return SessionState(points[0][0], np.concatenate([s.rows for s in states]),
                             np.concatenate([s.tokens for s in states]))
 
 

@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from ..data import _model_input_size
 from ..models._base import check_fraction
-from ..models.walker import WalkStep
+from ..models.walker import WalkState, WalkStep
 from ..runtime import ExitSession
 
 __all__ = ['POLICIES', 'Answer', 'ExitScheduler', 'SchedulerClosed', 'SchedulerFull']
@@ -72,30 +72,16 @@ class _Request:
         self.id, self.image, self.key, self.future, self.arrived = rid, image, key, future, arrived
 
 
-class _Images(NamedTuple):
-    """A model without exits: the images of a walk of one step."""
-    done: int
-    rows: torch.Tensor
-    tokens: torch.Tensor
-
-    def select(self, index: Any) -> '_Images':
-        return _Images(self.done, self.rows[index], self.tokens[index])
-
-    @staticmethod
-    def cat(states: Sequence['_Images']) -> '_Images':
-        return _Images(0, torch.cat([s.rows for s in states]), torch.cat([s.tokens for s in states]))
-
-
 class _WholeModel:
     """The walk of a model without exits: one step through the whole model, every image leaving at its depth."""
 
     def __init__(self, model: Callable, depth: int) -> None:
         self.model, self.depth = model, depth
 
-    def start(self, x: torch.Tensor, rows: torch.Tensor) -> _Images:
-        return _Images(0, rows, x)
+    def start(self, x: torch.Tensor, rows: torch.Tensor) -> WalkState:
+        return WalkState(0, rows, x)
 
-    def step(self, state: _Images) -> WalkStep:
+    def step(self, state: WalkState) -> WalkStep:
         logits = self.model(state.tokens)
         return WalkStep(self.depth, state.rows, logits, torch.ones_like(state.rows, dtype=torch.bool), 1., None)
 
