@@ -197,8 +197,8 @@ def plot(result: Dict[str, Any], path: str) -> None:
     b.legend(fontsize=7)
     b.grid(alpha=.3, axis='y')
     fig.suptitle(f'{result["model"]} at {result["img_size"]} px, exits {result["exit_layers"]}, threshold '
-                 f'{result["threshold"]:.4f}, batch <= {result["max_batch_size"]}, wait <= {result["max_wait_ms"]:g} ms',
-                 fontsize=8)
+                 f'{result["threshold"]:.4f}, batch <= {result["max_batch_size"]}, '
+                 f'wait <= {result["max_wait_ms"]:g} ms', fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format='png'))
     plt.close(fig)
