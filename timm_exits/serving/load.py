@@ -1,7 +1,7 @@
 """ Load generator: the timm parent and three ways of serving its early-exit twin, under the same Poisson arrivals.
 
-    python -m timm_exits.serving.load --model deit_tiny_patch16_224 --img-size 64 --requests 160 --rounds 3 \\
-        --output docs/serving_load.json --plot docs/serving_load.png
+    python -m timm_exits.serving.load --model deit_tiny_patch16_224 --img-size 64 --requests 320 --rounds 3 \\
+        --threads 1 --output docs/serving_load.json --plot docs/serving_load.png
 
 In one process, on one model's weights, each configuration serves single-image requests through ``ExitScheduler``
 (the same batching code, ``max_batch_size`` and ``max_wait_ms`` for all):
@@ -232,6 +232,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--report-load', type=float, default=0.7, help='the load of the latency ratios reported')
     parser.add_argument('--max-batch-size', type=int, default=16)
     parser.add_argument('--max-wait-ms', type=float, default=5.)
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch.set_num_threads (1 keeps a shared machine\'s noise out of parallel regions)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--output', default=None, help='JSON of every run and the summary')
     parser.add_argument('--plot', default=None, help='PNG of latency against load and throughput at saturation')
@@ -243,6 +245,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f'--report-load {args.report_load:g} must be one of --loads {args.loads}')
     if any(not 0 < f for f in args.loads) or args.max_seconds <= 0:
         parser.error('--loads must be > 0 and --max-seconds > 0')
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = measure(args.model, args.img_size, args.num_classes, args.requests, args.rounds, args.loads,
                      args.max_batch_size, args.max_wait_ms, args.max_seconds, args.seed, args.exit_layers)
     print(table(result, args.report_load))
