@@ -71,7 +71,11 @@ def _request(port, method='POST', body=b'', query=''):
         conn.request(method, '/' + (f'?{query}' if query else ''), body=body,
                      headers={'Content-Type': 'application/octet-stream'})
         response = conn.getresponse()
-        return response.status, json.loads(response.read())
+        body = response.read()
+        try:
+            return response.status, json.loads(body)
+        except ValueError:  # Ray Serve's own error pages are text
+            return response.status, {'text': body.decode(errors='replace')}
     finally:
         conn.close()
 
@@ -179,3 +183,29 @@ def test_config_file_builds_the_app():
     assert app['import_path'] == 'timm_exits.serving.ray:build_app'
     module, _, name = app['import_path'].partition(':')
     assert callable(getattr(__import__(module, fromlist=[name]), name))
+
+
+def test_a_replica_that_dies_fails_its_requests_and_serve_replaces_it(server):
+    """Last in this module: the replica is killed while a request waits in its scheduler; the client gets an error
+    status instead of hanging, and Ray Serve's controller starts a new replica that answers."""
+    port, _ = server
+    from ray.util import list_named_actors
+    names = [a for a in list_named_actors(all_namespaces=True) if 'ExitDeployment' in a['name']]
+    assert len(names) == 1, names
+    replica = ray.get_actor(names[0]['name'], namespace=names[0]['namespace'])
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(_request, port, 'POST', _png(40), f'threshold={THRESHOLD}')
+        time.sleep(1.)  # in the scheduler, waiting for company (max_wait_ms 3000)
+        ray.kill(replica, no_restart=True)
+        status, got = waiting.result(timeout=TIMEOUT)
+    assert status >= 500, got
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            statuses = [status for status, _ in _post_many(port, [_png(s) for s in range(50, 54)], '')]
+        except OSError:
+            statuses = []
+        if statuses == [200] * 4 or time.monotonic() > deadline:
+            break
+        time.sleep(1.)
+    assert statuses == [200] * 4
