@@ -122,15 +122,19 @@ def measure(model_name: str, img_size: int, num_classes: int, requests: int, rou
     def one(config: str, policy: str, rate: Optional[float], run_seed: int, n: int = requests) -> Dict[str, Any]:
         with ExitScheduler(models[config], max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                            policy=policy) as scheduler:
-            return run_load(scheduler, images, rate, n, max_seconds, run_seed,
-                            None if config == 'parent' else threshold)
+            out = run_load(scheduler, images, rate, n, max_seconds, run_seed, None if config == 'parent' else threshold)
+        stats = scheduler.stats()
+        out['images_per_segment'] = stats['rows'] / max(stats['segments'], 1)
+        return out
 
     for config, policy in CONFIGS:  # warm-up: the FLOPs counted, the allocator's pools filled
         one(config, policy, None, 0, n=2 * max_batch_size)
     saturation = statistics.median(one('parent', 'batch', None, k)['throughput'] for k in range(2))
     rates = [None] + [f * saturation for f in loads]
     runs: List[Dict[str, Any]] = []
+    overhead: List[float] = []
     for r in range(rounds):
+        overhead.append(walk_overhead(parent, twin, images[:max_batch_size]))
         for k, rate in enumerate(rates):
             order = list(CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)])
             for config, policy in order:
@@ -144,7 +148,23 @@ def measure(model_name: str, img_size: int, num_classes: int, requests: int, rou
             list(twin.exit_layers), 'threshold': threshold, 'criterion': twin.exit_criterion, 'requests': requests,
             'rounds': rounds, 'loads': list(loads), 'max_batch_size': max_batch_size, 'max_wait_ms': max_wait_ms,
             'parent_saturation_calibration': saturation, 'torch_threads': torch.get_num_threads(),
-            'runs': runs, 'summary': summarise(runs, loads)}
+            'walk_overhead': overhead, 'walk_flops': twin.threshold_costs[-1], 'runs': runs,
+            'summary': summarise(runs, loads)}
+
+
+def walk_overhead(parent: torch.nn.Module, twin: torch.nn.Module, x: torch.Tensor, reps: int = 5) -> float:
+    """Time of one batch walked through every segment with every head (no image leaving before the last exit) over
+    the parent's time on it, interleaved, median of ``reps``: the walk's fixed costs (its FLOPs are
+    ``twin.threshold_costs[-1]`` of the parent's)."""
+    ratios = []
+    with torch.no_grad():
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            parent(x)
+            t1 = time.perf_counter()
+            twin.forward_dynamic(x, threshold=1.)
+            ratios.append((time.perf_counter() - t1) / (t1 - t0))
+    return statistics.median(ratios)
 
 
 def summarise(runs: List[Dict[str, Any]], loads: Sequence[float]) -> Dict[str, Any]:
@@ -156,7 +176,7 @@ def summarise(runs: List[Dict[str, Any]], loads: Sequence[float]) -> Dict[str, A
         for config, _ in CONFIGS:
             mine = [r for r in runs if r['config'] == config and r['load'] == load]
             row: Dict[str, Any] = {}
-            for figure in ('throughput', 'median_ms', 'p99_ms', 'mean_cost', 'first_exit_share'):
+            for figure in ('throughput', 'median_ms', 'p99_ms', 'mean_cost', 'first_exit_share', 'images_per_segment'):
                 row[figure] = statistics.median(r[figure] for r in mine)
                 ratios = []
                 for r in mine:
