@@ -195,6 +195,20 @@ def test_bad_requests_fail_alone(mexit):
     assert stats['failed'] == len(bad) and stats['answered'] == 1
 
 
+def test_other_dtypes_do_not_spoil_a_batch(mexit):
+    """A float64 or half image joins a float32 batch in the model's dtype."""
+    images = torch.randn(4, 3, 32, 32)
+    scheduler = ExitScheduler(mexit, max_batch_size=4, max_wait_ms=60_000)
+    futures = [scheduler.submit(images[0].double(), 0.6), scheduler.submit(images[1].half(), 0.6),
+               scheduler.submit(images[2], 0.6), scheduler.submit(images[3].numpy(), 0.6)]
+    with scheduler:
+        answers = [f.result(timeout=60) for f in futures]
+    assert scheduler.stats()['batches'] == 1
+    for i, answer in enumerate(answers):
+        image = images[i].half().float() if i == 1 else images[i]
+        _check(answer, _reference(mexit, image, 0.6, None))
+
+
 def test_closed_scheduler_refuses(mexit):
     scheduler = ExitScheduler(mexit)
     with scheduler:

@@ -103,7 +103,8 @@ class _TorchBackend:
         self.exits = hasattr(self.module, 'exit_walker')
         self.shape = tuple(_model_input_size(self.module))
         self.dynamic = bool(getattr(self.module.patch_embed, 'dynamic_img_size', False))
-        self.device = next(self.module.parameters()).device
+        first = next(self.module.parameters())
+        self.device, self.dtype = first.device, first.dtype
 
     def context(self) -> Any:
         return torch.no_grad()
@@ -121,7 +122,7 @@ class _TorchBackend:
         if not fits:
             size = f'({self.shape[0]}, H, W)' if self.dynamic else str(self.shape)
             raise ValueError(f'image must be one image of shape {size} (no batch axis), got {tuple(image.shape)}')
-        return image
+        return image.detach().to(self.device, self.dtype)  # one batch, one device and dtype: no request spoils it
 
     def walker(self, threshold: Optional[float], budget: Optional[float], size: Tuple[int, ...]) -> Any:
         if not self.exits:
@@ -374,6 +375,8 @@ class ExitScheduler:
                         group.new.append(request)
                     choice, wait = self._choose(time.perf_counter())
                     if choice is None:
+                        if self._closing and self._live:  # nothing left to run, yet requests taken: none hangs
+                            self._fail_orphans(SchedulerClosed('the ExitScheduler closed without running it'))
                         if self._closing and not self._live:
                             return
                         self._cond.wait(wait)
