@@ -32,6 +32,7 @@ import torch
 import timm
 
 from .._files import atomic_write
+from ..models import convert
 from ..models.walker import ExitWalker
 from . import ExitScheduler
 
@@ -110,11 +111,10 @@ def measure(model_name: str, img_size: int, num_classes: int, requests: int, rou
             exit_layers: Optional[Sequence[int]] = None) -> Dict[str, Any]:
     """Every configuration at saturation and at each load (a fraction of the parent's saturation throughput),
     interleaved over ``rounds``; ratios to the parent of the same round, medians over rounds."""
-    import timm_exits
     torch.manual_seed(seed)
     parent = timm.create_model(model_name, img_size=img_size, num_classes=num_classes).eval()
     kwargs = {} if exit_layers is None else {'exit_layers': tuple(exit_layers)}
-    twin = timm_exits.convert(parent, 'mexit', **kwargs).eval()
+    twin = convert(parent, 'mexit', **kwargs).eval()
     images = torch.randn(max(requests, 64), 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
     threshold = _median_first_exit_score(twin, images)
     models = {'parent': parent, 'batched': twin, 'early': twin, 'refill': twin}
