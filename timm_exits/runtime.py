@@ -15,7 +15,7 @@ import json
 import math
 from numbers import Real
 from pathlib import Path
-from typing import Any, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -36,23 +36,24 @@ class RuntimeOutput(NamedTuple):
 
 class SessionState(NamedTuple):
     """Images at one point of a walk through a staged export: ``done`` blocks run (0: not embedded yet), their ids
-    ``rows`` (the caller's) and ``tokens`` (the images themselves at the start)."""
+    ``rows`` (the caller's) and ``feed``, what the next segment takes: the images at the start, then what a segment
+    passes on (tokens; with slimming the lives and kept positions too)."""
     done: int
     rows: np.ndarray
-    tokens: np.ndarray
+    feed: Tuple[np.ndarray, ...]
 
     def select(self, index: Any) -> 'SessionState':
         """The images ``index`` (a bool mask or indices over ``rows``)."""
-        return SessionState(self.done, self.rows[index], self.tokens[index])
+        return SessionState(self.done, self.rows[index], tuple(f[index] for f in self.feed))
 
     @staticmethod
     def cat(states: Sequence['SessionState']) -> 'SessionState':
         """One state of the images of ``states``, which must stand at the same point of walks of one setting."""
-        points = sorted({(s.done, tuple(s.tokens.shape[1:])) for s in states})
+        points = sorted({(s.done, tuple(f.shape[1:] for f in s.feed)) for s in states})
         if len(points) != 1:
-            raise ValueError(f'states concatenate only at one point of a walk (blocks done, token shape), got {points}')
+            raise ValueError(f'states concatenate only at one point of a walk (blocks done, shapes), got {points}')
         return SessionState(points[0][0], np.concatenate([s.rows for s in states]),
-                            np.concatenate([s.tokens for s in states]))
+                            tuple(np.concatenate(fs) for fs in zip(*(s.feed for s in states))))
 
 
 class SessionStep(NamedTuple):
@@ -145,8 +146,9 @@ class ExitSession:
             return len(costs) - 1
         fits = [k for k, c in enumerate(costs) if c <= budget + 1e-9]
         if not fits:
-            raise ValueError(f'budget={budget:g} is below the cheapest exit (block {self.exit_layers[0]}, cost '
-                             f'{costs[0]:.4f} of the full model); allowed: {costs[0]:.4f} <= budget <= 1')
+            cost, k = min((c, k) for k, c in enumerate(costs))
+            raise ValueError(f'budget={budget:g} is below the cheapest exit (block {self.exit_layers[k]}, cost '
+                             f'{cost:.4f} of the full model); allowed: {cost:.4f} <= budget <= 1')
         return fits[-1]
 
     def _input(self, x: Any) -> np.ndarray:
@@ -227,6 +229,8 @@ class SessionWalker:
         self.threshold = None if threshold is None else _fraction('threshold', threshold, low_open=False)
         budget = None if budget is None else _fraction('budget', budget, low_open=True)
         m = session.manifest
+        if self.threshold is not None and budget is not None and min(m['threshold_costs']) > budget + 1e-9:
+            self.threshold = None  # no threshold path fits: the budget alone decides, as in eager forward_dynamic
         self.costs: List[float] = m['exit_costs'] if self.threshold is None else m['threshold_costs']
         self.stop = session._stop(self.costs, budget)
 
@@ -234,7 +238,7 @@ class SessionWalker:
         """Images x (B, C, H, W) at the start of the walk; ``rows`` their ids (default 0..B-1)."""
         x = self.session._input(x)
         rows = np.arange(len(x)) if rows is None else np.asarray(rows)
-        return SessionState(0, rows, x)
+        return SessionState(0, rows, (x,))
 
     def step(self, state: SessionState) -> SessionStep:
         """Run the images of ``state`` to the next exit whose head runs; who leaves there and who goes on."""
@@ -243,17 +247,18 @@ class SessionWalker:
         if k > self.stop:
             raise ValueError(f'the walk is over: the state has run {state.done} blocks, the last exit is '
                              f'{layers[self.stop]}')
-        feed = state.tokens
+        feed = state.feed
         while True:
-            feed = session.segments[k].run(None, {'input': feed})[0]
+            inputs = session.manifest['segments'][k].get('inputs', ['input'])
+            feed = tuple(session.segments[k].run(None, dict(zip(inputs, feed))))
             if k == self.stop or self.threshold is not None:
                 break
             k += 1
-        logits, score = session.heads[k].run(None, {'input': feed})
+        logits, score = session.heads[k].run(None, {'input': feed[0]})
         if k == self.stop:
             leave = np.ones(len(state.rows), dtype=bool)
         else:
             leave = score >= self.threshold if session.manifest['confident_high'] else score <= self.threshold
         stay = ~leave
-        going = SessionState(layers[k], state.rows[stay], feed[stay]) if stay.any() else None
+        going = SessionState(layers[k], state.rows[stay], tuple(f[stay] for f in feed)) if stay.any() else None
         return SessionStep(layers[k], state.rows, logits, leave, self.costs[k], going)

@@ -214,6 +214,8 @@ class ExitWalker:
         self.mu, self.sigma, self.deadline, self.every_head, self.grid = mu, sigma, deadline, every_head, grid
         self.img_size = tuple(model.patch_embed.img_size) if img_size is None else img_size
         self.exit_layers = tuple(layer for layer in model.exit_layers if layer <= stop)
+        # each exit's head (None: the final norm and head) and uncertainty unit, the modules in exit order
+        self.heads = dict(zip(model.exit_layers, zip([*model.exits.values(), None], model.uncertainty.values())))
         self.ropes: Optional[List[Optional[torch.Tensor]]] = None
 
     @property
@@ -229,21 +231,23 @@ class ExitWalker:
         rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
         return WalkState(0, rows, tokens, criterion=self.model.criterion.initial_state(x.shape[0], x.device))
 
-    def _segment_to(self, state: WalkState, layer: int, with_head: bool, threshold: Optional[float]):
+    def _segment_args(self, state: WalkState, layer: int, with_head: bool, threshold: Optional[float]) -> Tuple:
+        """Arguments of ``model._segment`` from the point of ``state`` to the exit after block ``layer``."""
         model, start = self.model, state.done
         if self.ropes is None:  # a state started by another walker of this setting: the rows of an empty image
             with torch.no_grad():
-                ref = state.tokens
-                self.start(ref.new_zeros(1, model.patch_embed.proj.in_channels, *self.img_size))
-        blocks, ropes = list(model.blocks)[start:layer], self.ropes[start:layer]
+                self.start(state.tokens.new_zeros(1, model.patch_embed.proj.in_channels, *self.img_size))
         counts, life_at = None, -1
         if self.counts is not None:
             counts = self.counts[start:layer]
             life_at = model.life_layer - start if state.lives is None and start <= model.life_layer < layer else -1
-        head = None if layer == model.depth else model.exits[str(layer)]
-        return model._segment(state.tokens, state.lives, state.kept, blocks, ropes, counts, life_at, self.mu,
-                              self.sigma, head, model.uncertainty[str(layer)], self.grid, threshold, state.criterion,
-                              with_head)
+        head, unit = self.heads[layer]
+        return (state.tokens, state.lives, state.kept, list(model.blocks)[start:layer], self.ropes[start:layer], counts,
+                life_at, self.mu, self.sigma, head, unit, self.grid, threshold, state.criterion, with_head)
+
+    @torch._dynamo.disable(recursive=False)  # the host-side set-up stays eager; torch.compile compiles the segment
+    def _segment_to(self, state: WalkState, layer: int, with_head: bool, threshold: Optional[float]) -> Tuple:
+        return self.model._segment(*self._segment_args(state, layer, with_head, threshold))
 
     @torch._dynamo.disable(recursive=False)  # the host-side step stays eager; torch.compile compiles each segment
     def step(self, state: WalkState) -> WalkStep:
@@ -272,7 +276,7 @@ class ExitWalker:
         """``forward_dynamic``: every image's answer, the exit it took and its cost."""
         if self.single_path:  # one path for every image: tracers (jit.trace, ONNX, torch.export) record it faithfully
             state = self.start(x)
-            logits = self._segment_to(state, self.stop, True, None)[3]
+            logits = self.model._segment(*self._segment_args(state, self.stop, True, None))[3]
             batch = x.shape[0]
             return ExitOutput(
                 logits,
