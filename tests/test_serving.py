@@ -344,13 +344,14 @@ def test_bad_arguments(mexit):
         ExitScheduler(object())
 
 
-def test_onnx_session(tmp_path):
+@pytest.mark.parametrize('family,kwargs', [('test_vit_mexit', {}), ('test_vit_mexit_liferegress', dict(keep_rate=0.7))])
+def test_onnx_session(tmp_path, family, kwargs):
     pytest.importorskip('onnxruntime', reason='the deploy extra (onnx, onnxruntime, onnxscript) is not installed')
     pytest.importorskip('onnxscript', reason='the deploy extra (onnx, onnxruntime, onnxscript) is not installed')
     from timm_exits.export import export_onnx
     from timm_exits.runtime import ExitSession
-    model = _model()
-    session = ExitSession(export_onnx(model, tmp_path / 'onnx', 'test_vit_mexit'))
+    model = _model(family, **kwargs)
+    session = ExitSession(export_onnx(model, tmp_path / 'onnx', family))
     images = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
     settings = [(random.Random(i).choice([None, 0.4, 0.7]), None) for i in range(16)]
     with ExitScheduler(session, max_batch_size=4, max_wait_ms=1) as scheduler:
