@@ -209,3 +209,44 @@ def test_a_replica_that_dies_fails_its_requests_and_serve_replaces_it(server):
             break
         time.sleep(1.)
     assert statuses == [200] * 4
+
+
+def _starlette_request(body: bytes, query: str = ''):
+    from starlette.requests import Request
+    scope = {'type': 'http', 'method': 'POST', 'path': '/', 'query_string': query.encode(), 'headers': []}
+    sent = []
+
+    async def receive():
+        if not sent:
+            sent.append(True)
+            return {'type': 'http.request', 'body': body, 'more_body': False}
+        return {'type': 'http.disconnect'}
+
+    return Request(scope, receive)
+
+
+def test_timeout_and_full_queue_answer_504_and_503():
+    """The deployment class itself (no Ray instance): a request not answered in time gets 504 and is withdrawn, one
+    beyond max_queue gets 503, and the queue has room again afterwards."""
+    import asyncio
+    from timm_exits.serving.ray import ExitDeployment
+    deployment = ExitDeployment('test_vit_mexit', max_batch_size=4, max_wait_ms=60_000, max_queue=1,
+                                request_timeout_s=1.)
+    try:
+        async def scenario():
+            first = asyncio.ensure_future(deployment(_starlette_request(_png(1))))
+            await asyncio.sleep(0.3)  # it waits in the scheduler for company
+            second = await deployment(_starlette_request(_png(2)))
+            return await first, second
+
+        timed_out, full = asyncio.run(scenario())
+        assert full.status_code == 503 and 'max_queue=1' in json.loads(full.body)['error']
+        assert timed_out.status_code == 504 and 'request_timeout_s=1' in json.loads(timed_out.body)['error']
+        deadline = time.monotonic() + TIMEOUT
+        while deployment.scheduler.stats()['cancelled'] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = deployment.scheduler.stats()
+        assert stats['cancelled'] == 1 and stats['refused'] == 1 and stats['rows'] == 0
+        assert deployment.scheduler.submit(torch.randn(3, 32, 32)).cancel()  # room again
+    finally:
+        deployment.scheduler.close()

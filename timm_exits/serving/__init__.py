@@ -266,7 +266,7 @@ class ExitScheduler:
         self._groups: Dict[tuple, _Group] = {}
         self._held: List[Tuple[_Request, Answer]] = []  # 'batch': answers given when their batch is done
         self._walkers: 'collections.OrderedDict[tuple, Any]' = collections.OrderedDict()
-        self._started = self._closing = False
+        self._started = self._closing = self._withdrawn = False
         self._thread: Optional[threading.Thread] = None
         self._stats: Dict[str, int] = collections.Counter()
 
@@ -346,7 +346,15 @@ class ExitScheduler:
             self._queue.append(request)
             self._stats['submitted'] += 1
             self._cond.notify_all()
+        future.add_done_callback(self._on_done)
         return future
+
+    def _on_done(self, future: Future) -> None:
+        """A request cancelled while it waits: the worker drops it now (its place in ``max_queue`` with it)."""
+        if future.cancelled():
+            with self._cond:
+                self._withdrawn = True
+                self._cond.notify_all()
 
     def _refuse_if_closed(self) -> None:
         if self._closing:
@@ -395,9 +403,12 @@ class ExitScheduler:
         running = self.policy != 'continuous' and any(g.points for g in self._groups.values())
         best, best_age, wake = None, math.inf, math.inf
         idle, idle_age = None, math.inf  # never idle while images wait past the first segment
+        withdrawn, self._withdrawn = self._withdrawn, False
         for group in list(self._groups.values()):
-            while group.new and group.new[0].future.cancelled():
-                self._finish(group.new.popleft(), None)
+            if withdrawn:  # requests cancelled before they started leave at once
+                for request in [r for r in group.new if r.future.cancelled()]:
+                    self._finish(request, None)
+                group.new = collections.deque(r for r in group.new if not r.future.cancelled())
             candidates = []
             if group.new and not running:
                 candidates.append((0, len(group.new), group.new[0].arrived, group.new[0].arrived))
