@@ -317,7 +317,8 @@ class MultiExitMixin(NewPartsMixin):
                      keep_rate: Optional[float] = None) -> Dict[str, Any]:
         """Costs of one image at ``img_size`` and ``keep_rate`` (defaults: the model's), torch's flop counter on the
         pieces (``_costs.schedule_costs``): ``full`` (the parent's FLOPs), ``costs`` and ``threshold_costs`` per exit
-        as shares of it, the schedule ``counts``. A cached lookup traces into a compiled graph; counting runs eagerly."""
+        as shares of it, the schedule ``counts``. A cached lookup traces into a compiled graph; counting runs
+        eagerly."""
         img_size = self._size(img_size)
         counts = tuple(self._schedule(keep_rate, img_size)[0])
         return self._flops.get(('schedule', img_size, counts)) or schedule_costs(self, img_size, counts)
