@@ -82,7 +82,8 @@ def test_liferegress_keep_rate_one_graph():
 
 @pytest.fixture
 def deep_slim():
-    """Exits and slimming: 6 blocks, an exit after each of blocks 2..5, lives after block 1, patches leave after 2, 4."""
+    """Exits and slimming: 6 blocks, an exit after each of blocks 2..5, lives after block 1, patches leave after 2
+    and 4."""
     model = timm.create_model('test_vit_mexit_liferegress', depth=6, exit_layers=(2, 3, 4, 5), life_layer=1,
                               prune_layers=(2, 4))
     return spread_exit_heads(model).eval()

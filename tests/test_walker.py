@@ -14,6 +14,7 @@ from .conftest import spread_exit_heads
 
 FAMILIES = [
     ('test_vit_mexit', {}),
+    ('test_vit_mexit', dict(depth=5, exit_layers=(1, 2, 3, 4), exit_head=['cnn_add', 'vit', 'mlp', 'mixer'])),
     ('test_vit_mexit_ls', dict(exit_criterion='entropy')),
     ('test_vit_mexit_liferegress', {}),
     ('eva02_tiny_patch14_224_mexit_liferegress', dict(img_size=28, patch_size=7, depth=5, embed_dim=32, num_heads=2,
@@ -50,7 +51,7 @@ def _serve(walker, arrivals: List[torch.Tensor]) -> Dict[int, Tuple[torch.Tensor
     return answers
 
 
-@pytest.mark.parametrize('name,kwargs', FAMILIES, ids=[f[0] for f in FAMILIES])
+@pytest.mark.parametrize('name,kwargs', FAMILIES, ids=[f'{f[0]}-{i}' for i, f in enumerate(FAMILIES)])
 def test_interleaved_arrivals_get_their_own_answers(name, kwargs):
     """Seeded fuzz over thresholds, budgets and keep rates: each image's answer through interleaved steps equals
     forward_dynamic on that image alone (logits, exit and cost)."""

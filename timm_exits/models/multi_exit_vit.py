@@ -317,7 +317,8 @@ class MultiExitMixin(NewPartsMixin):
                      keep_rate: Optional[float] = None) -> Dict[str, Any]:
         """Costs of one image at ``img_size`` and ``keep_rate`` (defaults: the model's), torch's flop counter on the
         pieces (``_costs.schedule_costs``): ``full`` (the parent's FLOPs), ``costs`` and ``threshold_costs`` per exit
-        as shares of it, the schedule ``counts``. A cached lookup traces into a compiled graph; counting runs eagerly."""
+        as shares of it, the schedule ``counts``. A cached lookup traces into a compiled graph; counting runs
+        eagerly."""
         img_size = self._size(img_size)
         counts = tuple(self._schedule(keep_rate, img_size)[0])
         return self._flops.get(('schedule', img_size, counts)) or schedule_costs(self, img_size, counts)
@@ -462,17 +463,28 @@ class MultiExitMixin(NewPartsMixin):
             deadline_ms: Optional[float],
     ) -> ExitOutput:
         """``forward_dynamic`` of every family: defaults applied, arguments checked, the deadline started."""
+        threshold, budget, keep_rate, deadline = self._call_args(threshold, budget, keep_rate, deadline_ms)
+        return self._dynamic(x, threshold, budget, deadline, keep_rate)
+
+    def _call_args(
+            self,
+            threshold: Optional[float],
+            budget: Optional[float],
+            keep_rate: Optional[float],
+            deadline_ms: Optional[float],
+    ) -> Tuple[Optional[float], Optional[float], Optional[float], Optional[float]]:
+        """Checked (threshold, budget, keep rate, deadline in ``time.perf_counter()`` seconds) of a call, the model's
+        defaults applied; a tracer refuses a deadline."""
         start = time.perf_counter()
         threshold, budget = self._resolve(threshold, budget)
         keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
-        if deadline_ms is not None:
-            if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, Real) or not deadline_ms >= 0 \
-                    or math.isinf(deadline_ms):
-                raise ValueError(
-                    f'deadline_ms must be a finite number of milliseconds >= 0 or None, got {deadline_ms!r}')
-            self._refuse_tracing(threshold, deadline_ms)
-        return self._dynamic(x, threshold, budget, None if deadline_ms is None else start + deadline_ms / 1e3,
-                             keep_rate)
+        if deadline_ms is None:
+            return threshold, budget, keep_rate, None
+        if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, Real) or not deadline_ms >= 0 \
+                or math.isinf(deadline_ms):
+            raise ValueError(f'deadline_ms must be a finite number of milliseconds >= 0 or None, got {deadline_ms!r}')
+        self._refuse_tracing(threshold, deadline_ms)
+        return threshold, budget, keep_rate, start + deadline_ms / 1e3
 
     @torch.jit.unused
     def forward_anytime(self, x: torch.Tensor, threshold: Optional[float] = None) -> Iterator[AnytimeStep]:
@@ -493,8 +505,7 @@ class MultiExitMixin(NewPartsMixin):
 
     def _anytime(self, x: torch.Tensor, threshold: Optional[float], keep_rate: Optional[float]
                  ) -> Iterator[AnytimeStep]:
-        threshold, _ = self._resolve(threshold, None)
-        keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        threshold, _, keep_rate, _ = self._call_args(threshold, None, keep_rate, None)
         if self.num_classes <= 0:
             raise ValueError('forward_anytime needs a classifier: the model was built or reset with num_classes=0')
         self._refuse_tracing(threshold)
@@ -514,16 +525,10 @@ class MultiExitMixin(NewPartsMixin):
         segment and returns who leaves with their answers and the state of who goes on (``timm_exits.models.walker``).
         The model's defaults apply; ``keep_rate`` needs a model with slimming; ``deadline_ms`` counts from this call.
         """
-        start = time.perf_counter()
-        threshold, budget = self._resolve(threshold, budget)
-        keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        threshold, budget, keep_rate, deadline = self._call_args(threshold, budget, keep_rate, deadline_ms)
         if self.num_classes <= 0:
             raise ValueError('exit_walker needs a classifier: the model was built or reset with num_classes=0')
-        if deadline_ms is not None and (isinstance(deadline_ms, bool) or not isinstance(deadline_ms, Real)
-                                        or not deadline_ms >= 0 or math.isinf(deadline_ms)):
-            raise ValueError(f'deadline_ms must be a finite number of milliseconds >= 0 or None, got {deadline_ms!r}')
-        self._refuse_tracing(threshold, deadline_ms)
-        deadline = None if deadline_ms is None else start + deadline_ms / 1e3
+        self._refuse_tracing(threshold)
         return self._walker(self._size(img_size), threshold, budget, keep_rate, deadline)
 
     def _walker(

@@ -162,7 +162,8 @@ class WalkState(NamedTuple):
                     f'{tuple(s.tokens.shape[1:])} tokens vs done={first.done} with {tuple(first.tokens.shape[1:])}')
         if len(states) == 1:
             return first
-        return WalkState(first.done, *(None if ts[0] is None else torch.cat(ts) for ts in zip(*(s[1:] for s in states))))
+        columns = zip(*(s[1:] for s in states))
+        return WalkState(first.done, *(None if ts[0] is None else torch.cat(ts) for ts in columns))
 
 
 class WalkStep(NamedTuple):
@@ -192,7 +193,8 @@ class ExitWalker:
     before ``stop``), ``costs`` per exit (what an image leaving there spent), the token schedule ``counts`` with the
     target mean and std of the lives (slimming; None: every patch), a ``deadline`` in ``time.perf_counter()``
     seconds after which every image still running answers at the next exit, and ``every_head`` (anytime: each exit's
-    answer for every image), at input size ``img_size``. Under torch.compile each segment is one graph and the exit decision the only host sync.
+    answer for every image), at input size ``img_size``. Under torch.compile each segment is one graph and the exit
+    decision the only host sync.
     """
 
     def __init__(
