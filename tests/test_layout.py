@@ -39,6 +39,9 @@ ALLOWED: Dict[str, Set[str]] = {
     'fit': MODELS | {'_files', 'data', 'tasks', 'train', 'validate', 'calibrate'},
     'export': MODELS | {'_files', 'data', 'timm_exits'},  # the root for __version__
     'benchmark_onnx': MODELS | {'_files', 'benchmark', 'export', 'runtime'},
+    'serving': MODELS | {'data', 'runtime'},
+    'serving.ray': MODELS | {'data', 'serving', 'timm_exits'},  # the root registers the families in a replica
+    'serving.load': MODELS | {'_files', 'data', 'serving', 'runtime'},
     'hub': {'*'},
     'hub.*': {'*'},
     'timm_exits': MODELS | {'hub', 'fit', 'calibrate'},  # fit and calibrate on first use (module __getattr__)
@@ -54,7 +57,7 @@ LAZY_BACK_EDGES = {
     ('models._checkpoint', 'models.multi_exit_vit'),
     ('models._checkpoint', 'models.life_regress_vit'),
 }
-HEAVY = ('matplotlib', 'onnx', 'onnxruntime', 'sklearn', 'pandas', 'scipy')
+HEAVY = ('matplotlib', 'onnx', 'onnxruntime', 'sklearn', 'pandas', 'scipy', 'ray')
 
 
 def _modules() -> Dict[str, Path]:

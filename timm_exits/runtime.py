@@ -5,6 +5,9 @@ eager ``forward_dynamic``: segment by segment, each exit's head on the images st
 passes the threshold leave, and only the others go on to the next segment (002_*.txt: a batch-wide decision gives no
 speed-up). A budget stops every image at the deepest exit whose cost fits it. A static export runs its one graph.
 
+``session.exit_walker(threshold=, budget=)`` is the same walk to drive step by step (``start(x, rows)`` and
+``step(state)``, as ``timm_exits.models.walker.ExitWalker``), for a server that lets new images join between segments.
+
 Needs numpy and onnxruntime only (``pip install "timm-exits[deploy]"``); torch tensors are accepted and returned as
 tensors when torch is importable.
 """
@@ -12,11 +15,11 @@ import json
 import math
 from numbers import Real
 from pathlib import Path
-from typing import Any, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ['ExitSession', 'RuntimeOutput']
+__all__ = ['ExitSession', 'RuntimeOutput', 'SessionState', 'SessionStep', 'SessionWalker']
 
 FORMAT = 1
 MANIFEST = 'manifest.json'
@@ -29,6 +32,40 @@ class RuntimeOutput(NamedTuple):
     logits: Any
     exit_layer: Any
     cost: Any
+
+
+class SessionState(NamedTuple):
+    """Images at one point of a walk through a staged export: ``done`` blocks run (0: not embedded yet), their ids
+    ``rows`` (the caller's) and ``feed``, what the next segment takes: the images at the start, then what a segment
+    passes on (tokens; with slimming the lives and kept positions too)."""
+    done: int
+    rows: np.ndarray
+    feed: Tuple[np.ndarray, ...]
+
+    def select(self, index: Any) -> 'SessionState':
+        """The images ``index`` (a bool mask or indices over ``rows``)."""
+        return SessionState(self.done, self.rows[index], tuple(f[index] for f in self.feed))
+
+    @staticmethod
+    def cat(states: Sequence['SessionState']) -> 'SessionState':
+        """One state of the images of ``states``, which must stand at the same point of walks of one setting."""
+        points = sorted({(s.done, tuple(f.shape[1:] for f in s.feed)) for s in states})
+        if len(points) != 1:
+            raise ValueError(f'states concatenate only at one point of a walk (blocks done, shapes), got {points}')
+        return SessionState(points[0][0], np.concatenate([s.rows for s in states]),
+                            tuple(np.concatenate(fs) for fs in zip(*(s.feed for s in states))))
+
+
+class SessionStep(NamedTuple):
+    """What one step did, as ``timm_exits.models.walker.WalkStep``: the images that reached ``exit_layer`` (``rows``),
+    their ``logits`` there, which of them ``leave``, the share of full FLOPs an image leaving here spent (``cost``) and
+    the ``state`` of the images that go on (None when none does)."""
+    exit_layer: int
+    rows: np.ndarray
+    logits: np.ndarray
+    leave: np.ndarray
+    cost: float
+    state: Optional[SessionState]
 
 
 def _fraction(name: str, value: Any, low_open: bool) -> float:
@@ -109,8 +146,9 @@ class ExitSession:
             return len(costs) - 1
         fits = [k for k, c in enumerate(costs) if c <= budget + 1e-9]
         if not fits:
-            raise ValueError(f'budget={budget:g} is below the cheapest exit (block {self.exit_layers[0]}, cost '
-                             f'{costs[0]:.4f} of the full model); allowed: {costs[0]:.4f} <= budget <= 1')
+            cost, k = min((c, k) for k, c in enumerate(costs))
+            raise ValueError(f'budget={budget:g} is below the cheapest exit (block {self.exit_layers[k]}, cost '
+                             f'{cost:.4f} of the full model); allowed: {cost:.4f} <= budget <= 1')
         return fits[-1]
 
     def _input(self, x: Any) -> np.ndarray:
@@ -123,6 +161,19 @@ class ExitSession:
             raise ValueError(f'x must be images of shape (B, {", ".join(map(str, self.input_size))}) (the exported '
                              f'input size), got {tuple(x.shape)}')
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    def exit_walker(self, threshold: Optional[float] = None, budget: Optional[float] = None) -> 'SessionWalker':
+        """The walk of ``session(x, threshold, budget)`` to drive step by step (``SessionWalker``); the export's
+        defaults apply.
+
+        Raises:
+            ValueError: A ``--static`` export (no exits), a threshold or budget out of range, a budget below the
+                cheapest exit.
+        """
+        if self.static:
+            raise ValueError('a --static export has no exits to walk: export without --static for per-image early '
+                             'exit')
+        return SessionWalker(self, threshold, budget)
 
     def __call__(self, x: Any, threshold: Optional[float] = None, budget: Optional[float] = None) -> RuntimeOutput:
         """Per-image early exit, as ``forward_dynamic`` of the exported model.
@@ -151,30 +202,63 @@ class ExitSession:
         return out
 
     def _staged(self, x: np.ndarray, threshold: Optional[float], budget: Optional[float]) -> RuntimeOutput:
-        threshold = self.threshold if threshold is None else threshold
-        budget = self.budget if budget is None else budget
-        threshold = None if threshold is None else _fraction('threshold', threshold, low_open=False)
-        budget = None if budget is None else _fraction('budget', budget, low_open=True)
-        m = self.manifest
-        costs = m['exit_costs'] if threshold is None else m['threshold_costs']
-        stop = self._stop(costs, budget)
+        walker = self.exit_walker(threshold, budget)
         batch = len(x)
-        logits_out = np.empty((batch, m['num_classes']), dtype=np.float32)
-        exit_out = np.full(batch, self.exit_layers[stop], dtype=np.int64)
+        logits_out = np.empty((batch, self.manifest['num_classes']), dtype=np.float32)
+        exit_out = np.full(batch, self.exit_layers[walker.stop], dtype=np.int64)
         cost_out = np.empty(batch, dtype=np.float32)
-        rows, feed = np.arange(batch), x
-        for k in range(stop + 1):
-            if len(rows) == 0:
-                break
-            feed = self.segments[k].run(None, {'input': feed})[0]
-            if k < stop and threshold is None:
-                continue
-            logits, score = self.heads[k].run(None, {'input': feed})
-            if k == stop:
-                leave = np.ones(len(rows), dtype=bool)
-            else:
-                leave = score >= threshold if m['confident_high'] else score <= threshold
-            gone = rows[leave]
-            logits_out[gone], exit_out[gone], cost_out[gone] = logits[leave], self.exit_layers[k], costs[k]
-            rows, feed = rows[~leave], feed[~leave]
+        state = walker.start(x) if batch else None
+        while state is not None:
+            step = walker.step(state)
+            gone = step.rows[step.leave]
+            logits_out[gone], exit_out[gone], cost_out[gone] = step.logits[step.leave], step.exit_layer, step.cost
+            state = step.state
         return RuntimeOutput(logits_out, exit_out, cost_out)
+
+
+class SessionWalker:
+    """Per-image early exit through a staged export at one setting (``ExitSession.exit_walker``): ``start(x, rows)``
+    takes images, ``step(state)`` runs them to the next exit whose head runs and says who leaves there; the images
+    of several states at the same point go on together (``SessionState.cat``). ``stop`` is the index of the last exit
+    the walk reaches, ``threshold`` the criterion's (None: every image runs to ``stop``)."""
+
+    def __init__(self, session: ExitSession, threshold: Optional[float], budget: Optional[float]) -> None:
+        threshold = session.threshold if threshold is None else threshold
+        budget = session.budget if budget is None else budget
+        self.session = session
+        self.threshold = None if threshold is None else _fraction('threshold', threshold, low_open=False)
+        budget = None if budget is None else _fraction('budget', budget, low_open=True)
+        m = session.manifest
+        if self.threshold is not None and budget is not None and min(m['threshold_costs']) > budget + 1e-9:
+            self.threshold = None  # no threshold path fits: the budget alone decides, as in eager forward_dynamic
+        self.costs: List[float] = m['exit_costs'] if self.threshold is None else m['threshold_costs']
+        self.stop = session._stop(self.costs, budget)
+
+    def start(self, x: Any, rows: Any = None) -> SessionState:
+        """Images x (B, C, H, W) at the start of the walk; ``rows`` their ids (default 0..B-1)."""
+        x = self.session._input(x)
+        rows = np.arange(len(x)) if rows is None else np.asarray(rows)
+        return SessionState(0, rows, (x,))
+
+    def step(self, state: SessionState) -> SessionStep:
+        """Run the images of ``state`` to the next exit whose head runs; who leaves there and who goes on."""
+        session, layers = self.session, self.session.exit_layers
+        k = 0 if state.done == 0 else layers.index(state.done) + 1
+        if k > self.stop:
+            raise ValueError(f'the walk is over: the state has run {state.done} blocks, the last exit is '
+                             f'{layers[self.stop]}')
+        feed = state.feed
+        while True:
+            inputs = session.manifest['segments'][k].get('inputs', ['input'])
+            feed = tuple(session.segments[k].run(None, dict(zip(inputs, feed))))
+            if k == self.stop or self.threshold is not None:
+                break
+            k += 1
+        logits, score = session.heads[k].run(None, {'input': feed[0]})
+        if k == self.stop:
+            leave = np.ones(len(state.rows), dtype=bool)
+        else:
+            leave = score >= self.threshold if session.manifest['confident_high'] else score <= self.threshold
+        stay = ~leave
+        going = SessionState(layers[k], state.rows[stay], tuple(f[stay] for f in feed)) if stay.any() else None
+        return SessionStep(layers[k], state.rows, logits, leave, self.costs[k], going)

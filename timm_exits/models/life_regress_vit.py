@@ -32,9 +32,10 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
 from ._base import (
-    NewPartsMixin, add_block_group, check_fraction, count_flops, is_fx_tracing, parent_cfgs, pop_kwargs,
+    NewPartsMixin, add_block_group, check_fraction, is_fx_tracing, parent_cfgs, pop_kwargs,
 )
 from ._build import build_family, register_twins
+from ._costs import largest_rate, path_flops
 from ._pretrained import explain_missing_weights, published_cfg
 from .adapters import EvaAdapter, VitAdapter, register_adapted
 
@@ -214,7 +215,7 @@ class LifeRegressMixin(NewPartsMixin):
 
     def _reset_costs(self) -> None:
         """Forget counted FLOPs; a default budget is resolved again now (a check, and torch.fx cannot count)."""
-        self._flops: Dict[Tuple[str, int], int] = {}
+        self._flops: Dict[Any, Any] = {}
         self._budget_rates: Dict[float, float] = {}
         if self.budget is not None:
             self.keep_rate_for_budget(self.budget)
@@ -237,33 +238,10 @@ class LifeRegressMixin(NewPartsMixin):
         return token_counts(self.patch_embed.num_patches, self.depth, self.prune_layers,
                             self.resolve_keep_rate(keep_rate))
 
-    def _piece_flops(self, piece: str, tokens: int = 0) -> int:
-        """FLOPs of one image through 'embed', a 'block' (all alike in a ViT), 'life' or 'head' (final norm, pool,
-        classifier) at ``tokens`` tokens, by torch's flop counter, counted once."""
-        key = (piece, tokens)
-        if key not in self._flops:
-            ref = next(self.parameters())
-            if piece == 'embed':
-                x = torch.zeros(1, self.patch_embed.proj.in_channels, *self.patch_embed.img_size, device=ref.device,
-                                dtype=ref.dtype)
-                self._flops[key] = count_flops(self._embed, x)[0]
-            else:
-                x = torch.zeros(1, tokens, self.embed_dim, device=ref.device, dtype=ref.dtype)
-                fn = {
-                    'block': lambda z: self._apply_block(self.blocks[0], z, None, None),
-                    'life': lambda z: self.life(z, self.num_prefix_tokens, 0., 1.),
-                    'head': lambda z: self.forward_head(self.norm(z)),
-                }[piece]
-                self._flops[key] = count_flops(fn, x)[0]
-        return self._flops[key]
-
     def _schedule_flops(self, counts: Sequence[int]) -> int:
-        npt = self.num_prefix_tokens
-        total = self._piece_flops('embed') + sum(self._piece_flops('block', n + npt) for n in counts)
-        total += self._piece_flops('head', counts[-1] + npt)
-        if counts[-1] < counts[0]:  # the life module runs only when something is dropped
-            total += self._piece_flops('life', counts[0] + npt)
-        return total
+        """FLOPs of one image on the schedule ``counts`` at the model's input size (``_costs.path_flops``: the
+        embedding, each block at its n_t patches, the head, the life module when anything is dropped)."""
+        return path_flops(self, tuple(self.patch_embed.img_size), counts, self.depth, (self.depth,))
 
     def flops(self, keep_rate: Optional[float] = None) -> int:
         """FLOPs per image at the model's input size and ``keep_rate`` (default: the model's), torch's flop counter.
@@ -277,8 +255,7 @@ class LifeRegressMixin(NewPartsMixin):
     def keep_rate_for_budget(self, budget: float) -> float:
         """Largest keep rate whose counted FLOPs are at most ``budget`` (a share (0, 1]) of the parent's.
 
-        The cost is a step function of rho (integer counts): bisection, then the right end of the step found (the
-        largest rho giving the same counts, min over prune layers of n_after / n_before). Cached per model.
+        The cost is a step function of rho (integer counts): ``_costs.largest_rate``. Cached per model.
         """
         budget = check_fraction('budget', budget, low_open=True)
         if budget not in self._budget_rates:
@@ -290,22 +267,13 @@ class LifeRegressMixin(NewPartsMixin):
             def fits(rate: float) -> bool:
                 return self._schedule_flops(counts(rate)) / full <= budget + 1e-9
 
-            if fits(1.):
-                rate = 1.
-            else:
-                cheapest = self._schedule_flops(counts(0.)) / full
-                if cheapest > budget + 1e-9:
-                    raise ValueError(
-                        f'budget={budget:g} is below the cheapest schedule (one patch left after block '
-                        f'{self.prune_layers[0]}: {cheapest:.4f} of the parent\'s FLOPs); allowed: '
-                        f'{cheapest:.4f} <= budget <= 1')
-                lo, hi = 0., 1.
-                while hi - lo > 1 / (4 * num * num):  # steps are at least 1 / N^2 wide
-                    mid = (lo + hi) / 2
-                    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-                c = counts(lo)
-                rate = min(c[p] / c[p - 1] for p in self.prune_layers)
-            self._budget_rates[budget] = rate
+            cheapest = 1. if fits(1.) else self._schedule_flops(counts(0.)) / full
+            if cheapest > budget + 1e-9:
+                raise ValueError(
+                    f'budget={budget:g} is below the cheapest schedule (one patch left after block '
+                    f'{self.prune_layers[0]}: {cheapest:.4f} of the parent\'s FLOPs); allowed: '
+                    f'{cheapest:.4f} <= budget <= 1')
+            self._budget_rates[budget] = largest_rate(fits, 0., num, counts, self.prune_layers)
         return self._budget_rates[budget]
 
     # --- forward ------------------------------------------------------------------------------------------------
@@ -395,6 +363,10 @@ class LifeRegressMixin(NewPartsMixin):
                 rope = self._keep_rope(rope_full, pos)  # rotary entries of the patches kept
         return self.norm(x), intermediates
 
+    def _default_keep_rate(self) -> float:
+        """The keep rate of a call without one: the model's (``resolve_keep_rate``)."""
+        return self.resolve_keep_rate()
+
     @torch.jit.unused
     def predict_lives(self, x: torch.Tensor, keep_rate: Optional[float] = None) -> torch.Tensor:
         """Lives tau (B, N) of the patches of images x (eqs. 1-3), mu and sigma from ``keep_rate``'s schedule."""
@@ -414,7 +386,7 @@ class LifeRegressMixin(NewPartsMixin):
         token, the soft weights of eqs. (6)-(7) in each attention after ``life_layer``, mu and sigma of eq. (3)
         from the keep rate's schedule (eqs. 9-10).
         """
-        rate = self.resolve_keep_rate() if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        rate = self._default_keep_rate() if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
         return self._slim_tokens(x, *self._plan(rate, self._num_patches(x)), [])[0]
 
     @torch.jit.unused
@@ -437,11 +409,12 @@ class LifeRegressMixin(NewPartsMixin):
         grid: a patch dropped after an earlier block carries the features it had when it left. ``keep_rate=1.0``
         (or ``attn_mask`` / ``is_causal``) is the parent's path.
         """
-        rate = self.resolve_keep_rate() if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        rate = self._default_keep_rate() if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
         if rate >= 1. or attn_mask is not None or is_causal or self.training:  # train mode drops nothing
             extra = dict(output_dict=True) if output_dict else {}  # Eva's has no output_dict
-            return super().forward_intermediates(
-                x, indices=indices, return_prefix_tokens=return_prefix_tokens, norm=norm, stop_early=stop_early,
+            parent = next(c for c in type(self).__mro__ if c.__module__.split('.')[0] == 'timm')  # also when borrowed
+            return parent.forward_intermediates(
+                self, x, indices=indices, return_prefix_tokens=return_prefix_tokens, norm=norm, stop_early=stop_early,
                 output_fmt=output_fmt, intermediates_only=intermediates_only, attn_mask=attn_mask, is_causal=is_causal,
                 **extra)
         assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'

@@ -27,9 +27,6 @@ Only exit heads that read [CLS] or the mean of the patch tokens (``linear``, ``m
 tokens: each image keeps different patches, so no patch grid is left for the CNN heads, and the token-MLP heads
 (``mixer``, ``resmlp``) have one weight per patch position.
 """
-import math
-import time
-from numbers import Real
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -40,8 +37,9 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
 from ..losses import attach_exit_losses, scale_gradient
-from ._base import add_block_group, check_fraction, count_flops, is_fx_tracing
+from ._base import add_block_group, check_fraction, is_fx_tracing
 from ._build import build_family, register_twins
+from ._costs import largest_rate
 from .adapters import EvaAdapter, VitAdapter, register_adapted
 from .exit_heads import EXIT_HEADS
 from .life_regress_vit import (
@@ -56,7 +54,6 @@ __all__ = [
 ]
 
 POOLED_EXIT_HEADS = ('linear', 'mlp', 'vit')  # exit heads that read [CLS] / the mean of the patches, never the grid
-_State = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]  # tokens, lives, kept positions
 
 
 class MultiExitLifeRegressMixin(MultiExitMixin):
@@ -74,6 +71,12 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
     _keep_longest = LifeRegressMixin._keep_longest
     _plan = LifeRegressMixin._plan
     _num_patches = LifeRegressMixin._num_patches
+    # and its slimmed features path: forward_intermediates at a keep rate returns the slimmed path
+    _slim_tokens = LifeRegressMixin._slim_tokens
+    forward_intermediates = LifeRegressMixin.forward_intermediates
+
+    def _default_keep_rate(self) -> float:
+        return self.keep_rate
 
     def _init_mechanism(
             self,
@@ -143,78 +146,10 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
         rate = self.keep_rate if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
         return token_counts(self._patches_at(self._size(img_size)), self.depth, self.prune_layers, rate)
 
-    def _size(self, img_size: Optional[Sequence[int]]) -> Tuple[int, int]:
-        return tuple(self.patch_embed.img_size) if img_size is None else tuple(int(v) for v in img_size)
-
-    def _patches_at(self, img_size: Tuple[int, int]) -> int:
-        if self.dynamic_img_size:
-            h, w = self.patch_embed.dynamic_feat_size(img_size)
-            return h * w
-        return self.patch_embed.num_patches
-
-    def _count_flops(self, img_size: Optional[Tuple[int, int]] = None,
-                     keep_rate: Optional[float] = None) -> Dict[str, Any]:
-        """Costs of one image at ``img_size`` and ``keep_rate`` (defaults: the model's): ``costs`` and
-        ``threshold_costs`` per exit as shares of the parent's FLOPs (``full``), and the schedule ``counts``."""
-        img_size = self._size(img_size)
-        rate = self.keep_rate if keep_rate is None else keep_rate
-        counts = token_counts(self._patches_at(img_size), self.depth, self.prune_layers, rate)
-        key = ('schedule', img_size, counts)
-        return self._flops.get(key) or self._counted_flops(img_size, counts)
-
-    @torch.compiler.disable  # counted eagerly, outside any graph being compiled
-    def _counted_flops(self, img_size: Tuple[int, int], counts: Tuple[int, ...]) -> Dict[str, Any]:
-        """Torch's flop counter on the token schedule ``counts``: block t at n_t patches (+ prefix tokens), each exit
-        head at the tokens it reads, the life module (at every patch) for the exits after ``life_layer`` when the
-        schedule drops anything. Pieces are counted once each (cached with the result)."""
-        full_counts = (counts[0],) * self.depth
-        pieces = self._pieces(img_size, set(counts) | {counts[0]})
-        slim = counts[-1] < counts[0]
-
-        def path(layer: int, heads: Sequence[int], schedule: Sequence[int], life: bool) -> int:
-            total = pieces['embed'] + sum(pieces[('block', i, schedule[i])] for i in range(layer))
-            total += sum(pieces[('exit', h, schedule[h - 1])] for h in heads)
-            return total + (pieces[('life', schedule[0])] if life and layer > self.life_layer else 0)
-
-        full = path(self.depth, (self.depth,), full_counts, False)  # the parent: every patch, its own head
-        layers = self.exit_layers
-        result = {
-            'full': full,
-            'counts': counts,
-            'costs': tuple(path(layer, (layer,), counts, slim) / full for layer in layers),
-            'threshold_costs': tuple(
-                path(layer, layers[:k + 1], counts, slim) / full for k, layer in enumerate(layers)),
-        }
-        self._flops[('schedule', img_size, counts)] = result
-        return result
-
-    def _pieces(self, img_size: Tuple[int, int], patch_counts: Sequence[int]) -> Dict[Any, int]:
-        """FLOPs of one image through the embedding, each block, exit head (uncertainty unit included) and the life
-        module at each patch count in ``patch_counts`` (cached in ``_flops``)."""
-        npt = self.num_prefix_tokens
-        store: Dict[Any, Any] = self._flops.setdefault(('pieces', img_size), {})
-        missing = [n for n in patch_counts if ('block', n) not in store]
-        if 'embed' in store and not missing:
-            return _PieceView(store)
-        ref = next(self.parameters())
-        x = torch.zeros(1, self.patch_embed.proj.in_channels, *img_size, device=ref.device, dtype=ref.dtype)
-        store['embed'], (tokens, rope) = count_flops(self._embed, x)
-        tokens, rope = tokens.detach(), None if rope is None else rope.detach()
-        for n in missing:
-            z = tokens[:, :npt + n]
-            pos = torch.arange(n, device=z.device)[None]
-            rope_n = rope if n == tokens.shape[1] - npt else self._keep_rope(rope, pos)
-            blocks = [count_flops(self._apply_block, blk, z, self._block_rope(rope_n, i), None)[0]
-                      for i, blk in enumerate(self.blocks)]
-            exits = {}
-            for layer in self.exit_layers:
-                f, logits = count_flops(self._exit_logits, layer, z)
-                if self.exit_criterion == 'uncertainty' and layer != self.depth:
-                    f += count_flops(self.exit_uncertainty, layer, logits)[0]
-                exits[layer] = f
-            store[('block', n)], store[('exit', n)] = blocks, exits
-            store[('life', n)] = count_flops(self.life, z, npt, 0., 1.)[0]
-        return _PieceView(store)
+    def _schedule(self, keep_rate: Optional[float], img_size: Tuple[int, int]) -> Tuple[List[int], float, float]:
+        """Patches per block at ``keep_rate`` (default: the model's) and the target mean and std of the lives (eqs.
+        9-10, 003_*.txt)."""
+        return self._plan(self.keep_rate if keep_rate is None else keep_rate, self._patches_at(img_size))
 
     def exit_costs_for(self, keep_rate: float, img_size: Optional[Sequence[int]] = None) -> Tuple[float, ...]:
         """Per exit, the share of the parent's FLOPs an image answering there costs at ``keep_rate`` (blocks on the
@@ -231,11 +166,6 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
         """Share of the parent's FLOPs at full depth (final exit, no exit head on the way) at ``keep_rate``."""
         rate = self.keep_rate if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
         return self._count_flops(None, rate)['costs'][-1]
-
-    def _stop_layer(self, budget: Optional[float], threshold_path: bool = False,
-                    img_size: Optional[Tuple[int, int]] = None) -> int:
-        """The exit a budget sends images to (the keep rate it picks: ``plan_budget``)."""
-        return self._plan_budget(budget, None, threshold_path, img_size)[1]
 
     def plan_budget(self, budget: float, keep_rate: Optional[float] = None, threshold: bool = False
                     ) -> Tuple[float, int]:
@@ -261,10 +191,11 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
         if keep_rate is not None:
             fits = [k for k in range(len(self.exit_layers)) if cost(keep_rate, k) <= budget + 1e-9]
             if not fits:
+                low, k = min((cost(keep_rate, k), k) for k in range(len(self.exit_layers)))
                 raise ValueError(
                     f'budget={budget:g} is below the cheapest exit at keep_rate={keep_rate:g} (block '
-                    f'{self.exit_layers[0]}, cost {cost(keep_rate, 0):.4f} of the parent\'s FLOPs); allowed: '
-                    f'{cost(keep_rate, 0):.4f} <= budget <= 1, or a lower keep_rate')
+                    f'{self.exit_layers[k]}, cost {low:.4f} of the parent\'s FLOPs); allowed: {low:.4f} <= budget '
+                    f'<= 1, or a lower keep_rate')
             plan = (keep_rate, self.exit_layers[fits[-1]])
         else:
             low = self.min_keep_rate
@@ -274,138 +205,20 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
 
             fits = [k for k in range(len(self.exit_layers)) if cheapest(k) <= budget + 1e-9]
             if not fits:
+                least, k = min((cheapest(k), k) for k in range(len(self.exit_layers)))
                 raise ValueError(
-                    f'budget={budget:g} is below the cheapest option (exit after block {self.exit_layers[0]}, keep '
-                    f'rates in [min_keep_rate={low:g}, 1]: {cheapest(0):.4f} of the parent\'s FLOPs); allowed: '
-                    f'{cheapest(0):.4f} <= budget <= 1')
+                    f'budget={budget:g} is below the cheapest option (exit after block {self.exit_layers[k]}, keep '
+                    f'rates in [min_keep_rate={low:g}, 1]: {least:.4f} of the parent\'s FLOPs); allowed: '
+                    f'{least:.4f} <= budget <= 1')
             k = fits[-1]
-            plan = (self._largest_rate(lambda r: cost(r, k) <= budget + 1e-9, low, img_size), self.exit_layers[k])
+            num = self._patches_at(self._size(img_size))
+            rate = largest_rate(lambda r: cost(r, k) <= budget + 1e-9, low, num,
+                                lambda r: token_counts(num, self.depth, self.prune_layers, r), self.prune_layers)
+            plan = (rate, self.exit_layers[k])
         self._flops[key] = plan
         return plan
 
-    def _largest_rate(self, fits: Any, low: float, img_size: Optional[Tuple[int, int]]) -> float:
-        """Largest rate in [low, 1] for which ``fits(rate)`` (``fits(low)`` or ``fits(1.)`` holds). The cost is a
-        step function of the rate (integer token counts): bisection, then the right end of the step found (the largest
-        rate giving the same counts), which costs the same."""
-        if fits(1.):
-            return 1.
-        num = self._patches_at(self._size(img_size))
-        lo, hi = low, 1.
-        while hi - lo > 1 / (4 * num * num):  # steps are at least 1 / N^2 wide
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        c = token_counts(num, self.depth, self.prune_layers, lo)
-        rate = max(lo, min(c[p] / c[p - 1] for p in self.prune_layers))
-        return rate if fits(rate) else lo
-
     # --- the slimmed path ---------------------------------------------------------------------------------------
-
-    def _run_blocks(
-            self,
-            state: _State,
-            rope_full: Optional[torch.Tensor],
-            start: int,
-            end: int,
-            counts: Sequence[int],
-            mu: float,
-            sigma: float,
-    ) -> _State:
-        """Blocks ``start``..``end - 1`` (0-based) of the schedule ``counts`` on ``state`` (tokens, lives, kept
-        positions in the full grid). The lives are predicted from the tokens block ``life_layer`` made (eqs. 1-3,
-        003_*.txt), when the schedule drops anything; before each block every image keeps its n_t patches of
-        longest life (Property 1), with their own rotary entries."""
-        x, lives, pos = state
-        npt, slim = self.num_prefix_tokens, counts[-1] < counts[0]
-        rope = rope_full if pos is None else self._keep_rope(rope_full, pos)
-        for i in range(start, end):
-            if slim and lives is None and i == self.life_layer:
-                lives = self.life(x, npt, mu, sigma)
-            if lives is not None and x.shape[1] - npt > counts[i]:
-                x, lives, kept = self._keep_longest(x, lives, counts[i])
-                pos = kept if pos is None else pos.gather(1, kept)
-                rope = self._keep_rope(rope_full, pos)
-            x = self._apply_block(self.blocks[i], x, self._block_rope(rope, i), None)
-        return x, lives, pos
-
-    def _walk(
-            self,
-            x: torch.Tensor,
-            threshold: Optional[float],
-            stop: int,
-            keep_rate: float,
-            costs: Dict[int, float],
-            deadline: Optional[float] = None,
-            every_head: bool = False,
-    ) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Any]]:
-        """Per-image early exit on the slimmed schedule of ``keep_rate`` up to exit ``stop``: yields, at each exit
-        whose head runs, (layer, rows, logits, leave (None: every image running answers here), out so far). An exit's
-        head runs when a threshold needs it, at ``stop``, at the first exit after ``deadline`` and, with
-        ``every_head`` (anytime), at every exit. ``_route`` writes the answers and keeps the rows that go on; their
-        tokens, lives and kept positions follow."""
-        batch = x.shape[0]
-        counts, mu, sigma = self._plan(keep_rate, self._num_patches(x))
-        tokens, rope_full = self._embed(x)
-        state: _State = (tokens, None, None)
-        rows = torch.arange(batch, device=x.device)
-        out, start = None, 0
-        for layer in self.exit_layers:
-            if layer > stop:
-                return
-            state = self._run_blocks(state, rope_full, start, layer, counts, mu, sigma)
-            start = layer
-            late = deadline is not None and time.perf_counter() >= deadline
-            if layer != stop and threshold is None and not late and not every_head:
-                continue
-            logits = self._exit_logits(layer, state[0])
-            if layer == stop or late:
-                leave = None
-            elif threshold is None:
-                leave = torch.zeros_like(rows, dtype=torch.bool)
-            else:
-                leave = self._leaves(self.exit_scores(layer, logits), threshold)
-            local = torch.arange(rows.shape[0], device=rows.device)
-            out, kept_rows, kept = self._route(out, rows, local, logits, leave, layer, costs[layer], batch)
-            yield layer, rows, logits, leave, out
-            if kept_rows is None or kept is None:
-                return
-            if kept is not local:
-                state = tuple(None if s is None else s[kept] for s in state)
-            rows = kept_rows
-
-    @torch._dynamo.disable(recursive=False)  # the host-side loop stays eager
-    def _per_image(
-            self,
-            x: torch.Tensor,
-            threshold: Optional[float],
-            stop: int,
-            keep_rate: float,
-            costs: Dict[int, float],
-            deadline: Optional[float] = None,
-    ) -> ExitOutput:
-        out = None
-        for *_, out in self._walk(x, threshold, stop, keep_rate, costs, deadline):
-            pass
-        if out is None:
-            raise RuntimeError('no exit evaluated')
-        return ExitOutput(*out)
-
-    def _dynamic(
-            self,
-            x: torch.Tensor,
-            threshold: Optional[float],
-            budget: Optional[float],
-            deadline: Optional[float] = None,
-            keep_rate: Optional[float] = None,
-    ) -> ExitOutput:
-        """``forward_dynamic`` on checked arguments (no defaults applied here)."""
-        if self.num_classes <= 0:
-            raise ValueError('forward_dynamic needs a classifier: the model was built or reset with num_classes=0')
-        self._refuse_tracing(threshold)
-        img_size = self._img_size(x)
-        rate, stop = self._plan_budget(budget, keep_rate, threshold is not None, img_size)
-        flops = self._count_flops(img_size, rate)
-        costs = flops['costs'] if threshold is None else flops['threshold_costs']
-        return self._per_image(x, threshold, stop, rate, dict(zip(self.exit_layers, costs)), deadline)
 
     @torch.jit.unused
     def forward_dynamic(
@@ -431,31 +244,13 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
             ``ExitOutput(logits, exit_layer, cost)``; ``cost`` is the share of the parent's FLOPs each image spent
             (slimmed blocks, the life module when anything is dropped, exit heads on the way).
         """
-        start = time.perf_counter()
-        threshold, budget = self._resolve(threshold, budget)
-        keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
-        if deadline_ms is not None:
-            if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, Real) or not deadline_ms >= 0 \
-                    or math.isinf(deadline_ms):
-                raise ValueError(
-                    f'deadline_ms must be a finite number of milliseconds >= 0 or None, got {deadline_ms!r}')
-            self._refuse_tracing(threshold, deadline_ms)
-        deadline = None if deadline_ms is None else start + deadline_ms / 1e3
-        return self._dynamic(x, threshold, budget, deadline, keep_rate)
+        return self._forward_dynamic(x, threshold, budget, keep_rate, deadline_ms)
 
     @torch.jit.unused
     def forward_anytime(self, x: torch.Tensor, threshold: Optional[float] = None,
                         keep_rate: Optional[float] = None) -> Iterator[AnytimeStep]:
         """``MultiExitMixin.forward_anytime`` on the slimmed schedule of ``keep_rate`` (default: the model's)."""
-        threshold, _ = self._resolve(threshold, None)
-        rate = self.keep_rate if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
-        if self.num_classes <= 0:
-            raise ValueError('forward_anytime needs a classifier: the model was built or reset with num_classes=0')
-        self._refuse_tracing(threshold)
-        costs = dict(zip(self.exit_layers, self._count_flops(self._img_size(x), rate)['threshold_costs']))
-        for layer, rows, logits, leave, _ in self._walk(x, threshold, self.depth, rate, costs, every_head=True):
-            exited = torch.ones_like(rows, dtype=torch.bool) if leave is None else leave
-            yield AnytimeStep(layer, rows, logits, exited, costs[layer])
+        return self._anytime(x, threshold, keep_rate)
 
     # --- whole-batch paths: every exit, features, train mode ----------------------------------------------------
 
@@ -494,15 +289,7 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
         if self.training:
             return self._soft_pass(x, grad_scale)[1]
         rate = self.keep_rate if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
-        counts, mu, sigma = self._plan(rate, self._num_patches(x))
-        tokens, rope = self._embed(x)
-        state: _State = (tokens, None, None)
-        outputs, start = [], 0
-        for layer in self.exit_layers:
-            state = self._run_blocks(state, rope, start, layer, counts, mu, sigma)
-            outputs.append(self._exit_logits(layer, state[0]))
-            start = layer
-        return outputs
+        return [step.logits for step in self._walker(self._img_size(x), None, None, rate, every_head=True).anytime(x)]
 
     @torch.jit.unused
     def forward_features(self, x: torch.Tensor, keep_rate: Optional[float] = None) -> torch.Tensor:
@@ -511,11 +298,9 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
         if self.training:
             return self.norm(self._soft_pass(x, heads=False)[0])
         rate = self.keep_rate if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
-        counts, mu, sigma = self._plan(rate, self._num_patches(x))
-        if counts[-1] == counts[0]:
+        if rate >= 1.:
             return super().forward_features(x)
-        tokens, rope = self._embed(x)
-        return self.norm(self._run_blocks((tokens, None, None), rope, 0, self.depth, counts, mu, sigma)[0])
+        return self._slim_tokens(x, *self._plan(rate, self._num_patches(x)), [])[0]
 
     def forward(
             self,
@@ -558,20 +343,6 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
         threshold, budget = self._resolve(threshold, budget, defaults)
         keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
         return self._dynamic(x, threshold, budget, None, keep_rate).logits
-
-
-class _PieceView:
-    """Read access to counted pieces: ``('block', i, n)``, ``('exit', layer, n)``, ``('life', n)``, ``'embed'``."""
-
-    def __init__(self, store: Dict[Any, Any]) -> None:
-        self.store = store
-
-    def __getitem__(self, key: Any) -> int:
-        if key == 'embed':
-            return self.store['embed']
-        if key[0] == 'life':
-            return self.store[key]
-        return self.store[(key[0], key[2])][key[1]]
 
 
 @register_adapted

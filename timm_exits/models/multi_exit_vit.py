@@ -18,7 +18,7 @@ a call raise (they would replay the example batch's exits); full depth and a bud
 import math
 import time
 from numbers import Real
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -31,43 +31,27 @@ from timm.models.vision_transformer import VisionTransformer, init_weights_vit_t
 
 from ..losses import attach_exit_losses, scale_gradient
 from ._base import (
-    NewPartsMixin, add_block_group, check_fraction, count_flops, is_fx_tracing, pop_kwargs, tracing_tool,
+    NewPartsMixin, add_block_group, check_fraction, is_fx_tracing, pop_kwargs, tracing_tool,
 )
 from ._build import build_family, register_twins
+from ._costs import schedule_costs
 from ._pretrained import explain_missing_weights, published_cfg
 from .adapters import EvaAdapter, VitAdapter, register_adapted
 from .exit_heads import EXIT_HEADS, create_exit_head
+from .walker import CRITERIA, AnytimeStep, ExitCriterion, ExitOutput, ExitWalker, criterion
 
 __all__ = [
     'EXIT_CRITERIA', 'AnytimeStep', 'ExitOutput', 'MultiExitEva', 'MultiExitMixin', 'MultiExitVisionTransformer',
     'default_exit_layers',
 ]
 
-EXIT_CRITERIA = ('confidence', 'entropy', 'uncertainty')
+EXIT_CRITERIA = tuple(CRITERIA)  # the built-in criteria (a registered one joins CRITERIA)
 _KEYS = {layer: str(layer) for layer in range(1, 257)}  # module keys of exits: no str() in a graph torch.compile traces
 
 
 def _key(layer: int) -> str:
     """Key of the exit after block ``layer`` in ``exits`` / ``uncertainty``."""
     return _KEYS.get(layer) or str(layer)
-
-
-class ExitOutput(NamedTuple):
-    """Result of ``forward_dynamic``: per image, logits, 1-based block after which it exited, share of full FLOPs."""
-    logits: torch.Tensor
-    exit_layer: torch.Tensor
-    cost: torch.Tensor
-
-
-class AnytimeStep(NamedTuple):
-    """One exit of ``forward_anytime``: the block it follows, the images still running there (``rows``, indices into
-    the batch) with that exit's ``logits``, which of them leave here (``exited``: their criterion passed, or the final
-    exit), and the share of full FLOPs an image has spent on reaching this answer (every head on the way)."""
-    exit_layer: int
-    rows: torch.Tensor
-    logits: torch.Tensor
-    exited: torch.Tensor
-    cost: float
 
 
 def default_exit_layers(depth: int) -> Tuple[int, ...]:
@@ -110,7 +94,8 @@ def _classifier_names(depth: int, exit_layers: Sequence[int]) -> Tuple[str, ...]
 class MultiExitMixin(NewPartsMixin):
     """Early exits after chosen blocks and per-image dynamic inference, on any parent class through its adapter
     (``MultiExitVisionTransformer``, ``MultiExitEva``; ``timm_exits.convert`` for a model already built)."""
-    __jit_unused_properties__ = ['full_flops', 'exit_costs', 'threshold_costs', 'worst_case_threshold_cost']
+    __jit_unused_properties__ = [
+        'full_flops', 'exit_costs', 'threshold_costs', 'worst_case_threshold_cost', 'criterion']
     __jit_ignored_attributes__ = ['_flops']
     new_prefixes = ('exits.', 'uncertainty.')
     new_parts_name = 'exit heads'
@@ -158,8 +143,8 @@ class MultiExitMixin(NewPartsMixin):
             raise ValueError(
                 f'exit_head must be one name or one per intermediate exit ({len(layers)} for exit_layers={layers}), '
                 f'got {len(heads)}: {heads}')
-        if exit_criterion not in EXIT_CRITERIA:
-            raise ValueError(f'exit_criterion={exit_criterion!r} is not known; allowed: {list(EXIT_CRITERIA)}')
+        if exit_criterion not in CRITERIA:
+            raise ValueError(f'exit_criterion={exit_criterion!r} is not known; allowed: {list(CRITERIA)}')
         exit_drop_rate = check_fraction('exit_drop_rate', exit_drop_rate, high_open=True, allow_none=False)
         fixed = sorted({h for h in heads if EXIT_HEADS.get(h) is not None and EXIT_HEADS[h].fixed_grid})
         if fixed and self.dynamic_img_size:
@@ -202,9 +187,9 @@ class MultiExitMixin(NewPartsMixin):
         self.uncertainty = nn.ModuleDict({str(layer): self._make_uncertainty(**dd) for layer in self.exit_layers})
         self._init_exits()
         self.train(self.training)  # a converted model's new parts follow its mode
-        self._flops: Dict[Tuple[int, int], Dict[str, Any]] = {}
+        self._flops: Dict[Any, Any] = {}
         if self.budget is not None:  # a default budget no exit fits fails now, not at the first forward
-            self._stop_layer(self.budget, self.threshold is not None)
+            self._stop_layer(self.budget)
 
     # --- construction helpers -------------------------------------------------------------------------------------
 
@@ -278,22 +263,15 @@ class MultiExitMixin(NewPartsMixin):
     def exit_scores(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
         """Per image, the value ``exit_criterion`` compares with the threshold (max softmax, normalised entropy or
         uncertainty)."""
-        return self._scores(logits, self.uncertainty[_key(layer)])
+        return self.criterion.scores(logits, self.uncertainty[_key(layer)])
 
-    def _scores(self, logits: torch.Tensor, uncertainty: nn.Module) -> torch.Tensor:
-        if self.exit_criterion == 'uncertainty':
-            return torch.sigmoid(uncertainty(logits).squeeze(-1))
-        probs = logits.float().softmax(-1)
-        if self.exit_criterion == 'confidence':
-            return probs.amax(-1)
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-        return entropy / math.log(max(probs.shape[-1], 2))
-
-    def _leaves(self, scores: torch.Tensor, threshold: float) -> torch.Tensor:
-        return scores >= threshold if self.exit_criterion == 'confidence' else scores <= threshold
+    @property
+    def criterion(self) -> ExitCriterion:
+        """The ``exit_criterion`` object: its scores, its decision and its per-image state."""
+        return criterion(self.exit_criterion)
 
     def _exits_now(self, layer: int, logits: torch.Tensor, threshold: float) -> torch.Tensor:
-        return self._leaves(self.exit_scores(layer, logits), threshold)
+        return self.criterion.leaves(self.exit_scores(layer, logits), threshold)
 
     def _run_block(self, i: int, x: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
         blk, rope = self.blocks[i], self._block_rope(rope, i)
@@ -321,42 +299,29 @@ class MultiExitMixin(NewPartsMixin):
 
     # --- compute accounting -----------------------------------------------------------------------------------
 
-    def _count_flops(self, img_size: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
-        """FLOPs of each piece for one image at ``img_size`` (default: the model's), by torch's flop counter; cached
-        per size. A cached lookup traces into a compiled graph; counting (the first call) runs eagerly."""
-        img_size = tuple(self.patch_embed.img_size) if img_size is None else tuple(img_size)
-        return self._flops.get(img_size) or self._counted_flops(img_size)
+    def _size(self, img_size: Optional[Sequence[int]] = None) -> Tuple[int, int]:
+        return tuple(self.patch_embed.img_size) if img_size is None else tuple(int(v) for v in img_size)
 
-    @torch.compiler.disable  # counted eagerly, outside any graph being compiled
-    def _counted_flops(self, img_size: Tuple[int, int]) -> Dict[str, Any]:
-        ref = next(self.parameters())
-        x = torch.zeros(1, self.patch_embed.proj.in_channels, *img_size, device=ref.device, dtype=ref.dtype)
-        grid = self._grid_size(x)
-        flops: Dict[str, Any] = {'blocks': [], 'exits': {}}
-        flops['embed'], (x, rope) = count_flops(self._embed, x)
-        for i, blk in enumerate(self.blocks):
-            f, x_next = count_flops(self._apply_block, blk, x, self._block_rope(rope, i), None)
-            flops['blocks'].append(f)
-            layer = i + 1
-            if layer in self.exit_layers:
-                f_head, logits = count_flops(self._exit_logits, layer, x_next, grid)
-                f_unc = 0
-                if self.exit_criterion == 'uncertainty' and layer != self.depth:
-                    f_unc, _ = count_flops(self.exit_uncertainty, layer, logits)
-                flops['exits'][layer] = f_head + f_unc
-            x = x_next
-        flops['full'] = flops['embed'] + sum(flops['blocks']) + flops['exits'][self.depth]
-        layers = self.exit_layers
-        flops['costs'] = tuple(self._path_cost(flops, layer, (layer,)) for layer in layers)
-        flops['threshold_costs'] = tuple(
-            self._path_cost(flops, layer, layers[:k + 1]) for k, layer in enumerate(layers))
-        self._flops[img_size] = flops
-        return self._flops[img_size]
+    def _patches_at(self, img_size: Tuple[int, int]) -> int:
+        """Patches of an image of ``img_size`` (the model's count unless ``dynamic_img_size``)."""
+        if self.dynamic_img_size:
+            h, w = self.patch_embed.dynamic_feat_size(img_size)
+            return h * w
+        return self.patch_embed.num_patches
 
-    @staticmethod
-    def _path_cost(f: Dict[str, Any], layer: int, heads: Sequence[int]) -> float:
-        """Share of full FLOPs for running to ``layer`` and evaluating the exits ``heads`` on the way."""
-        return (f['embed'] + sum(f['blocks'][:layer]) + sum(f['exits'][h] for h in heads)) / f['full']
+    def _schedule(self, keep_rate: Optional[float], img_size: Tuple[int, int]) -> Tuple[List[int], float, float]:
+        """Patches per block at ``keep_rate`` and the target mean and std of the lives (every patch here)."""
+        return [self._patches_at(img_size)] * self.depth, 0., 1.
+
+    def _count_flops(self, img_size: Optional[Tuple[int, int]] = None,
+                     keep_rate: Optional[float] = None) -> Dict[str, Any]:
+        """Costs of one image at ``img_size`` and ``keep_rate`` (defaults: the model's), torch's flop counter on the
+        pieces (``_costs.schedule_costs``): ``full`` (the parent's FLOPs), ``costs`` and ``threshold_costs`` per exit
+        as shares of it, the schedule ``counts``. A cached lookup traces into a compiled graph; counting runs
+        eagerly."""
+        img_size = self._size(img_size)
+        counts = tuple(self._schedule(keep_rate, img_size)[0])
+        return self._flops.get(('schedule', img_size, counts)) or schedule_costs(self, img_size, counts)
 
     @property
     def full_flops(self) -> int:
@@ -402,16 +367,43 @@ class MultiExitMixin(NewPartsMixin):
         """Deepest exit whose cost fits ``budget``: with ``threshold_path`` the cost of reaching it through every
         earlier exit head (``threshold_costs``), else blocks plus its own head (``exit_costs``). Either way no image
         spends more than the budget."""
+        return self._plan_budget(budget, None, threshold_path, img_size)[1]
+
+    def _plan_budget(self, budget: Optional[float], keep_rate: Optional[float], threshold_path: bool = False,
+                     img_size: Optional[Tuple[int, int]] = None) -> Tuple[float, int]:
+        """(keep rate, last exit) of a call on checked arguments: every patch, the deepest exit whose cost fits."""
+        if keep_rate is not None:
+            raise ValueError(f'keep_rate={keep_rate:g} applies to a model with patch slimming (<parent>_mexit_'
+                             f'liferegress); {type(self).__name__} runs every patch (keep_rate must be None)')
         if budget is None:
-            return self.depth
+            return 1., self.depth
         flops = self._count_flops(img_size)
         costs = flops['threshold_costs'] if threshold_path else flops['costs']
         fits = [layer for layer, cost in zip(self.exit_layers, costs) if cost <= budget + 1e-9]
         if not fits:
+            cost, layer = min(zip(costs, self.exit_layers))
             raise ValueError(
-                f'budget={budget:g} is below the cheapest exit (block {self.exit_layers[0]}, cost {costs[0]:.4f} of '
-                f'the full model); allowed: {costs[0]:.4f} <= budget <= 1')
-        return fits[-1]
+                f'budget={budget:g} is below the cheapest exit (block {layer}, cost {cost:.4f} of the full model); '
+                f'allowed: {cost:.4f} <= budget <= 1')
+        return 1., fits[-1]
+
+    def _walk_plan(
+            self,
+            threshold: Optional[float],
+            budget: Optional[float],
+            keep_rate: Optional[float],
+            img_size: Tuple[int, int],
+    ) -> Tuple[Optional[float], float, int]:
+        """(threshold, keep rate, last exit) of a call on checked arguments. With a threshold and a budget the last
+        exit checked is the deepest whose threshold path (every head on the way) fits; when no threshold path fits,
+        the budget alone decides: the threshold is dropped, no earlier head runs, every image answers at the deepest
+        exit whose own cost fits (an error only when none does)."""
+        if threshold is not None and budget is not None:
+            try:
+                return (threshold, *self._plan_budget(budget, keep_rate, True, img_size))
+            except ValueError:  # no threshold path fits: the budget alone decides
+                threshold = None
+        return (threshold, *self._plan_budget(budget, keep_rate, False, img_size))
 
     # --- forward ------------------------------------------------------------------------------------------------
 
@@ -446,7 +438,8 @@ class MultiExitMixin(NewPartsMixin):
             budget: Share (0, 1] of the parent's FLOPs (default: the model's ``budget``), a ceiling on every image's
                 ``cost``: alone, the blocks plus the answering exit's head (``exit_costs``); with a threshold, the
                 exit heads evaluated on the way count too (``threshold_costs``), so the last exit checked is the
-                deepest whose threshold path fits.
+                deepest whose threshold path fits. When no threshold path fits, the budget alone decides (the deepest
+                exit whose own cost fits, no earlier head evaluated).
             deadline_ms: Anytime inference (001_*.txt): milliseconds from this call after which every image still
                 running answers at the first exit reached (``exit_layer`` says which); exits before it are skipped
                 without evaluating their heads unless a threshold needs them.
@@ -459,15 +452,39 @@ class MultiExitMixin(NewPartsMixin):
             RuntimeError: A threshold or deadline under ``torch.jit.trace``, ``torch.onnx.export`` or
                 ``torch.export``, which would record one batch's exits and replay them for every input.
         """
+        return self._forward_dynamic(x, threshold, budget, None, deadline_ms)
+
+    def _forward_dynamic(
+            self,
+            x: torch.Tensor,
+            threshold: Optional[float],
+            budget: Optional[float],
+            keep_rate: Optional[float],
+            deadline_ms: Optional[float],
+    ) -> ExitOutput:
+        """``forward_dynamic`` of every family: defaults applied, arguments checked, the deadline started."""
+        threshold, budget, keep_rate, deadline = self._call_args(threshold, budget, keep_rate, deadline_ms)
+        return self._dynamic(x, threshold, budget, deadline, keep_rate)
+
+    def _call_args(
+            self,
+            threshold: Optional[float],
+            budget: Optional[float],
+            keep_rate: Optional[float],
+            deadline_ms: Optional[float],
+    ) -> Tuple[Optional[float], Optional[float], Optional[float], Optional[float]]:
+        """Checked (threshold, budget, keep rate, deadline in ``time.perf_counter()`` seconds) of a call, the model's
+        defaults applied; a tracer refuses a deadline."""
         start = time.perf_counter()
         threshold, budget = self._resolve(threshold, budget)
-        if deadline_ms is not None:
-            if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, Real) or not deadline_ms >= 0 \
-                    or math.isinf(deadline_ms):
-                raise ValueError(
-                    f'deadline_ms must be a finite number of milliseconds >= 0 or None, got {deadline_ms!r}')
-            self._refuse_tracing(threshold, deadline_ms)
-        return self._dynamic(x, threshold, budget, None if deadline_ms is None else start + deadline_ms / 1e3)
+        keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        if deadline_ms is None:
+            return threshold, budget, keep_rate, None
+        if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, Real) or not deadline_ms >= 0 \
+                or math.isinf(deadline_ms):
+            raise ValueError(f'deadline_ms must be a finite number of milliseconds >= 0 or None, got {deadline_ms!r}')
+        self._refuse_tracing(threshold, deadline_ms)
+        return threshold, budget, keep_rate, start + deadline_ms / 1e3
 
     @torch.jit.unused
     def forward_anytime(self, x: torch.Tensor, threshold: Optional[float] = None) -> Iterator[AnytimeStep]:
@@ -484,28 +501,53 @@ class MultiExitMixin(NewPartsMixin):
             ``AnytimeStep(exit_layer, rows, logits, exited, cost)`` for each exit in ``exit_layers`` order, until no
             image is left; the last one is the final classifier's.
         """
-        threshold, _ = self._resolve(threshold, None)
+        return self._anytime(x, threshold, None)
+
+    def _anytime(self, x: torch.Tensor, threshold: Optional[float], keep_rate: Optional[float]
+                 ) -> Iterator[AnytimeStep]:
+        threshold, _, keep_rate, _ = self._call_args(threshold, None, keep_rate, None)
         if self.num_classes <= 0:
             raise ValueError('forward_anytime needs a classifier: the model was built or reset with num_classes=0')
         self._refuse_tracing(threshold)
-        img_size = self._img_size(x)
-        costs = dict(zip(self.exit_layers, self._count_flops(img_size)['threshold_costs']))
-        grid = self._grid_size(x)
-        x, rope = self._embed(x)
-        ropes = [self._block_rope(rope, i) for i in range(self.depth)]
-        rows, start, blocks = torch.arange(x.shape[0], device=x.device), 0, list(self.blocks)
-        for layer in self.exit_layers:
-            key, final = _key(layer), layer == self.depth
-            x, logits, leave = self._segment(x, blocks[start:layer], ropes[start:layer],
-                                             None if final else self.exits[key], self.uncertainty[key], grid,
-                                             None if final else threshold)
-            exited = torch.full_like(rows, final, dtype=torch.bool) if leave is None else leave
-            yield AnytimeStep(layer, rows, logits, exited, costs[layer])
-            if final or bool(exited.all()):
-                return
-            if bool(exited.any()):
-                rows, x = rows[~exited], x[~exited]
-            start = layer
+        yield from self._walker(self._img_size(x), threshold, None, keep_rate, every_head=True).anytime(x)
+
+    @torch.jit.unused
+    def exit_walker(
+            self,
+            threshold: Optional[float] = None,
+            budget: Optional[float] = None,
+            keep_rate: Optional[float] = None,
+            img_size: Optional[Sequence[int]] = None,
+            deadline_ms: Optional[float] = None,
+    ) -> ExitWalker:
+        """The per-image walk of ``forward_dynamic(x, threshold, budget[, keep_rate])`` for images of ``img_size``
+        (default: the model's), to drive step by step: ``start(x, rows)`` embeds images, ``step(state)`` runs the next
+        segment and returns who leaves with their answers and the state of who goes on (``timm_exits.models.walker``).
+        The model's defaults apply; ``keep_rate`` needs a model with slimming; ``deadline_ms`` counts from this call.
+        """
+        threshold, budget, keep_rate, deadline = self._call_args(threshold, budget, keep_rate, deadline_ms)
+        if self.num_classes <= 0:
+            raise ValueError('exit_walker needs a classifier: the model was built or reset with num_classes=0')
+        self._refuse_tracing(threshold)
+        return self._walker(self._size(img_size), threshold, budget, keep_rate, deadline)
+
+    def _walker(
+            self,
+            img_size: Tuple[int, int],
+            threshold: Optional[float],
+            budget: Optional[float],
+            keep_rate: Optional[float] = None,
+            deadline: Optional[float] = None,
+            every_head: bool = False,
+    ) -> ExitWalker:
+        """The walk of a call on checked arguments (``deadline`` in ``time.perf_counter()`` seconds)."""
+        threshold, rate, stop = self._walk_plan(threshold, budget, keep_rate, img_size)
+        flops = self._count_flops(img_size, rate)  # counted once, outside compiled code
+        costs = flops['threshold_costs'] if threshold is not None or every_head else flops['costs']
+        counts, mu, sigma = self._schedule(rate, img_size)
+        grid = self.patch_embed.dynamic_feat_size(img_size) if self.dynamic_img_size else None
+        return ExitWalker(self, threshold, stop, dict(zip(self.exit_layers, costs)), counts, mu, sigma, deadline,
+                          every_head, grid, img_size)
 
     def _refuse_tracing(self, threshold: Optional[float], deadline_ms: Optional[float] = None) -> None:
         tool = tracing_tool()
@@ -524,132 +566,60 @@ class MultiExitMixin(NewPartsMixin):
             threshold: Optional[float],
             budget: Optional[float],
             deadline: Optional[float] = None,
+            keep_rate: Optional[float] = None,
     ) -> ExitOutput:
         """``forward_dynamic`` on checked arguments (no defaults applied here); ``deadline`` in
         ``time.perf_counter()`` seconds."""
         if self.num_classes <= 0:
             raise ValueError('forward_dynamic needs a classifier: the model was built or reset with num_classes=0')
         self._refuse_tracing(threshold)
-        img_size = self._img_size(x)
-        flops = self._count_flops(img_size)  # counted once, outside compiled code
-        stop = self._stop_layer(budget, threshold is not None, img_size)
-        grid = self._grid_size(x)
-        batch = x.shape[0]
-        x, rope = self._embed(x)
-        if threshold is None and deadline is None:  # one path for every image: tracers record it faithfully
-            for i in range(stop):
-                x = self._apply_block(self.blocks[i], x, self._block_rope(rope, i), None)
-            logits = self._exit_logits(stop, x, grid)
-            cost = flops['costs'][self.exit_layers.index(stop)]
-            return ExitOutput(
-                logits,
-                torch.full((batch,), stop, dtype=torch.long, device=x.device),
-                torch.full((batch,), cost, dtype=torch.float32, device=x.device),
-            )
-        costs = flops['costs'] if threshold is None else flops['threshold_costs']  # heads evaluated on the way
-        ropes = [self._block_rope(rope, i) for i in range(self.depth)]
-        return self._per_image(x, ropes, threshold, stop, grid, dict(zip(self.exit_layers, costs)), deadline)
-
-    @torch._dynamo.disable(recursive=False)  # the host-side loop stays eager; torch.compile compiles each _segment
-    def _per_image(
-            self,
-            x: torch.Tensor,
-            ropes: List[Optional[torch.Tensor]],
-            threshold: Optional[float],
-            stop: int,
-            grid: Optional[Tuple[int, int]],
-            costs: Dict[int, float],
-            deadline: Optional[float] = None,
-    ) -> ExitOutput:
-        """Per-image early exit of embedded tokens x up to exit ``stop``, every image still running answering at the
-        first exit reached after ``deadline`` (``time.perf_counter()`` seconds). Under torch.compile each segment
-        between exits is one graph (segments alike share it; the batch dimension is dynamic from the start, so new
-        batch sizes compile nothing new) and the exit decision (``_route``) is the only host sync."""
-        batch = x.shape[0]
-        out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-        rows: Optional[torch.Tensor] = torch.arange(batch, device=x.device)
-        start, blocks = 0, list(self.blocks)
-        for layer in self.exit_layers:
-            if layer > stop:
-                break
-            key = _key(layer)
-            head, uncertainty = None if layer == self.depth else self.exits[key], self.uncertainty[key]
-            torch._dynamo.decorators.mark_unbacked(x, 0)  # torch.compile: one graph for any number of images running
-            if threshold is None:  # a deadline alone: the blocks, then a head only where the images answer
-                x = self._segment(x, blocks[start:layer], ropes[start:layer], head, uncertainty, grid, None,
-                                  with_head=False)[0]
-                start = layer
-                if layer != stop and time.perf_counter() < deadline:
-                    continue
-                x, logits, leave = self._segment(x, [], [], head, uncertainty, grid, None)
-            else:
-                x, logits, leave = self._segment(x, blocks[start:layer], ropes[start:layer], head, uncertainty, grid,
-                                                 None if layer == stop else threshold)
-                if deadline is not None and time.perf_counter() >= deadline:
-                    leave = None  # the deadline passed: every image still running answers here
-            out, rows, x = self._route(out, rows, x, logits, leave, layer, costs[layer], batch)
-            if rows is None:
-                break
-            start = layer
-        if out is None:  # stop == 0 cannot happen (exits follow blocks >= 1); keeps the type checker honest
-            raise RuntimeError('no exit evaluated')
-        return ExitOutput(*out)
+        return self._walker(self._img_size(x), threshold, budget, keep_rate, deadline).run(x)
 
     def _segment(
             self,
             x: torch.Tensor,
+            lives: Optional[torch.Tensor],
+            kept: Optional[torch.Tensor],
             blocks: List[nn.Module],
             ropes: List[Optional[torch.Tensor]],
+            counts: Optional[List[int]],
+            life_at: int,
+            mu: float,
+            sigma: float,
             exit_head: Optional[nn.Module],
             uncertainty: nn.Module,
             grid: Optional[Tuple[int, int]],
             threshold: Optional[float],
+            state: Optional[torch.Tensor],
             with_head: bool = True,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """The work between two exit decisions, one graph under torch.compile: ``blocks`` (block i gets rotary
-        embedding ``ropes[i]``), then the exit
-        ``exit_head`` (None: the final norm and head; not run without ``with_head``) and which images its criterion
-        lets go (None without a threshold). Modules come as arguments, not block numbers, so that segments alike share
-        a compiled graph."""
-        for blk, rope in zip(blocks, ropes):
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor],
+               Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The work between two exit decisions, one graph under torch.compile: ``blocks`` (block i gets the rotary
+        rows ``ropes[i]`` of the patches kept), then the exit ``exit_head`` (None: the final norm and head; not run
+        without ``with_head``) and which images the criterion lets go (None without a threshold).
+
+        With slimming (``counts``: patches per block) the lives are predicted before block ``life_at`` (eqs. 1-3,
+        003_*.txt) and before each block every image keeps its n_t patches of longest life (Property 1), their
+        positions in the full grid in ``kept``. Modules come as arguments, not block numbers, so that segments alike
+        share a compiled graph. Returns (tokens, lives, kept, logits, leave, criterion state)."""
+        npt = self.num_prefix_tokens
+        for j, (blk, rope) in enumerate(zip(blocks, ropes)):
+            if counts is not None:
+                if j == life_at:
+                    lives = self.life(x, npt, mu, sigma)
+                if lives is not None and x.shape[1] - npt > counts[j]:
+                    x, lives, idx = self._keep_longest(x, lives, counts[j])
+                    kept = idx if kept is None else kept.gather(1, idx)
+            if kept is not None:
+                rope = self._keep_block_rope(rope, kept)
             x = self._apply_block(blk, x, rope, None)
         if not with_head:
-            return x, None, None
+            return x, lives, kept, None, None, state
         logits = self.forward_head(self.norm(x)) if exit_head is None else exit_head(x, grid_size=grid)
-        return x, logits, None if threshold is None else self._leaves(self._scores(logits, uncertainty), threshold)
-
-    @staticmethod
-    @torch.compiler.disable  # the one host sync of an exit: under torch.compile, one graph break per exit checked
-    def _route(
-            out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-            rows: torch.Tensor,
-            x: torch.Tensor,
-            logits: torch.Tensor,
-            leave: Optional[torch.Tensor],
-            layer: int,
-            cost: float,
-            batch: int,
-    ) -> Tuple[Tuple[torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Write the answers of the images that leave after block ``layer`` (``leave`` None: all of them) into
-        ``out`` (logits, exit layer, cost; allocated at the first exit, in the logits' dtype: autocast) and return the
-        rows and tokens of the images that go on (None, None when none does)."""
-        if out is None:
-            out = (logits.new_empty(batch, logits.shape[-1]),
-                   torch.full((batch,), layer, dtype=torch.long, device=logits.device),
-                   torch.empty(batch, dtype=torch.float32, device=logits.device))
-        logits_out, exit_out, cost_out = out
-        logits = logits.to(logits_out.dtype)
-        if leave is None:
-            logits_out[rows], exit_out[rows], cost_out[rows] = logits, layer, cost
-            return out, None, None
-        if bool(leave.any()):
-            gone = rows[leave]
-            logits_out[gone], exit_out[gone], cost_out[gone] = logits[leave], layer, cost
-            stay = ~leave
-            if not bool(stay.any()):
-                return out, None, None
-            rows, x = rows[stay], x[stay]
-        return out, rows, x
+        leave = None
+        if threshold is not None:
+            leave, state = self.criterion.decide(logits, uncertainty, threshold, state)
+        return x, lives, kept, logits, leave, state
 
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
         """Final logits with the exits' MEViT losses tied into their backward (see ``timm_exits.losses``).

@@ -30,6 +30,10 @@ class ParentAdapter:
         """The rotary embedding of the patches at positions ``keep`` (B, n) of the full grid, per image."""
         return rope
 
+    def _keep_block_rope(self, rope: Optional[torch.Tensor], keep: torch.Tensor) -> Optional[torch.Tensor]:
+        """The rotary embedding one block receives (``_block_rope``) for the patches at positions ``keep`` (B, n)."""
+        return rope
+
     def _apply_block(
             self,
             blk: nn.Module,

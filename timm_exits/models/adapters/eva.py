@@ -36,6 +36,15 @@ class EvaAdapter(ParentAdapter):
             return rope[:, :, keep].transpose(1, 2)
         return rope[keep].unsqueeze(1)
 
+    def _keep_block_rope(self, rope: Optional[torch.Tensor], keep: torch.Tensor) -> Optional[torch.Tensor]:
+        """One block's rows of the kept patches, as ``_block_rope(_keep_rope(rope, keep), i)``: (N, dim) -> (B, 1, n,
+        dim); mixed, per block (heads, N, dim) -> (B, heads, n, dim)."""
+        if rope is None:
+            return None
+        if self.rope_mixed:
+            return rope[:, keep].transpose(0, 1)
+        return rope[keep].unsqueeze(1)
+
     def _apply_block(
             self,
             blk: nn.Module,

@@ -27,6 +27,9 @@ class VitAdapter(ParentAdapter):
     def _keep_rope(self, rope: Optional[torch.Tensor], keep: torch.Tensor) -> Optional[torch.Tensor]:
         return None
 
+    def _keep_block_rope(self, rope: Optional[torch.Tensor], keep: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
+
     def _apply_block(
             self,
             blk: nn.Module,
