@@ -48,28 +48,6 @@ TRAIN_ARGS = [
 ]
 
 
-def write_digits(root: str, num_val: int = 397, seed: int = 0) -> None:
-    """scikit-learn's digits as an ImageFolder (train / validation), 32 px grey PNGs; written once, atomically."""
-    if os.path.isdir(root):
-        return
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    digits = load_digits()
-    index = np.arange(len(digits.target))
-    train, val = train_test_split(index, test_size=num_val, stratify=digits.target, random_state=seed)
-    tmp = root + '.tmp'
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split, rows in (('train', train), ('validation', val)):
-        for i in rows:
-            folder = os.path.join(tmp, split, str(digits.target[i]))
-            os.makedirs(folder, exist_ok=True)
-            img = Image.fromarray((digits.images[i] * 255. / 16.).astype('uint8'), mode='L')
-            img.resize((32, 32), Image.BILINEAR).save(os.path.join(folder, f'{i:04d}.png'))
-    os.replace(tmp, root)
-
-
 def parse_arm(spec: str) -> Tuple[str, List[str]]:
     """``NAME`` or ``NAME=k=v;k=v`` -> (name, extra model kwargs)."""
     name, _, kwargs = spec.partition('=')
@@ -113,15 +91,16 @@ def evaluate_run(args: argparse.Namespace, arm: Tuple[str, List[str]], run_dir: 
     import torch
     import timm
     import timm_exits  # noqa: F401  (registers the models)
-    from timm.data import create_dataset, create_transform, resolve_data_config
-    from timm_exits.data import make_loader
+    from timm.data import create_dataset, create_transform
+    from timm_exits.data import make_loader, resolve_data_cfg
+    from timm_exits.models._checkpoint import read_checkpoint_args
     from timm_exits.evaluation import accuracies, collect_outputs
     name, extra = arm
     kwargs = dict(a.split('=', 1) for a in (SHARED_KWARGS if name == 'plain' else SHARED_KWARGS + EXIT_KWARGS + extra))
     kwargs = {k: _literal(v) for k, v in kwargs.items()}
     model = timm.create_model(PARENT if name == 'plain' else MEXIT, num_classes=10,
                               checkpoint_path=os.path.join(run_dir, 'last.pth.tar'), **kwargs)
-    config = resolve_data_config(dict(crop_pct=1., mean=(.5,) * 3, std=(.5,) * 3, img_size=32), model=model)
+    config = resolve_data_cfg(model, recorded=read_checkpoint_args(os.path.join(run_dir, 'last.pth.tar')))
     dataset = create_dataset('', root=args.data, split='validation', transform=create_transform(**config))
     correct = collect_outputs(model, make_loader(dataset, 256), torch.device('cpu'))['correct']
     accs = accuracies(correct)
@@ -238,7 +217,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         parser.error('--phases finetune starts from the plain arm\'s scratch checkpoints: add plain to --arms')
     args.work = os.path.abspath(args.work)
     args.data = os.path.join(args.work, 'data')
-    write_digits(args.data)
+    from timm_exits.data import write_digits_folder
+    write_digits_folder(args.data)
     phases = [p for p in ('scratch', 'finetune') if p in args.phases and (p == 'scratch' or args.finetune_epochs)]
     jobs: List[Dict[str, Any]] = []
     for phase in phases:

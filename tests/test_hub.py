@@ -44,6 +44,10 @@ EVAL = {
     'budgets': [{'budget': 0.6, 'accuracy': 51.25, 'mean_cost': 0.551}],
 }
 
+# timm train.py's preprocessing arguments of the pushed checkpoint (not the named model's pretrained cfg)
+TRAIN_PREPROCESSING = dict(mean=[0.25, 0.5, 0.75], std=[0.2, 0.3, 0.4], crop_pct=1.0, interpolation='bilinear',
+                           img_size=None, input_size=None)
+
 LOAD = r"""
 import json, sys, torch, timm, timm_exits
 x, threshold = torch.load(sys.argv[1]), float(sys.argv[2])
@@ -54,7 +58,9 @@ def load(name, **kwargs):
         dyn = model.forward_dynamic(x, threshold=threshold)
         return dict(logits=model(x).tolist(), dynamic=dyn.logits.tolist(), exits=dyn.exit_layer.tolist(),
                     layout=[list(model.exit_layers), model.exit_criterion],
-                    hub_id=model.pretrained_cfg.get('hf_hub_id'))
+                    hub_id=model.pretrained_cfg.get('hf_hub_id'),
+                    data={k: list(v) if isinstance(v, tuple) else v
+                          for k, v in timm.data.resolve_data_config(model=model).items()})
 for key, name in [('named', 'vit_mexit_named_tiny'), ('hub', 'hf-hub:fake-org/vit_mexit_named_tiny')] + [
         ('local', 'local-dir:' + p) for p in sys.argv[3:]]:
     out[key] = load(name)
@@ -113,7 +119,8 @@ def published(fake_hub, tmp_path_factory) -> Dict[str, Any]:
     torch.save(x, root / 'x.pt')
     torch.save({
         'epoch': 3, 'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()},
-        'args': argparse.Namespace(model=NAMED, model_kwargs={'exit_criterion': 'uncertainty'}, lr=0.01, epochs=3),
+        'args': argparse.Namespace(model=NAMED, model_kwargs={'exit_criterion': 'uncertainty'}, lr=0.01, epochs=3,
+                                   **TRAIN_PREPROCESSING),
     }, root / 'ckpt.pth.tar')
     (root / 'eval.json').write_text(json.dumps(EVAL))
     env = _env(fake_hub.url, root / 'cache')
@@ -420,3 +427,25 @@ def test_any_parent_twin_round_trip_with_parent_base_model(tmp_path):
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+
+
+def test_loaded_back_with_the_training_preprocessing(published):
+    """config.json's pretrained cfg holds train.py's mean, std, crop and interpolation: hf-hub: and local-dir: give
+    users the training transform through timm.data.resolve_data_config(model=...)."""
+    expected = dict(input_size=[3, 32, 32], interpolation='bilinear', mean=TRAIN_PREPROCESSING['mean'],
+                    std=TRAIN_PREPROCESSING['std'], crop_pct=1.0, crop_mode='center')
+    for key in ('hub', 'local'):
+        assert published['loaded'][key]['data'] == expected, key
+    assert 'mean (0.25, 0.5, 0.75) [checkpoint: train.py args]' in published['push'].stderr
+    card = (published['root'] / 'export' / 'README.md').read_text()
+    assert 'mean (0.25, 0.5, 0.75), std (0.2, 0.3, 0.4), crop_pct 1 (center, bilinear)' in card
+
+
+def test_push_refuses_an_evaluation_of_other_preprocessing(published, tmp_path):
+    evaluation = dict(EVAL, data_config=dict(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], crop_pct=1.0))
+    (tmp_path / 'eval.json').write_text(json.dumps(evaluation))
+    with pytest.raises(ValueError, match=r'was measured with mean=\[0.5, 0.5, 0.5\], std=\[0.5, 0.5, 0.5\], but the '
+                                         r'push records mean=\[0.25, 0.5, 0.75\], std=\[0.2, 0.3, 0.4\]'):
+        hub.push(published['root'] / 'ckpt.pth.tar', NAMED, evaluation=tmp_path / 'eval.json',
+                 local_dir=tmp_path / 'export', upload=False)
+    assert not (tmp_path / 'export').exists()

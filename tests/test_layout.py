@@ -35,7 +35,7 @@ ALLOWED: Dict[str, Set[str]] = {
     'runtime': set(),
     'train': MODELS | {'_files', 'data', 'evaluation', 'plots', 'tasks', 'benchmark'},
     'validate': MODELS | {'_files', 'data', 'evaluation', 'plots'},
-    'export': MODELS | {'_files', 'timm_exits'},  # the root for __version__
+    'export': MODELS | {'_files', 'data', 'timm_exits'},  # the root for __version__
     'benchmark_onnx': MODELS | {'_files', 'benchmark', 'export', 'runtime'},
     'hub': {'*'},
     'hub.*': {'*'},

@@ -107,7 +107,7 @@ def test_validate_cli_schema_and_threshold_choice(tmp_path):
                    str(tmp_path), '--workers', '0', '--latency-batch', '4'])
     assert json.loads((tmp_path / 'eval.json').read_text()) == result
     assert set(result) == {'model', 'dataset', 'num_images', 'exits', 'thresholds', 'budgets', 'plot',
-                           'worst_case_threshold_cost', 'budgeted_batch', 'budgeted_batch_chosen_on'}
+                           'worst_case_threshold_cost', 'budgeted_batch', 'budgeted_batch_chosen_on', 'data_config'}
     assert result['budgeted_batch_chosen_on'] == 'calibration split'
     assert all(r['mean_budget'] >= 0.3 for r in result['budgeted_batch'])
     assert result['worst_case_threshold_cost'] == pytest.approx(model.threshold_costs[-1])

@@ -80,7 +80,10 @@ def _assert_products_match_checkpoint(path: Path) -> None:
     assert _meta(path / 'model.safetensors') == {
         'model': 'test_vit_mexit',
         'model_kwargs': {'embed_dim': 16, 'img_size': 16, 'patch_size': 4, 'exit_criterion': 'confidence'},
-        'num_classes': 10, 'stage': state['stage'], 'epoch': state['epoch'], 'format': 1}
+        'num_classes': 10, 'stage': state['stage'], 'epoch': state['epoch'], 'format': 1,
+        'data_config': {'input_size': [3, 16, 16], 'interpolation': 'bicubic', 'mean': [.5, .5, .5],
+                        'std': [.5, .5, .5], 'crop_pct': 0.9, 'crop_mode': 'center'}}
+    assert state['data_config'] == _meta(path / 'model.safetensors')['data_config']
     assert state['recipe'] == dataclasses.asdict(RECIPE)
     assert set(json.loads((path / 'eval.json').read_text())) >= {'model', 'dataset', 'exits', 'plot'}
     assert (path / 'tradeoff.png').read_bytes()[:4] == b'\x89PNG'

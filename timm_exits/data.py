@@ -2,22 +2,236 @@
 
 ``digits`` (scikit-learn's bundled 8x8 digits, nothing downloaded), ``folder`` (an ImageFolder at ``data_dir/split``)
 or ``torch/<name>`` (torchvision: cifar10, cifar100, flowers102, stanford_cars, fgvc_aircraft, imagenet; downloads only
-when asked), transformed at the model's input size and normalisation.
+when asked), transformed with one resolution of the data config (``resolve_data_cfg``: input size, mean, std,
+crop_pct, crop_mode, interpolation): a command-line flag, else what the checkpoint records, else the model's pretrained
+cfg. validate, the recipes, export, hub push, fit and calibrate all read it, so a checkpoint is evaluated, exported and
+published with the preprocessing it was trained with.
 """
+import argparse
+import math
 import os
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from timm.data import create_transform, resolve_data_config
+from timm.data import create_transform
 
 __all__ = [
-    'TORCHVISION_DATASETS', 'DigitsDataset', 'available_cpus', 'build_transform', 'create_dataset', 'digits_augment',
-    'make_loader',
+    'CROP_MODES', 'DATA_CONFIG_KEYS', 'TORCHVISION_DATASETS', 'DataConfig', 'DigitsDataset', 'add_data_config_args',
+    'available_cpus', 'build_transform', 'check_data_config', 'create_dataset', 'data_config_flags',
+    'digits_augment', 'make_loader', 'recorded_data_config', 'resolve_data_cfg', 'write_digits_folder',
 ]
+
+DATA_CONFIG_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+CROP_MODES = ('center', 'squash', 'border')
+INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'box', 'hamming', 'lanczos', 'random')
+# timm train.py's preprocessing arguments (its ``args``), as its ``resolve_data_config(vars(args), model=model)`` reads
+TRAIN_PY_KEYS = ('img_size', 'input_size', 'mean', 'std', 'crop_pct', 'interpolation')
+SOURCE_FLAG, SOURCE_MODEL, SOURCE_CFG = 'command line', 'model', 'pretrained cfg'
+
+
+class DataConfig(dict):
+    """The resolved data config (timm's ``resolve_data_config`` keys, ``DATA_CONFIG_KEYS``; plus
+    ``crop_border_pixels`` when asked for) with ``sources``: where each value came from."""
+
+    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+        super().__init__(values)
+        self.sources = dict(sources)
+
+    def describe(self) -> str:
+        """One line: each value and its source, e.g. ``mean (0.5, 0.5, 0.5) [checkpoint: train.py args]``."""
+        return ', '.join(f'{k} {self[k]} [{self.sources.get(k, "?")}]' for k in self)
+
+    def record(self) -> Dict[str, Any]:
+        """JSON-ready values (what a checkpoint's metadata records and eval.json reports)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.items()}
+
+
+def add_data_config_args(parser: argparse.ArgumentParser) -> None:
+    """timm validate.py's preprocessing flags, with the same names and meanings; unset ones resolve from the
+    checkpoint's record, else the model's pretrained cfg (``resolve_data_cfg``)."""
+    group = parser.add_argument_group(
+        'preprocessing', 'timm validate.py\'s flags; unset: what the checkpoint records (timm train.py args or '
+        'timm_exits metadata), else the model\'s pretrained cfg')
+    group.add_argument('--img-size', type=int, default=None, metavar='N', help='input image size (square)')
+    group.add_argument('--input-size', type=int, nargs=3, default=None, metavar='N',
+                       help='input dimensions (d h w, e.g. --input-size 3 224 224)')
+    group.add_argument('--use-train-size', action='store_true',
+                       help="ignore the pretrained cfg's test_input_size / test_crop_pct")
+    group.add_argument('--crop-pct', type=float, default=None, metavar='N', help='centre crop share of the resize')
+    group.add_argument('--crop-mode', default=None, metavar='N', help=f'crop mode: {", ".join(CROP_MODES)}')
+    group.add_argument('--crop-border-pixels', type=int, default=None, metavar='N',
+                       help='trim this many pixels around the image before the resize')
+    group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='normalisation mean')
+    group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='normalisation std')
+    group.add_argument('--interpolation', default='', metavar='NAME',
+                       help=f'resize interpolation: {", ".join(INTERPOLATIONS)}')
+
+
+def data_config_flags(args: argparse.Namespace) -> Dict[str, Any]:
+    """The preprocessing flags ``add_data_config_args`` added that were given, as ``resolve_data_cfg`` overrides."""
+    out = {k: getattr(args, k, None) for k in ('img_size', 'input_size', 'mean', 'std', 'crop_pct', 'crop_mode',
+                                                  'crop_border_pixels')}
+    out['interpolation'] = getattr(args, 'interpolation', '') or None
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _name(key: str, flags: bool) -> str:
+    return '--' + key.replace('_', '-') if flags else f'data_config[{key!r}]'
+
+
+def check_data_config(values: Mapping[str, Any], in_chans: int, flags: bool = True) -> Dict[str, Any]:
+    """Check and normalise data config overrides (flag names, or ``data_config[...]`` keys with ``flags=False``):
+    ``img_size`` becomes ``input_size``, a one-value mean / std is repeated per channel. Errors name the argument."""
+    known = (*DATA_CONFIG_KEYS, 'img_size', 'crop_border_pixels')
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise ValueError(f'data_config keys {unknown} are not known; allowed: {list(known)}')
+    out: Dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        name = _name(key, flags)
+        if key == 'img_size':
+            if not _is_int(value) or value < 1:
+                raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
+            out.setdefault('input_size', (in_chans, int(value), int(value)))
+        elif key == 'input_size':
+            if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(_is_int(v) and v >= 1 for v in value):
+                raise ValueError(f'{name} must be three integers >= 1 (channels, height, width), got {value!r}')
+            if int(value[0]) != in_chans:
+                raise ValueError(f'{name} {tuple(value)}: the model takes {in_chans} input channels')
+            out['input_size'] = tuple(int(v) for v in value)
+        elif key in ('mean', 'std'):
+            seq = list(value) if isinstance(value, (list, tuple)) else [value]
+            if len(seq) == 1:
+                seq = seq * in_chans
+            ok = len(seq) == in_chans and all(_is_number(v) for v in seq) and (key == 'mean' or min(seq) > 0)
+            if not ok:
+                allowed = 'numbers' if key == 'mean' else 'numbers > 0'
+                raise ValueError(f'{name} must be 1 or {in_chans} (one per input channel) {allowed}, got {value!r}')
+            out[key] = tuple(float(v) for v in seq)
+        elif key == 'crop_pct':
+            if not _is_number(value) or value <= 0:
+                raise ValueError(f'{name} must be a number > 0 (1: no crop), got {value!r}')
+            out[key] = float(value)
+        elif key == 'crop_mode':
+            if value not in CROP_MODES:
+                raise ValueError(f'{name} {value!r} is not known; allowed: {", ".join(CROP_MODES)}')
+            out[key] = value
+        elif key == 'interpolation':
+            if value not in INTERPOLATIONS:
+                raise ValueError(f'{name} {value!r} is not known; allowed: {", ".join(INTERPOLATIONS)}')
+            out[key] = value
+        else:  # crop_border_pixels
+            if not _is_int(value) or value < 0:
+                raise ValueError(f'{name} must be an integer >= 0, got {value!r}')
+            out[key] = int(value)
+    return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def recorded_data_config(recorded: Optional[Mapping[str, Any]]) -> Tuple[Dict[str, Any], str]:
+    """The data config a checkpoint records and the name of its source: ``data_config`` (timm_exits' recipes, fit
+    and calibrate write the whole resolution), or timm train.py's ``args`` (``TRAIN_PY_KEYS``, read as its
+    ``resolve_data_config(vars(args), model=model)`` does; its evaluation loader passes no crop mode, so the centre
+    crop). ``({}, '')`` when it records none."""
+    if not recorded:
+        return {}, ''
+    if isinstance(recorded.get('data_config'), dict):
+        cfg = recorded['data_config']
+        return {k: cfg[k] for k in (*DATA_CONFIG_KEYS, 'crop_border_pixels') if cfg.get(k) is not None}, \
+            'checkpoint: recorded data config'
+    if not any(k in recorded for k in TRAIN_PY_KEYS):
+        return {}, ''
+    out: Dict[str, Any] = {}
+    if recorded.get('input_size') is not None:
+        out['input_size'] = recorded['input_size']
+    elif recorded.get('img_size') is not None:
+        out['img_size'] = recorded['img_size']
+    for key in ('mean', 'std'):
+        if recorded.get(key) is not None:
+            out[key] = recorded[key]
+    for key in ('crop_pct', 'interpolation'):  # falsy values fall back, as in timm's resolve_data_config
+        if recorded.get(key):
+            out[key] = recorded[key]
+    out['crop_mode'] = recorded.get('crop_mode') or 'center'
+    return out, 'checkpoint: train.py args'
+
+
+def _model_input_size(model: nn.Module) -> Tuple[int, int, int]:
+    return (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+
+
+def resolve_data_cfg(
+        model: nn.Module,
+        overrides: Optional[Mapping[str, Any]] = None,
+        recorded: Optional[Mapping[str, Any]] = None,
+        use_train_size: bool = False,
+        flags: bool = True,
+) -> DataConfig:
+    """The one data config of every command: each value from ``overrides`` (command-line flags, or a recipe's
+    ``data_config``), else from what the checkpoint records (``recorded``: ``read_checkpoint``'s arguments, see
+    ``recorded_data_config``), else from the model's pretrained cfg (its test size / crop unless
+    ``use_train_size``), as timm's ``resolve_data_config`` does. The input size falls back to the model's own when
+    its pretrained cfg's size does not fit a model built at another ``img_size``.
+
+    Raises:
+        ValueError: a bad override or record, naming the flag (``flags``) or ``data_config`` key.
+    """
+    in_chans = _model_input_size(model)[0]
+    values: Dict[str, Any] = {}
+    sources: Dict[str, str] = {}
+    given = check_data_config(overrides or {}, in_chans, flags)
+    values.update(given)
+    sources.update({k: SOURCE_FLAG if flags else 'recipe' for k in given})
+    record, where = recorded_data_config(recorded)
+    try:
+        record = check_data_config(record, in_chans, flags=False)
+    except ValueError as e:
+        raise ValueError(f'the checkpoint records a bad data config ({where}): {e}') from e
+    for key, value in record.items():
+        if key not in values:
+            values[key], sources[key] = value, where
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    own = _model_input_size(model)
+    dynamic = getattr(model.patch_embed, 'dynamic_img_size', False)
+    if 'input_size' in values and tuple(values['input_size']) != own and not dynamic:
+        where = 'the command line (--img-size / --input-size)' if sources['input_size'] == SOURCE_FLAG else \
+            sources['input_size']
+        raise ValueError(
+            f'input size {tuple(values["input_size"])} from {where} does not fit the model, built for {own} without '
+            f'dynamic_img_size: create it with img_size={values["input_size"][-1]} (or dynamic_img_size=True)')
+    if 'input_size' not in values:
+        size = cfg.get('test_input_size') if not use_train_size and cfg.get('test_input_size') else cfg.get(
+            'input_size')
+        if size is not None and (tuple(size) == own or (dynamic and size[0] == in_chans)):
+            values['input_size'], sources['input_size'] = tuple(size), SOURCE_CFG
+        else:
+            values['input_size'], sources['input_size'] = own, f'{SOURCE_MODEL} (img_size)'
+    defaults = dict(interpolation='bicubic', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875,
+                    crop_mode='center')  # timm's defaults when a pretrained cfg has none
+    for key, default in defaults.items():
+        if key in values:
+            continue
+        value = cfg.get('test_crop_pct') if key == 'crop_pct' and not use_train_size else None
+        value = value or cfg.get(key)
+        if value:
+            values[key], sources[key] = (tuple(value) if isinstance(value, (list, tuple)) else value), SOURCE_CFG
+        else:
+            values[key], sources[key] = default, 'timm default'
+    order = [*DATA_CONFIG_KEYS, *(['crop_border_pixels'] if 'crop_border_pixels' in values else [])]
+    return DataConfig({k: values[k] for k in order}, sources)
 
 # torchvision class name and the constructor arguments of each split
 TORCHVISION_DATASETS: Dict[str, Tuple[str, Dict[str, Dict[str, Any]]]] = {
@@ -33,12 +247,14 @@ TORCHVISION_DATASETS: Dict[str, Tuple[str, Dict[str, Dict[str, Any]]]] = {
 class DigitsDataset(Dataset):
     """scikit-learn's bundled digits (1797 real 8x8 grey images, 10 classes; nothing downloaded), upsampled.
 
-    A fixed stratified split: 'train' 60 %, 'val' 20 %, 'test' 20 %. Images are (3, img_size, img_size) in [-1, 1]
-    (mean = std = 0.5 of the test models' cfgs). ``transform`` (tensor to tensor) augments them.
+    A fixed stratified split: 'train' 60 %, 'val' 20 %, 'test' 20 %. Images are (3, H, W) (``img_size``: an int or
+    (H, W)), grey levels in [0, 1] normalised with ``mean`` and ``std`` (default 0.5: [-1, 1], the test models'
+    cfgs). ``transform`` (tensor to tensor) augments them.
     """
     splits = ('train', 'val', 'test')
 
-    def __init__(self, split: str = 'train', img_size: int = 32, transform: Optional[Callable] = None) -> None:
+    def __init__(self, split: str = 'train', img_size: Any = 32, transform: Optional[Callable] = None,
+                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)) -> None:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
         if split not in self.splits:
@@ -49,8 +265,10 @@ class DigitsDataset(Dataset):
         val, test = train_test_split(rest, test_size=0.5, stratify=digits.target[rest], random_state=0)
         index = {'train': train, 'val': val, 'test': test}[split]
         images = torch.tensor(digits.images[index], dtype=torch.float32)[:, None] / 16.
-        images = F.interpolate(images, size=(img_size, img_size), mode='bilinear', align_corners=False)
-        self.images = ((images - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        images = F.interpolate(images, size=size, mode='bilinear', align_corners=False).expand(-1, len(mean), -1, -1)
+        mean_, std_ = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
+        self.images = ((images - mean_) / std_).contiguous()
         self.targets = torch.tensor(digits.target[index], dtype=torch.long)
         self.transform = transform
 
@@ -66,14 +284,15 @@ def build_transform(
         model: nn.Module,
         is_training: bool,
         resize_crop: int = 0,
+        data_config: Optional[Mapping[str, Any]] = None,
         **aug: Any,
 ) -> Callable:
-    """Image transform at the model's input size and normalisation: timm's ``create_transform`` (``aug`` are its
-    arguments), or with ``resize_crop`` > 0 TransFG's: resize to ``resize_crop`` square, random (eval: centre) crop
-    and flip, the augmentation MEViT follows (3.1, 000_*.txt)."""
+    """Image transform of ``data_config`` (default: ``resolve_data_cfg(model)``): timm's ``create_transform``
+    (``aug`` are its arguments), or with ``resize_crop`` > 0 TransFG's: resize to ``resize_crop`` square, random
+    (eval: centre) crop and flip, the augmentation MEViT follows (3.1, 000_*.txt)."""
     from torchvision import transforms as T
-    input_size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-    cfg = resolve_data_config({'input_size': input_size}, model=model)
+    cfg = dict(resolve_data_cfg(model) if data_config is None else data_config)
+    input_size = cfg['input_size']
     if resize_crop <= 0:
         return create_transform(**cfg, is_training=is_training, **aug)
     crop = T.RandomCrop(input_size[1:]) if is_training else T.CenterCrop(input_size[1:])
@@ -83,10 +302,11 @@ def build_transform(
         T.ToTensor(), T.Normalize(cfg['mean'], cfg['std'])])
 
 
-def digits_augment() -> Callable:
-    """Light augmentation for the digits tensors: shifts of up to 10 % and small rotations."""
+def digits_augment(fill: Any = -1.) -> Callable:
+    """Light augmentation for the digits tensors: shifts of up to 10 % and small rotations; ``fill`` is black after
+    the normalisation (per channel: -mean / std)."""
     from torchvision import transforms as T
-    return T.RandomAffine(degrees=10, translate=(0.1, 0.1), fill=-1.)
+    return T.RandomAffine(degrees=10, translate=(0.1, 0.1), fill=fill)
 
 
 def create_dataset(
@@ -96,15 +316,21 @@ def create_dataset(
         is_training: bool,
         data_dir: str = '',
         download: bool = False,
+        data_config: Optional[Mapping[str, Any]] = None,
         **transform_kwargs: Any,
 ) -> Dataset:
-    """Dataset ``name`` ('digits', 'folder', 'torch/<name>'), split ``split``, transformed for ``model``.
+    """Dataset ``name`` ('digits', 'folder', 'torch/<name>'), split ``split``, transformed for ``model`` with
+    ``data_config`` (default: ``resolve_data_cfg(model)``; digits: its input size, mean and std).
 
     Nothing downloads unless ``download`` is set (torchvision datasets that support it).
     """
+    cfg = resolve_data_cfg(model) if data_config is None else data_config
     if name == 'digits':
-        return DigitsDataset(split, model.patch_embed.img_size[0], digits_augment() if is_training else None)
-    transform = build_transform(model, is_training, **transform_kwargs)
+        mean, std = cfg['mean'], cfg['std']
+        fill = [-m / s for m, s in zip(mean, std)]
+        return DigitsDataset(split, tuple(cfg['input_size'][1:]), digits_augment(fill) if is_training else None,
+                             mean=mean, std=std)
+    transform = build_transform(model, is_training, data_config=cfg, **transform_kwargs)
     if name == 'folder':
         from torchvision.datasets import ImageFolder
         return ImageFolder(os.path.join(data_dir, split), transform=transform)
@@ -121,6 +347,31 @@ def create_dataset(
     if key != 'imagenet':
         kwargs['download'] = download
     return getattr(torchvision.datasets, cls_name)(data_dir, **kwargs)
+
+
+def write_digits_folder(root: str, num_val: int = 397, img_size: int = 32, seed: int = 0) -> None:
+    """scikit-learn's digits as an ImageFolder (``train`` / ``validation``, one folder per class, grey PNGs of
+    ``img_size`` px, a stratified split of ``num_val`` validation images); written once, atomically (a folder that
+    exists is kept)."""
+    import shutil
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    if os.path.isdir(root):
+        return
+    digits = load_digits()
+    train, val = train_test_split(np.arange(len(digits.target)), test_size=num_val, stratify=digits.target,
+                                  random_state=seed)
+    tmp = f'{root}.tmp{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, rows in (('train', train), ('validation', val)):
+        for i in rows:
+            folder = os.path.join(tmp, split, str(digits.target[i]))
+            os.makedirs(folder, exist_ok=True)
+            img = Image.fromarray((digits.images[i] * 255. / 16.).astype('uint8'), mode='L')
+            img.resize((img_size, img_size), Image.BILINEAR).save(os.path.join(folder, f'{i:04d}.png'))
+    os.replace(tmp, root)
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoader:

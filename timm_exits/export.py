@@ -14,8 +14,9 @@ A staged export writes, for exits e_1 < ... < e_K (the final classifier is e_K):
   criterion compares with the threshold: max softmax, normalised entropy or MEViT's uncertainty, eq. 3 of 000_*.txt).
   Heads are separate graphs so that, as in eager ``forward_dynamic``, a head runs only where the runtime needs it and
   the reported cost is the compute really spent;
-- ``manifest.json``: exit layers, costs, criterion, input size, mean/std, default threshold and budget, and the size
-  and export id of every file.
+- ``manifest.json``: exit layers, costs, criterion, default threshold and budget, the size and export id of every
+  file, and the preprocessing (input size, mean, std, crop_pct, crop_mode, interpolation) resolved as validate
+  resolves it: a flag (timm validate.py's names), else what the checkpoint records, else the pretrained cfg.
 
 ``--static`` writes one graph, ``model.onnx``: a LifeRegress model at its keep rate (or ``--keep-rate`` /
 ``--budget``; LifeRegress is always exported this way), a multi-exit model at full depth or at a fixed ``--budget``
@@ -33,7 +34,7 @@ import sys
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -41,7 +42,9 @@ import torch.nn as nn
 import timm
 
 from ._files import atomic_dir
+from .data import add_data_config_args, data_config_flags, resolve_data_cfg
 from .models._base import check_fraction
+from .models._checkpoint import read_checkpoint_args
 from .models.life_regress_vit import LifeRegressMixin
 from .models.multi_exit_vit import MultiExitMixin, MultiExitVisionTransformer
 
@@ -124,15 +127,6 @@ def _file_info(folder: Path) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def _data_cfg(model: nn.Module) -> Dict[str, Any]:
-    cfg = getattr(model, 'pretrained_cfg', {}) or {}
-    return {
-        'input_size': [model.patch_embed.proj.in_channels, *model.patch_embed.img_size],
-        'mean': list(cfg.get('mean', (0.5, 0.5, 0.5))), 'std': list(cfg.get('std', (0.5, 0.5, 0.5))),
-        'interpolation': cfg.get('interpolation'), 'crop_pct': cfg.get('crop_pct'),
-    }
-
-
 def export_onnx(
         model: nn.Module,
         output: Union[str, Path],
@@ -140,6 +134,7 @@ def export_onnx(
         static: bool = False,
         keep_rate: Optional[float] = None,
         budget: Optional[float] = None,
+        data_config: Optional[Mapping[str, Any]] = None,
 ) -> Path:
     """Export ``model`` (a multi-exit or LifeRegress model) to the new folder ``output``; see the module docstring.
 
@@ -150,6 +145,8 @@ def export_onnx(
         static: One graph at a fixed setting instead of staged segments (LifeRegress: always).
         keep_rate: LifeRegress keep rate of the static graph (default: the model's).
         budget: Fixed compute budget of the static graph: LifeRegress picks its keep rate, a multi-exit model its exit.
+        data_config: The preprocessing recorded in the manifest (``timm_exits.data.resolve_data_cfg``; default: the
+            model's pretrained cfg); the graphs take its input size.
 
     Returns:
         The folder.
@@ -176,11 +173,12 @@ def export_onnx(
     model = model.eval()
     name = model_name or (getattr(model, 'pretrained_cfg', {}) or {}).get('architecture') or type(model).__name__
     export_id = uuid.uuid4().hex
-    in_size = _data_cfg(model)['input_size']
-    example = torch.randn(2, *in_size, dtype=next(model.parameters()).dtype)
+    data_config = resolve_data_cfg(model) if data_config is None else data_config
+    example = torch.randn(2, *data_config['input_size'], dtype=next(model.parameters()).dtype)
     manifest: Dict[str, Any] = {
         'format': FORMAT, 'timm_exits_version': _version(), 'export_id': export_id, 'model': name,
-        'family': 'liferegress' if life else 'mexit', 'num_classes': model.num_classes, **_data_cfg(model),
+        'family': 'liferegress' if life else 'mexit', 'num_classes': model.num_classes,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
     }
     with atomic_dir(out) as tmp:
         if life or static:
@@ -238,6 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--static', action='store_true', help='one graph: full depth, a fixed --budget, or LifeRegress')
     parser.add_argument('--budget', type=float, default=None, help='fixed budget of a --static graph')
     parser.add_argument('--keep-rate', type=float, default=None, help='LifeRegress keep rate of the graph')
+    add_data_config_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     kwargs = dict(args.model_kwargs)
@@ -247,7 +246,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.exit(2, f'error: --checkpoint {args.checkpoint} does not exist\n')
     try:
         model = timm.create_model(args.model, checkpoint_path=args.checkpoint or None, **kwargs)
-        out = export_onnx(model, args.output, args.model, args.static, args.keep_rate, args.budget)
+        recorded = read_checkpoint_args(args.checkpoint) if args.checkpoint else None
+        data_config = resolve_data_cfg(model, data_config_flags(args), recorded, use_train_size=args.use_train_size)
+        _logger.info(f'preprocessing: {data_config.describe()}')
+        out = export_onnx(model, args.output, args.model, args.static, args.keep_rate, args.budget, data_config)
     except ImportError as e:
         parser.exit(2, f'error: {e}; install the deploy extra: pip install "timm-exits[deploy]"\n')
     except (ValueError, RuntimeError, OSError) as e:

@@ -19,7 +19,8 @@ Files of a run folder (every one written atomically: temp file + ``os.replace``)
 - The finished products, written by the final step in this order: ``model.safetensors`` (the final weights; loads
   with ``timm.create_model(..., checkpoint_path=...)``; safetensors metadata ``'timm_exits'``: JSON of model,
   model_kwargs, num_classes, the checkpoint's 0-based stage and epoch (-1, -1 for a recipe without stages) and
-  ``format`` 1; ``'recipe'`` and ``'data_dir'``: the run's arguments), then ``eval.json`` (the schema of
+  ``format`` 1, ``data_config``: the preprocessing its evaluation used, which validate, export and hub push read back;
+  ``'recipe'`` and ``'data_dir'``: the run's arguments), then ``eval.json`` (the schema of
   ``timm_exits.validate``) and ``tradeoff.png``. Starting to train removes them, so no reader sees weights of an
   unfinished run; the final step is idempotent: a rerun of a finished run (or of one killed during the final step)
   rewrites them from ``last.pth.tar`` when one is missing or the weights do not carry the checkpoint's (stage, epoch).
@@ -65,7 +66,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ._files import atomic_write, write_json
-from .data import create_dataset, make_loader
+from .data import create_dataset, make_loader, resolve_data_cfg
 from .evaluation import accuracies, collect_outputs, evaluate
 from .models._checkpoint import layout_args
 from .plots import plot_tradeoff
@@ -200,6 +201,9 @@ class Recipe:
         eval_batch_size: Validation batch size.
         smoothing / mixup / cutmix: timm's label smoothing and Mixup/CutMix.
         resize_crop: > 0: TransFG's resize-then-crop augmentation at this resize (MEViT, 000_*.txt), else timm's.
+        data_config: Preprocessing that differs from the model's pretrained cfg (keys of timm's
+            ``resolve_data_config``: ``input_size`` or ``img_size``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``,
+            ``interpolation``); the whole resolution is recorded with the weights.
         aug: Other ``timm.data.create_transform`` arguments for training.
         clip_grad: Gradient norm clipping.
         amp: Mixed precision: float16 with loss scaling on CUDA, bfloat16 on CPU.
@@ -227,6 +231,7 @@ class Recipe:
     mixup: float = 0.
     cutmix: float = 0.
     resize_crop: int = 0
+    data_config: Dict[str, Any] = field(default_factory=dict)
     aug: Dict[str, Any] = field(default_factory=dict)
     clip_grad: Optional[float] = None
     amp: bool = False
@@ -258,6 +263,8 @@ class Recipe:
         _require_number('Recipe', 'cutmix', self.cutmix, 0.)
         _require_number('Recipe', 'clip_grad', self.clip_grad, 0., low_open=True, optional=True)
         _require('Recipe', 'aug', self.aug, isinstance(self.aug, dict), 'a dict')
+        _require('Recipe', 'data_config', self.data_config, isinstance(self.data_config, dict), 'a dict')
+
         _require('Recipe', 'amp', self.amp, isinstance(self.amp, bool), 'True or False')
         _require('Recipe', 'keep_rates', self.keep_rates, isinstance(self.keep_rates, (list, tuple)) and bool(
             self.keep_rates) and all(_is_number(k) and 0 < k <= 1 for k in self.keep_rates),
@@ -350,6 +357,8 @@ def _fingerprint(recipe: Dict[str, Any], data_dir: str) -> Dict[str, Any]:
     """What a resumed run must share with the run in the folder: the recipe (``dataclasses.asdict``) without the
     fields that change neither weights nor evaluation, and the data folder of datasets read from disk."""
     fp = {k: v for k, v in _jsonable(recipe).items() if k not in UNCOMPARED_FIELDS}
+    if not fp.get('data_config'):  # runs recorded before the field existed compare equal
+        fp.pop('data_config', None)
     if fp.get('dataset') != 'digits':
         fp['data_dir'] = data_dir
     return fp
@@ -489,7 +498,12 @@ class _Run:
                 raise ImportError('the recipes plot with matplotlib: pip install "timm-exits[train]"') from e
         random_seed(recipe.seed, self.rank)
         self.model = build_model(recipe).to(self.device)
-        data = dict(data_dir=data_dir, download=download)
+        try:
+            self.data_config = resolve_data_cfg(self.model, recipe.data_config, use_train_size=True, flags=False)
+        except ValueError as e:
+            raise RunError(f'Recipe {e}') from e
+        self.log(f'preprocessing: {self.data_config.describe()}')
+        data = dict(data_dir=data_dir, download=download, data_config=self.data_config)
         if recipe.dataset != 'digits':
             data.update(resize_crop=recipe.resize_crop)
         self.train_set = create_dataset(recipe.dataset, recipe.train_split, self.model, True, **data,
@@ -704,7 +718,8 @@ class _Run:
                     'stage': si, 'epoch': epoch, 'stage_done': done, 'best': best, 'bad_epochs': bad,
                     'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict() if scheduler else None,
                     'scaler': scaler.state_dict() if scaler else None, 'log': rows,
-                    'recipe': dataclasses.asdict(recipe), 'data_dir': self.data_dir})
+                    'recipe': dataclasses.asdict(recipe), 'data_dir': self.data_dir,
+                    'data_config': self.data_config.record()})
                 key = (si, epoch)
                 self.log(f'[{stage.name}] epoch {epoch + 1}/{stage.epochs}: loss {loss:.4f}, val accuracy '
                          + ', '.join(f'{k}: {v:.2f}' for k, v in accs.items()) + f' ({rows[-1]["seconds"]:.0f} s)')
@@ -731,7 +746,7 @@ class _Run:
         """safetensors metadata of the final weights: model, kwargs, classes and the checkpoint's (stage, epoch)."""
         info = {'model': self.recipe.model, 'model_kwargs': _jsonable(self._recorded_kwargs()),
                 'num_classes': int(self.model.num_classes), 'stage': int(key[0]), 'epoch': int(key[1]),
-                'format': METADATA_FORMAT}
+                'format': METADATA_FORMAT, 'data_config': self.data_config.record()}
         return {METADATA_KEY: json.dumps(info), 'recipe': json.dumps(_jsonable(dataclasses.asdict(self.recipe))),
                 'data_dir': self.data_dir}
 

@@ -34,7 +34,8 @@ from timm.utils import ParseKwargs
 
 from ._files import atomic_write, write_json
 from .data import (  # noqa: F401  (re-exported: the names this module held)
-    TORCHVISION_DATASETS, DigitsDataset, available_cpus, build_transform, create_dataset, digits_augment, make_loader,
+    TORCHVISION_DATASETS, DigitsDataset, add_data_config_args, available_cpus, build_transform, create_dataset,
+    data_config_flags, digits_augment, make_loader, resolve_data_cfg,
 )
 from .evaluation import (  # noqa: F401  (re-exported)
     DEFAULT_KEEP_RATES, DEFAULT_THRESHOLDS, accuracies, budget_table, budgeted_batch_table, candidate_thresholds,
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--split', default='test', help='split evaluated')
     parser.add_argument('--resize-crop', type=_int_at_least(0), default=0,
                         help='TransFG eval transform: resize then centre crop')
+    parser.add_argument('--in-chans', type=_int_at_least(1), default=None, help='image channels of the model')
     parser.add_argument('--batch-size', type=_int_at_least(1), default=64)
     workers = min(4, available_cpus())
     parser.add_argument('--workers', type=_int_at_least(0), default=workers,
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='largest accuracy drop in points (>= 0)')
     target.add_argument('--target-cost', type=_number(0., 1., low_open=True), default=None,
                         help='largest mean share of the full FLOPs, in (0, 1]')
+    add_data_config_args(parser)
     return parser
 
 
@@ -176,6 +179,8 @@ def _model_arguments(
     num_classes = args.num_classes if args.num_classes is not None else ck_classes
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
+    if getattr(args, 'in_chans', None) is not None:
+        kwargs['in_chans'] = args.in_chans
     if ck_kwargs or ck_classes is not None:
         taken = {k: v for k, v in kwargs.items() if k not in args.model_kwargs and not (
             k == 'num_classes' and args.num_classes is not None)}
@@ -252,9 +257,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         model = model.to(device).eval()
     except RuntimeError as e:
         raise ValueError(f'--device {args.device!r}: cannot move the model there ({e})') from e
+    data_config = resolve_data_cfg(model, data_config_flags(args), recorded, use_train_size=args.use_train_size)
+    _logger.info(f'preprocessing: {data_config.describe()}')
 
     def loader(split: str) -> DataLoader:
-        ds = create_dataset(args.dataset, split, model, False, args.data_dir, args.dataset_download,
+        ds = create_dataset(args.dataset, split, model, False, args.data_dir, args.dataset_download, data_config,
                             **({'resize_crop': args.resize_crop} if args.dataset != 'digits' else {}))
         if len(ds) == 0:
             raise ValueError(f'--dataset {args.dataset} split {split!r} has no images')
@@ -268,14 +275,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         if args.calib_split and multi_exit else None
     result = evaluate(model, test_loader, device, name, args.dataset, args.keep_rates,
                       latency_batch=args.latency_batch, outputs=outputs, calib_outputs=calib)
+    result['data_config'] = {**data_config.record(), 'sources': data_config.sources}
     try:
         plot_tradeoff(result, os.path.join(args.output, result['plot']))
     except ImportError:
         _logger.warning('warning: no trade-off plot: matplotlib is not installed (pip install matplotlib)')
         result.pop('plot')
     write_json(result, os.path.join(args.output, 'eval.json'))
-    _logger.info(json.dumps({k: v for k, v in result.items() if k not in ('thresholds', 'budgets', 'budgeted_batch')},
-                            indent=1))
+    _logger.info(json.dumps({k: v for k, v in result.items() if k not in (
+        'thresholds', 'budgets', 'budgeted_batch', 'data_config')}, indent=1))
     worst = result.get('worst_case_threshold_cost', 0.)
     if worst > 1.:
         _logger.warning(f'warning: with a threshold and no budget, an image that no exit lets go costs {worst:.4f} of '

@@ -13,7 +13,10 @@ Publishing::
     python -m timm_exits.hub push CHECKPOINT --model NAME [--repo ORG/NAME] [--eval eval.json] [--local-dir DIR]
         [--no-upload]
 
-builds ``NAME``, loads the checkpoint strictly (another exit / life layout is refused), exports timm's ``config.json``
+builds ``NAME``, loads the checkpoint strictly (another exit / life layout is refused), records the preprocessing it was
+trained with in the pretrained cfg (timm validate.py's flags, else what the checkpoint records, else the model's own
+cfg; so ``timm.data.resolve_data_config(model=...)`` of the loaded model gives its transform), exports timm's
+``config.json``
 and ``model.safetensors`` (``save_for_hf``), ``training_args.json`` and a ``README.md`` rendered from ``hub_cards/``
 (results table and trade-off plot from the evaluation JSON of ``python -m timm_exits.validate``) into a temporary
 folder that is renamed into place only when complete, then uploads it with ``HfApi.upload_folder``. The export holds
@@ -37,7 +40,8 @@ import timm
 from timm.models import save_for_hf
 
 from .._files import atomic_dir
-from ..models._checkpoint import check_checkpoint_args, layout_args, read_checkpoint
+from ..data import DATA_CONFIG_KEYS, DataConfig, add_data_config_args, data_config_flags, resolve_data_cfg
+from ..models._checkpoint import check_checkpoint_args, layout_args, read_checkpoint, same_value
 from ..models._pretrained import (  # noqa: F401  (the named models' cfgs live beside the models; re-exported here)
     _NOT_FOUND, DEFAULT_HUB_ORG, HUB_ORG_ENV, RECIPE_NOTE, WEIGHTS_NAME, MissingWeightsError, _missing_reason,
     _weights_location, explain_missing_weights, hub_org, published_cfg, published_models, recipe_of,
@@ -50,7 +54,7 @@ from .cards import (  # noqa: F401  (model cards; re-exported here)
 __all__ = [
     'CARDS_DIR', 'DEFAULT_HUB_ORG', 'HUB_ORG_ENV', 'MissingWeightsError', 'card_metadata',
     'explain_missing_weights', 'export', 'hub_org', 'layout_args', 'main', 'published_cfg', 'published_models', 'push',
-    'read_checkpoint', 'recipe_of', 'render_card',
+    'read_checkpoint', 'recipe_of', 'record_data_config', 'render_card',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -83,6 +87,27 @@ def load_evaluation(path: Union[str, Path]) -> Dict[str, Any]:
 
 
 # --- export and push ---------------------------------------------------------------------------------------------
+
+def _check_evaluation_preprocessing(evaluation: Optional[Dict[str, Any]], data_config: DataConfig) -> None:
+    """Refuse an evaluation (its card table and plot) measured with other preprocessing than the one pushed."""
+    seen = (evaluation or {}).get('data_config') or {}
+    pushed = data_config.record()
+    diff = [k for k in DATA_CONFIG_KEYS if k in seen and not same_value(seen[k], pushed.get(k))]
+    if diff:
+        raise ValueError(
+            f'--eval {evaluation.get("_dir", "")}/eval.json was measured with ' + ', '.join(
+                f'{k}={seen[k]}' for k in diff) + ', but the push records ' + ', '.join(
+                f'{k}={pushed[k]}' for k in diff) + ': evaluate with the preprocessing the model was trained with, '
+            'or pass the same flags here')
+
+
+def record_data_config(model: nn.Module, data_config: DataConfig) -> None:
+    """Put the resolved preprocessing into ``model.pretrained_cfg`` (what ``save_for_hf`` writes to config.json and
+    the card shows); the test size and crop go, since the resolution already chose between train and test."""
+    cfg = {k: v for k, v in (model.pretrained_cfg or {}).items() if k not in ('test_input_size', 'test_crop_pct')}
+    cfg.update({k: v for k, v in data_config.items() if k != 'crop_border_pixels'})
+    model.pretrained_cfg = cfg
+
 
 def _label_config(model: nn.Module, data: Dict[str, Any], label_names: Optional[Union[str, Path]]) -> Dict[str, Any]:
     """``label_names`` (and descriptions) for config.json: from a file (one name a line) or timm's ImageNet info."""
@@ -150,8 +175,12 @@ def push(
         private: bool = False,
         revision: Optional[str] = None,
         cards_dir: Union[str, Path] = CARDS_DIR,
+        data_config: Optional[Dict[str, Any]] = None,
+        use_train_size: bool = False,
 ) -> Tuple[Optional[Path], Optional[str]]:
     """Check ``checkpoint`` against ``model_name`` (strict load, training-args layout), export it and upload it.
+    ``data_config``: preprocessing overrides (``timm_exits.data.resolve_data_cfg``), else what the checkpoint records,
+    else the model's pretrained cfg; recorded in the pushed pretrained cfg.
 
     Returns:
         (the local export folder or None, the commit URL or None).
@@ -171,6 +200,10 @@ def push(
         model.load_state_dict(state_dict, strict=True)
     except (ValueError, RuntimeError) as e:
         raise ValueError(f'checkpoint {checkpoint} does not fit {model_name}: {e}') from e
+    resolved = resolve_data_cfg(model, data_config, args, use_train_size=use_train_size)
+    _logger.info(f'preprocessing: {resolved.describe()}')
+    _check_evaluation_preprocessing(evaluation, resolved)
+    record_data_config(model, resolved)
     with tempfile.TemporaryDirectory() as scratch:
         folder = export(model, local_dir or Path(scratch) / 'export', model_name, repo_id, evaluation, args,
                         label_names, cards_dir, source_dir=Path(checkpoint).resolve().parent,
@@ -203,11 +236,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--private', action='store_true', help='create the repo private')
     p.add_argument('--revision', default=None, help='branch to commit to (default: main)')
     p.add_argument('--cards-dir', default=str(CARDS_DIR), help='model card templates and data')
+    add_data_config_args(p)
     a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
     try:
         folder, url = push(
             a.checkpoint, a.model, a.repo, a.eval, a.local_dir, not a.no_upload, a.ema, a.model_kwargs,
-            a.label_names, a.private, a.revision, a.cards_dir)
+            a.label_names, a.private, a.revision, a.cards_dir, data_config_flags(a), a.use_train_size)
     except (ValueError, RuntimeError, OSError) as e:  # bad input, unknown model, missing file, Hub errors
         parser.exit(2, f'error: {e}\n')
     print('\n'.join(f'{k}: {v}' for k, v in (('exported', folder), ('committed', url)) if v))

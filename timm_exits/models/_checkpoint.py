@@ -1,6 +1,7 @@
 """ Reading timm-exits checkpoints: weights, and the model arguments recorded beside them.
 
-Three sources record how a checkpoint's model was built (``model``, ``model_kwargs``, ``num_classes``):
+Three sources record how a checkpoint's model was built (``model``, ``model_kwargs``, ``num_classes``) and the
+preprocessing it was trained with (``data_config``; train.py's ``mean``, ``std``, ``img_size``, ...):
 
 - a recipe's ``model.safetensors`` (``timm_exits.train``): safetensors metadata key ``'timm_exits'``, a JSON object;
 - a recipe's ``last.pth.tar``: key ``'recipe'``, a dict;
@@ -149,6 +150,8 @@ def read_checkpoint(
         raise ValueError(f'checkpoint {path} holds no state dict: non-tensor entries {bad[:4]} (keys: {sorted(ckpt)})')
     args = (ckpt.get('args') or ckpt.get('recipe')) if key else None
     args = vars(args) if isinstance(args, argparse.Namespace) else args
+    if isinstance(args, dict) and isinstance(ckpt.get('data_config'), dict):  # a recipe's whole preprocessing
+        args = {**args, 'data_config': ckpt['data_config']}
     return state_dict, args if isinstance(args, dict) else None
 
 
