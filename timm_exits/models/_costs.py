@@ -66,7 +66,7 @@ class _Pieces:
             else:
                 f, logits = count_flops(model._exit_logits, layer, z, self.grid)
                 if model.criterion.learned:
-                    f += count_flops(model.exit_uncertainty, layer, logits)[0]
+                    f += model._unit_flops(layer, z, logits, self.grid)
             self.store[('exit', layer, n)] = f
         return self.store[('exit', layer, n)]
 
