@@ -217,3 +217,34 @@ def test_scale_costs_counted_and_convert():
     with torch.no_grad():
         torch.testing.assert_close(model(x), parent(x), rtol=0, atol=0)
     assert model.task == 'regression'
+
+
+def test_evaluation_simulation_matches_forward_dynamic():
+    from torch.utils.data import TensorDataset, DataLoader
+    from timm_exits.evaluation import collect_regression_outputs, evaluate, regression_threshold_table
+    model = _spread(timm.create_model('test_vit_mexit', task='regression', num_classes=1, exit_layers=(1, 2, 3),
+                                      exit_head='mlp')).eval()
+    x, y = torch.randn(24, 3, 32, 32), torch.rand(24) * 4
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    outputs = collect_regression_outputs(model, loader, torch.device('cpu'))
+    assert outputs['values'].shape == (4, 24, 1) and outputs['target'].shape == (24, 1)
+    for criterion, taus in (('patience', (0., .5, 2.)), ('uncertainty', (.5, 2., 20.))):
+        model.set_exit_criterion(criterion)
+        rows = regression_threshold_table(outputs, model.threshold_costs, criterion, taus, model.exit_patience)
+        for tau, row in zip(taus, rows):
+            with torch.no_grad():
+                out = model.forward_dynamic(x, threshold=tau)
+            err = (out.logits.squeeze(-1).double() - y.double())
+            assert row['mae'] == pytest.approx(float(err.abs().mean()), rel=1e-5)
+            assert row['rmse'] == pytest.approx(float(err.pow(2).mean().sqrt()), rel=1e-5)
+            assert row['mean_cost'] == pytest.approx(float(out.cost.double().mean()), rel=1e-5)
+    model.set_exit_criterion('patience')
+    result = evaluate(model, loader, torch.device('cpu'), 'm', 'd')
+    maes = [e['mae'] for e in result['exits']]
+    assert [e['practical'] for e in result['exits']] == [i == 0 or m < min(maes[:i]) for i, m in enumerate(maes)]
+    with torch.no_grad():
+        final = model(x).squeeze(-1)
+    assert maes[-1] == pytest.approx(float((final - y).abs().mean()), rel=1e-5)
+    assert set(result['thresholds']) == {'patience', 'uncertainty'} and result['budgeted_batch']['patience']
+    assert all(r['mean_cost'] <= r['mean_budget'] + 1e-9 for r in result['budgeted_batch']['uncertainty'])
+    assert model.exit_criterion == 'patience'  # the sweep left the model's criterion as it was
