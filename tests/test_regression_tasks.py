@@ -111,3 +111,27 @@ def test_task_errors():
         regression_target(torch.tensor([1., 2., 3.]), 2)
     assert {'regression_end_to_end', 'regression_classifier_wise', 'regression_mevit', 'regression_backbone'} <= set(
         TASKS)
+
+
+def test_trainer_runs_a_regression_recipe_and_validate_reads_it(tmp_path, monkeypatch):
+    import json
+    from timm_exits.data import DigitsCountDataset
+    from timm_exits.train import Recipe, RunError, Stage, train
+    from timm_exits.validate import main as validate_main
+    monkeypatch.setattr(DigitsCountDataset, 'sizes', {'train': 128, 'val': 64, 'test': 64})
+    recipe = Recipe(
+        name='count', model='test_vit_mexit', dataset='digits_count', num_classes=1, batch_size=32, workers=0,
+        model_kwargs=dict(task='regression', exit_layers=[2, 3], exit_criterion='uncertainty'), test_split='test',
+        stages=[Stage('regression_end_to_end', 1, opt='adam', lr=1e-3, sched='plateau', task_kwargs=dict(loss='l1')),
+                Stage('regression_classifier_wise', 1, opt='adam', lr=1e-3, sched='none')])
+    result = train(recipe, str(tmp_path / 'run'))
+    assert result['task'] == 'regression' and [e['layer'] for e in result['exits']] == [2, 3, 4]
+    log = [json.loads(line) for line in open(tmp_path / 'run' / 'log.jsonl')]
+    assert len(log) == 2 and all('val_mae' in row and row['metric'] < 0 for row in log)
+    assert (tmp_path / 'run' / 'tradeoff.png').exists()
+    out = validate_main(['--model', 'test_vit_mexit', '--checkpoint', str(tmp_path / 'run' / 'model.safetensors'),
+                         '--dataset', 'digits_count', '--split', 'test', '--output', str(tmp_path / 'val'),
+                         '--no-progress'])
+    assert out['exits'][-1]['mae'] == pytest.approx(result['exits'][-1]['mae'], rel=1e-5)
+    with pytest.raises(RunError, match='mixup, cutmix and smoothing'):
+        train(Recipe(**{**recipe.__dict__, 'mixup': .2}), str(tmp_path / 'run2'))

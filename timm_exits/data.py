@@ -286,29 +286,32 @@ class DigitsCountDataset(Dataset):
     the number of glyphs of one class (``count_class``) among glyphs of every class.
 
     Each canvas (``canvas`` px square, black) holds 1..``max_glyphs`` glyphs (8 x 8 px, never overlapping), each of
-    class ``count_class`` with probability ``p_count`` and of another class otherwise; the target is how many of
-    ``count_class`` it holds (a float). Glyphs come from a pool split by index (index mod 5: 0-2 train, 3 val, 4
+    class ``count_class`` with probability ``p_count`` and of one of ``distractors`` otherwise; the target is how many
+    of ``count_class`` it holds (a float). Glyphs come from a pool split by index (index mod 5: 0-2 train, 3 val, 4
     test), so test canvases show glyphs no training canvas showed. Every split is fixed by ``seed``. Images are
     (3, H, W) at ``img_size``, grey levels in [0, 1] normalised with ``mean`` and ``std``.
     """
     splits = ('train', 'val', 'test')
-    sizes = {'train': 6000, 'val': 1000, 'test': 1000}
+    sizes = {'train': 4000, 'val': 1000, 'test': 1000}
 
     def __init__(self, split: str = 'train', img_size: Any = 32, transform: Optional[Callable] = None,
                  mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5), seed: int = 0,
-                 num_images: Optional[int] = None, count_class: int = 3, max_glyphs: int = 8, p_count: float = .35,
-                 canvas: int = 32) -> None:
+                 num_images: Optional[int] = None, count_class: int = 0, distractors: Sequence[int] = (1, 4, 7),
+                 max_glyphs: int = 8, p_count: float = .4, canvas: int = 32) -> None:
         from sklearn.datasets import load_digits
         if split not in self.splits:
             raise ValueError(f'digits_count split={split!r} is not known; allowed: {list(self.splits)}')
-        if not 0 <= count_class <= 9:
-            raise ValueError(f'count_class must be a digit class in 0..9, got {count_class!r}')
+        if count_class not in range(10) or not distractors or any(
+                d not in range(10) or d == count_class for d in distractors):
+            raise ValueError(f'count_class and distractors must be digit classes in 0..9, the counted one not among '
+                             f'the distractors; got count_class={count_class!r}, distractors={distractors!r}')
         digits = load_digits()
         part = {'train': (0, 1, 2), 'val': (3,), 'test': (4,)}[split]
         pool = [i for i in range(len(digits.target)) if i % 5 in part]
         glyphs = torch.tensor(digits.images[pool], dtype=torch.float32) / 16.
         labels = torch.tensor(digits.target[pool])
-        ours, others = torch.nonzero(labels == count_class)[:, 0], torch.nonzero(labels != count_class)[:, 0]
+        ours = torch.nonzero(labels == count_class)[:, 0]
+        others = torch.nonzero(torch.isin(labels, torch.tensor(list(distractors))))[:, 0]
         gen = torch.Generator().manual_seed(seed * 1000 + self.splits.index(split))
         n = self.sizes[split] if num_images is None else num_images
         images, counts = torch.zeros(n, 1, canvas, canvas), torch.zeros(n)
