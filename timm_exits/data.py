@@ -22,8 +22,8 @@ from timm.data import create_transform
 __all__ = [
     'CROP_MODES', 'DATA_CONFIG_KEYS', 'TORCHVISION_DATASETS', 'CountingDataset', 'DataConfig', 'DigitsCountDataset',
     'DigitsDataset', 'add_data_config_args', 'available_cpus', 'build_transform', 'check_data_config',
-    'create_dataset', 'data_config_flags', 'digits_augment', 'make_loader', 'read_points', 'recorded_data_config',
-    'resolve_data_cfg', 'sum_by_image', 'write_digits_folder',
+    'counting_transform', 'create_dataset', 'data_config_flags', 'digits_augment', 'make_loader', 'read_points',
+    'recorded_data_config', 'resolve_data_cfg', 'sum_by_image', 'write_digits_folder',
 ]
 
 DATA_CONFIG_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
@@ -483,6 +483,15 @@ def sum_by_image(values: torch.Tensor, image_ids: Sequence[int]) -> torch.Tensor
     return out.index_add_(0, ids.to(values.device), values)
 
 
+def counting_transform(data_config: Mapping[str, Any], is_training: bool) -> Callable:
+    """A counting set's transform: resize to the input size (a crop already is), a horizontal flip in training, the
+    config's normalisation; no scale or crop augmentation, which would change the count."""
+    from torchvision import transforms as T
+    flip = [T.RandomHorizontalFlip()] if is_training else []
+    return T.Compose([T.Resize(tuple(data_config['input_size'][1:])), *flip, T.ToTensor(),
+                      T.Normalize(data_config['mean'], data_config['std'])])
+
+
 def build_transform(
         model: nn.Module,
         is_training: bool,
@@ -535,8 +544,12 @@ def create_dataset(
         return DigitsCountDataset(split, tuple(cfg['input_size'][1:]), mean=cfg['mean'], std=cfg['std'],
                                   seed=int(seed))
     if name == 'counting':
-        return CountingDataset(data_dir, split, build_transform(model, is_training, data_config=cfg,
-                                                                **transform_kwargs))
+        crop, resize = transform_kwargs.pop('crop', None), transform_kwargs.pop('resize', None)
+        transform_kwargs.pop('resize_crop', None)
+        if transform_kwargs:
+            raise ValueError(f'dataset counting takes the augmentation arguments crop and resize only (a scale or crop '
+                             f'augmentation would change the counts), got {sorted(transform_kwargs)}')
+        return CountingDataset(data_dir, split, counting_transform(cfg, is_training), crop=crop, resize=resize)
     if name == 'digits':
         mean, std = cfg['mean'], cfg['std']
         fill = [-m / s for m, s in zip(mean, std)]

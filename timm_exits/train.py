@@ -505,14 +505,16 @@ class _Run:
         self.log(f'preprocessing: {self.data_config.describe()}')
         data = dict(data_dir=data_dir, download=download, data_config=self.data_config)
         offline = recipe.dataset == 'digits' or recipe.dataset.startswith('digits_count')  # tensors, no transform
-        if not offline:
+        if recipe.dataset == 'counting':  # crops counted from points, alike in every split (TransCrowd)
+            data.update({k: recipe.aug[k] for k in ('crop', 'resize') if k in recipe.aug})
+        elif not offline:
             data.update(resize_crop=recipe.resize_crop)
         self.regression = getattr(self.model, 'task', None) == 'regression'
         if self.regression and (recipe.mixup > 0 or recipe.cutmix > 0 or recipe.smoothing > 0):
             raise RunError("mixup, cutmix and smoothing mix class labels; a task='regression' model trains on real "
                            "targets: set them to 0")
         self.train_set = create_dataset(recipe.dataset, recipe.train_split, self.model, True, **data,
-                                        **({} if offline else recipe.aug))
+                                        **({} if offline or recipe.dataset == 'counting' else recipe.aug))
         self.val_loader = make_loader(create_dataset(recipe.dataset, recipe.val_split, self.model, False, **data),
                                       recipe.eval_batch_size, recipe.workers)
         test_split = recipe.test_split or recipe.val_split
