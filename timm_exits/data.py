@@ -292,7 +292,7 @@ class DigitsCountDataset(Dataset):
     (3, H, W) at ``img_size``, grey levels in [0, 1] normalised with ``mean`` and ``std``.
     """
     splits = ('train', 'val', 'test')
-    sizes = {'train': 4000, 'val': 1000, 'test': 1000}
+    sizes = {'train': 3000, 'val': 1000, 'test': 1000}
 
     def __init__(self, split: str = 'train', img_size: Any = 32, transform: Optional[Callable] = None,
                  mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5), seed: int = 0,

@@ -27,7 +27,8 @@ import torch
 from timm.layers import register_notrace_function
 
 __all__ = [
-    'REGRESSION_LOSSES', 'SCALE_NLLS', 'regression_loss', 'scale_nll', 'attach_exit_losses', 'estimate_scale_and_target', 'exit_loss', 'gradient_kind', 'inplace_kl', 'mevit_exit_loss',
+    'REGRESSION_LOSSES', 'SCALE_NLLS', 'attach_exit_losses', 'estimate_scale_and_target', 'exit_loss', 'gradient_kind',
+    'inplace_kl', 'mevit_exit_loss', 'regression_loss', 'scale_nll',
     'sample_exits', 'scale_gradient', 'uncertainty_mse', 'uncertainty_target',
 ]
 

@@ -34,8 +34,8 @@ from timm.utils import ParseKwargs
 
 from ._files import atomic_write, write_json
 from .data import (  # noqa: F401  (re-exported: the names this module held)
-    TORCHVISION_DATASETS, DigitsCountDataset, DigitsDataset, add_data_config_args, available_cpus, build_transform, create_dataset,
-    data_config_flags, digits_augment, make_loader, resolve_data_cfg,
+    TORCHVISION_DATASETS, DigitsCountDataset, DigitsDataset, add_data_config_args, available_cpus, build_transform,
+    create_dataset, data_config_flags, digits_augment, make_loader, resolve_data_cfg,
 )
 from .evaluation import (  # noqa: F401  (re-exported)
     DEFAULT_KEEP_RATES, DEFAULT_THRESHOLDS, accuracies, budget_table, budgeted_batch_table, candidate_thresholds,
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--num-classes', type=_int_at_least(0), default=None,
                         help='default: the checkpoint\'s, else the model\'s')
     parser.add_argument('--pretrained', action='store_true', help='load the pretrained tag instead of a checkpoint')
-    parser.add_argument('--dataset', default='folder', help='digits, folder, torch/<name>; counting sets (regression models): '
+    parser.add_argument('--dataset', default='folder',
+                        help='digits, folder, torch/<name>; counting sets (regression models): '
                         'digits_count[/<seed>] or counting (images with counts.csv or point files)')
     parser.add_argument('--data-dir', default='')
     parser.add_argument('--dataset-download', action='store_true', help='let torchvision download the dataset')

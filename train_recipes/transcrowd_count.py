@@ -10,8 +10,8 @@ ShanghaiTech / DISCO ship them once converted from .mat) or ``counts.csv``. Tran
 TransCrowd's per-image sum). ``val`` is a split you hold out of train.
 
 Variants (``--variant``):
-- ``end_to_end_1`` / ``end_to_end_3`` (IV-B, Tables I-II): one exit after block 6, or three after blocks 3, 6, 9, trained
-  with the backbone, the final term weighing twice an early one.
+- ``end_to_end_1`` / ``end_to_end_3`` (IV-B, Tables I-II): one exit after block 6, or three after blocks 3, 6, 9,
+  trained with the backbone, the final term weighing twice an early one.
 - ``classifier_wise`` (IV-A): the backbone and head trained first (TransCrowd), then frozen, and an exit after every
   block 1..11 trained independently.
 

@@ -41,7 +41,8 @@ from .exit_heads import EXIT_HEADS, create_exit_head
 from .walker import CRITERIA, TASKS, AnytimeStep, ExitOutput, ExitWalker, criteria_for
 
 __all__ = [
-    'EXIT_CRITERIA', 'predicted_scale', 'AnytimeStep', 'ExitOutput', 'MultiExitEva', 'MultiExitMixin', 'MultiExitVisionTransformer',
+    'EXIT_CRITERIA', 'AnytimeStep', 'ExitOutput', 'MultiExitEva', 'MultiExitMixin', 'MultiExitVisionTransformer',
+    'predicted_scale',
     'default_exit_layers',
 ]
 
@@ -213,7 +214,8 @@ class MultiExitMixin(NewPartsMixin):
             )
             for layer, name in zip(layers, heads)
         })
-        self.uncertainty = nn.ModuleDict({str(layer): self._make_uncertainty(layer, **dd) for layer in self.exit_layers})
+        self.uncertainty = nn.ModuleDict({
+            str(layer): self._make_uncertainty(layer, **dd) for layer in self.exit_layers})
         self._init_exits()
         self.train(self.training)  # a converted model's new parts follow its mode
         self._flops: Dict[Any, Any] = {}
