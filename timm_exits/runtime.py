@@ -129,7 +129,8 @@ class ExitSession:
 
         Args:
             x: (B, C, H, W) float images, NumPy array or torch tensor, at the exported input size.
-            threshold: Exit threshold in [0, 1] of the exported criterion (default: the model's).
+            threshold: Exit threshold in [0, 1] of the exported criterion (default: the model's); for a regression
+                export a finite number >= 0 in target units (PABEE's patience or the predicted scale).
             budget: Share (0, 1] of the full model's FLOPs that no image exceeds, heads on the way included.
         """
         tensor = hasattr(x, 'detach')
@@ -153,10 +154,19 @@ class ExitSession:
     def _staged(self, x: np.ndarray, threshold: Optional[float], budget: Optional[float]) -> RuntimeOutput:
         threshold = self.threshold if threshold is None else threshold
         budget = self.budget if budget is None else budget
-        threshold = None if threshold is None else _fraction('threshold', threshold, low_open=False)
-        budget = None if budget is None else _fraction('budget', budget, low_open=True)
         m = self.manifest
+        regression = m.get('task', 'classification') == 'regression'
+        if threshold is not None and regression:  # target units
+            if isinstance(threshold, bool) or not isinstance(threshold, Real) or not 0 <= threshold < math.inf:
+                raise ValueError(f"threshold must be a finite number >= 0 in target units (task='regression', "
+                                 f"criterion={m['criterion']!r}) or None, got {threshold!r}")
+            threshold = float(threshold)
+        elif threshold is not None:
+            threshold = _fraction('threshold', threshold, low_open=False)
+        budget = None if budget is None else _fraction('budget', budget, low_open=True)
         costs = m['exit_costs'] if threshold is None else m['threshold_costs']
+        patience = regression and m['criterion'] == 'patience'
+        prev, count = None, np.zeros(len(x))  # patience (PABEE): previous exit's prediction and agreement counter
         stop = self._stop(costs, budget)
         batch = len(x)
         logits_out = np.empty((batch, m['num_classes']), dtype=np.float32)
@@ -172,9 +182,16 @@ class ExitSession:
             logits, score = self.heads[k].run(None, {'input': feed})
             if k == stop:
                 leave = np.ones(len(rows), dtype=bool)
+            elif patience:
+                agree = np.abs(logits - prev).max(-1) <= np.float32(threshold) if prev is not None else \
+                    np.zeros(len(rows), dtype=bool)
+                count = np.where(agree, count + 1, 0)
+                prev, leave = logits, count >= m['exit_patience']
             else:
                 leave = score >= threshold if m['confident_high'] else score <= threshold
             gone = rows[leave]
             logits_out[gone], exit_out[gone], cost_out[gone] = logits[leave], self.exit_layers[k], costs[k]
             rows, feed = rows[~leave], feed[~leave]
+            if patience and prev is not None:
+                prev, count = prev[~leave], count[~leave]
         return RuntimeOutput(logits_out, exit_out, cost_out)
