@@ -78,3 +78,41 @@ def test_liferegress_keep_rate_one_graph():
         compiled = torch.compile(model, backend=BACKEND)
         torch.testing.assert_close(compiled(x, keep_rate=0.7), model(x, keep_rate=0.7), atol=1e-5, rtol=1e-5)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@pytest.fixture
+def deep_slim():
+    """Exits and slimming: 6 blocks, an exit after each of blocks 2..5, lives after block 1, patches leave after 2
+    and 4."""
+    model = timm.create_model('test_vit_mexit_liferegress', depth=6, exit_layers=(2, 3, 4, 5), life_layer=1,
+                              prune_layers=(2, 4))
+    return spread_exit_heads(model).eval()
+
+
+@pytest.mark.parametrize('kwargs,breaks', [
+    (dict(keep_rate=0.7), 0), (dict(keep_rate=0.6, budget=0.7), 0), (dict(budget=0.7), 0),
+    (dict(threshold=0.6, keep_rate=0.7), 2), (dict(threshold=0.5, budget=0.8), 2)])
+def test_exits_and_slimming_compile_with_bounded_breaks(deep_slim, kwargs, breaks):
+    """Without a threshold one graph; with one, two breaks whatever the number of exits (into the host-side loop and
+    its step; each segment, with its top-k selection of patches, one graph), and the eager answers."""
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        deep_slim(x, **kwargs)  # FLOPs counted (eagerly, once) before the explanation
+        explanation = dynamo.explain(deep_slim)(x, **kwargs)
+        dynamo.reset()
+        compiled = torch.compile(deep_slim, backend=BACKEND)
+        for batch in (8, 1, 5):
+            x = torch.randn(batch, 3, 32, 32)
+            torch.testing.assert_close(compiled(x, **kwargs), deep_slim(x, **kwargs), atol=1e-5, rtol=1e-5)
+    assert explanation.graph_break_count == breaks
+    if not breaks:
+        assert explanation.graph_count == 1
+
+
+def test_liferegress_budget_one_graph():
+    model = timm.create_model('test_vit_liferegress').eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        model(x, budget=0.8)
+        explanation = dynamo.explain(model)(x, budget=0.8)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1

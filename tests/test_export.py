@@ -18,8 +18,8 @@ pytest.importorskip('onnxscript', reason='the deploy extra (onnx, onnxruntime, o
 from timm_exits.runtime import ExitSession  # noqa: E402  (needs onnxruntime)
 
 
-def _check_same(model, session, x, threshold, budget):
-    ref = model.forward_dynamic(x, threshold=threshold, budget=budget)
+def _check_same(model, session, x, threshold, budget, **eager):
+    ref = model.forward_dynamic(x, threshold=threshold, budget=budget, **eager)
     out = session(x, threshold=threshold, budget=budget)
     assert out.exit_layer.tolist() == ref.exit_layer.tolist(), (threshold, budget)
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=0)
@@ -230,3 +230,54 @@ def test_staged_export_of_other_parents(tmp_path, parent):
         x = torch.randn(6, 3, *model.patch_embed.img_size)
         for threshold, budget in [(None, None), (0.5, None), (0.5, 0.9)]:
             _check_same(model, session, x, threshold, budget)
+
+
+SLIM_PARENTS = [
+    ('test_vit_mexit_liferegress', {}, 0.5),
+    ('test_vit_mexit_liferegress', dict(exit_criterion='entropy'), 0.7),
+    ('eva02_tiny_patch14_224_mexit_liferegress', dict(img_size=28, patch_size=7, depth=5, embed_dim=32, num_heads=2,
+                                                      num_classes=10, exit_layers=(2, 3, 4), rope_type='mixed'), 0.4),
+]
+
+
+def _clear_threshold(scores: torch.Tensor, q: float) -> float:
+    """A threshold near the q-quantile of ``scores`` halfway across the widest gap there, so that no image's decision
+    hangs on float rounding (ONNX Runtime and eager differ by ~1e-6)."""
+    s = scores.sort().values
+    k = int(q * (len(s) - 1))
+    k = max(range(max(k - 3, 0), min(k + 3, len(s) - 1)), key=lambda i: float(s[i + 1] - s[i]))
+    return float(s[k] + s[k + 1]) / 2
+
+
+@pytest.mark.parametrize('name,kwargs,rate', SLIM_PARENTS, ids=['vit-0.5', 'vit-entropy-0.7', 'eva-mixed-0.4'])
+def test_runtime_matches_eager_exits_and_slimming(tmp_path, name, kwargs, rate):
+    """The staged export of a model with exits and slimming at a keep rate: the runtime takes the eager exits with the
+    eager logits (within 1e-4), thresholds and budgets (which pick the exit at that keep rate), a rotary parent's
+    kept patches with their own rows."""
+    torch.manual_seed(0)
+    model = spread_exit_heads(timm.create_model(name, keep_rate=rate, **kwargs)).eval()
+    session = ExitSession(export_onnx(model, tmp_path / 'slim'))
+    assert session.manifest['keep_rate'] == rate and session.manifest['family'] == 'mexit_liferegress'
+    torch.manual_seed(1)
+    x = torch.randn(20, 3, *model.patch_embed.img_size)
+    layers = set()
+    with torch.no_grad():
+        scores = model.exit_scores(model.exit_layers[0], model.forward_exits(x)[0])
+        for threshold in (None, _clear_threshold(scores, 0.5), _clear_threshold(scores, 0.8)):
+            for budget in (None, model.exit_costs_for(rate)[1], 1.):
+                ref = _check_same(model, session, x, threshold, budget, keep_rate=rate)  # the budget picks the exit
+                layers |= set(ref.exit_layer.tolist())
+    assert len(layers) > 1  # the images really split between exits
+
+
+def test_static_graph_of_exits_and_slimming(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model('test_vit_mexit_liferegress').eval()
+    session = ExitSession(export_onnx(model, tmp_path / 'static', static=True, keep_rate=0.6, budget=0.8))
+    rate, layer = model.plan_budget(0.8, keep_rate=0.6)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.forward_dynamic(x, budget=0.8, keep_rate=0.6)
+    out = session(x)
+    assert out.exit_layer.tolist() == [layer] * 3 and session.manifest['keep_rate'] == rate
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=0)

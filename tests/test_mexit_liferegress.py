@@ -1,5 +1,6 @@
 """Early exit and patch slimming in one model: parent equality, batch invariance, costs, budgets, rotary parents,
 bad arguments, train mode."""
+import json
 import math
 import warnings
 
@@ -262,12 +263,13 @@ def test_rotary_parent_runs_slimmed():
         torch.testing.assert_close(alone.logits, out.logits[3:4], rtol=1e-4, atol=1e-5)
 
 
-def test_export_refuses_the_slimmed_model(tmp_path):
+def test_export_takes_the_slimmed_model(tmp_path):
+    """The staged export serves every keep rate (tests/test_export.py checks the runtime against eager)."""
+    pytest.importorskip('onnxscript')
     from timm_exits.export import export_onnx
-    with pytest.raises(ValueError, match=r'exports at keep rate 1 only, its exits without slimming'):
-        export_onnx(_model(keep_rate=.7), tmp_path / 'x')
-    with pytest.raises(ValueError, match=r'exports at keep rate 1 only'):
-        export_onnx(_model(), tmp_path / 'y', static=True, budget=.8)
+    manifest = json.loads((export_onnx(_model(keep_rate=.7), tmp_path / 'x') / 'manifest.json').read_text())
+    assert manifest['family'] == 'mexit_liferegress' and manifest['keep_rate'] == .7
+    assert manifest['exit_costs'] == list(_model(keep_rate=.7).exit_costs_for(.7))
 
 
 def test_torchscript_full_depth_at_keep_rate_one_and_refuses_slimming():

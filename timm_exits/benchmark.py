@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from .models.multi_exit_vit import MultiExitMixin, MultiExitVisionTransformer
 
-__all__ = ['benchmark_model', 'main', 'time_interleaved']
+__all__ = ['benchmark_model', 'main', 'oracle_forward', 'time_interleaved']
 
 TARGETS = {'exit_vs_trunc': ('>=', 0.97), 'full_vs_parent': ('<=', 1.02), 'mixed_efficiency': ('>=', 0.95)}
 
@@ -60,6 +60,20 @@ def truncated_parent(parent: nn.Module, depth: int) -> nn.Module:
         trunc.blocks = parent.blocks[:depth]
     assert len(trunc.blocks) == depth
     return trunc
+
+
+def oracle_forward(model: nn.Module, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """The model's blocks on the token schedule ``counts`` (n_t per block), keeping the first n_t patches (and, with
+    a rotary parent, their rotary rows)."""
+    npt = model.num_prefix_tokens
+    x, rope_full = model._embed(x)
+    rope = rope_full
+    for i, blk in enumerate(model.blocks):
+        x = model._apply_block(blk, x, model._block_rope(rope, i), None)
+        if i + 1 < len(counts) and counts[i + 1] < counts[i]:
+            x = x[:, :npt + counts[i + 1]]
+            rope = model._keep_rope(rope_full, torch.arange(counts[i + 1], device=x.device).expand(x.shape[0], -1))
+    return model.forward_head(model.norm(x))
 
 
 def build_models(name: str) -> Tuple[nn.Module, MultiExitMixin]:

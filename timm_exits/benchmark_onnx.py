@@ -12,7 +12,10 @@ medians. Every graph is exported by torch.onnx's dynamo exporter and run by onnx
 - ``mixed`` (at ``--mixed-batch-size``): the threshold at the median exit-k score of the batch, about half the
   images leave at block k and the rest later; ideal speed-up 1 / mean(per-image FLOP share).
 - ``slim{rho}`` (parents with a ``_liferegress`` model): the static LifeRegress export at keep rate rho; ideal speed-up
-  1 / its FLOPs ratio.
+  1 / its FLOPs ratio; ``oracle{rho}``: the same blocks on the same token schedule keeping the first n_t patches (no
+  life module, no top-k, no gather), exported the same way: ``slim/oracle`` is what the selection costs.
+- ``both{rho}``: the staged export of ``<parent>_mexit_liferegress`` at keep rate rho, full depth (every segment,
+  no exit head before the final one): exits and slimming on ONNX Runtime; ideal speed-up 1 / its FLOPs ratio.
 
 Targets (shown, never asserted): exit/trunc >= 0.95, mixed efficiency (measured / ideal) >= 0.90, and LifeRegress's
 efficiency reported against the same parent graph.
@@ -29,12 +32,23 @@ import torch
 
 import timm
 
-from .benchmark import build_models, mixed_setup, time_interleaved, truncated_parent
+from .benchmark import build_models, mixed_setup, oracle_forward, time_interleaved, truncated_parent
 from .export import _export_graph, export_onnx
 
 __all__ = ['benchmark_onnx', 'main']
 
 TARGETS = {'exit_vs_trunc': ('>=', 0.95), 'mixed_efficiency': ('>=', 0.90)}
+
+
+class _Oracle(torch.nn.Module):
+    """``benchmark_slim.oracle_forward`` on a fixed token schedule, as a module to export."""
+
+    def __init__(self, model: torch.nn.Module, counts: Sequence[int]) -> None:
+        super().__init__()
+        self.model, self.counts = model, list(counts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return oracle_forward(self.model, x, self.counts)
 
 
 def _session(module: torch.nn.Module, example: torch.Tensor, path: Path, providers: Sequence[str]) -> Callable:
@@ -72,6 +86,12 @@ def benchmark_onnx(
         life.load_state_dict({**life.state_dict(), **parent.state_dict()})
         slim = ExitSession(export_onnx(life, workdir / f'{name}_slim', keep_rate=keep_rate), providers=providers)
         slim_ratio = life.flops_ratio(keep_rate)
+        run_oracle = _session(_Oracle(life, life.token_schedule(keep_rate)), example, workdir / f'{name}_oracle.onnx',
+                              providers)
+    both_model = timm.create_model(f'{name}_mexit_liferegress', num_classes=model.num_classes).eval()
+    both_model.load_state_dict({**both_model.state_dict(), **parent.state_dict()}, strict=False)
+    both = ExitSession(export_onnx(both_model, workdir / f'{name}_both', keep_rate=keep_rate), providers=providers)
+    both_ratio = both_model.flops_ratio(keep_rate)
     budget = model.exit_costs[0]
     rows = []
     for batch in sorted({*batches, *([mixed_batch] if mixed_batch else [])}):
@@ -91,6 +111,8 @@ def benchmark_onnx(
             candidates['mixed'] = lambda: staged(x, threshold=row['mixed']['threshold'])
         if slim is not None:
             candidates[f'slim{keep_rate:g}'] = lambda: slim(x)
+            candidates[f'oracle{keep_rate:g}'] = lambda: run_oracle(x)
+        candidates[f'both{keep_rate:g}'] = lambda: both(x)
         ms = row['ms'] = {k: statistics.median(v) for k, v in time_interleaved(candidates, rounds, warmup).items()}
         row['exit_speedup'] = ms['parent'] / ms[f'exit{first}']
         row['trunc_speedup'] = ms['parent'] / ms[f'trunc{first}']
@@ -102,6 +124,10 @@ def benchmark_onnx(
             row['slim'] = {'keep_rate': keep_rate, 'flops_ratio': slim_ratio, 'ideal_speedup': 1 / slim_ratio,
                            'measured_speedup': ms['parent'] / ms[f'slim{keep_rate:g}']}
             row['slim']['efficiency'] = row['slim']['measured_speedup'] / row['slim']['ideal_speedup']
+            row['slim']['vs_oracle'] = ms[f'oracle{keep_rate:g}'] / ms[f'slim{keep_rate:g}']
+        row['both'] = {'keep_rate': keep_rate, 'flops_ratio': both_ratio, 'ideal_speedup': 1 / both_ratio,
+                       'measured_speedup': ms['parent'] / ms[f'both{keep_rate:g}']}
+        row['both']['efficiency'] = row['both']['measured_speedup'] / row['both']['ideal_speedup']
         rows.append(row)
         print(f'{name} batch {batch}: done', flush=True)
     return rows
@@ -109,7 +135,8 @@ def benchmark_onnx(
 
 def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     head = ['model', 'batch', 'exit k', 'exit speed-up', 'trunc speed-up', 'exit/trunc', 'mixed ideal',
-            'mixed measured', 'mixed eff.', 'slim rho', 'slim ideal', 'slim measured', 'slim eff.', 'ms parent']
+            'mixed measured', 'mixed eff.', 'slim rho', 'slim ideal', 'slim measured', 'slim eff.', 'slim/oracle',
+            'both measured', 'both eff.', 'ms parent']
 
     def f(v: Optional[float], fmt: str = '.3f') -> str:
         return '-' if v is None else format(v, fmt)
@@ -121,7 +148,8 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
             r['model'], str(r['batch']), str(r['exit_layer']), f(r['exit_speedup']), f(r['trunc_speedup']),
             f(r['exit_vs_trunc']), f(mixed.get('ideal_speedup')), f(mixed.get('measured_speedup')),
             f(r.get('mixed_efficiency')), f(slim.get('keep_rate'), 'g'), f(slim.get('ideal_speedup')),
-            f(slim.get('measured_speedup')), f(slim.get('efficiency')), f(r['ms']['parent'], '.1f')]) + ' |')
+            f(slim.get('measured_speedup')), f(slim.get('efficiency')), f(slim.get('vs_oracle')),
+            f(r['both']['measured_speedup']), f(r['both']['efficiency']), f(r['ms']['parent'], '.1f')]) + ' |')
     targets = ', '.join(f'{k} {op} {v}' for k, (op, v) in TARGETS.items())
     return '\n'.join(lines) + f'\n\nTargets (not asserted): {targets}.'
 

@@ -36,7 +36,7 @@ import sys
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -48,7 +48,7 @@ from .data import add_data_config_args, data_config_flags, resolve_data_cfg
 from .models._base import check_fraction
 from .models._checkpoint import read_checkpoint_args
 from .models.life_regress_vit import LifeRegressMixin
-from .models.multi_exit_vit import MultiExitMixin, MultiExitVisionTransformer
+from .models.multi_exit_vit import MultiExitMixin
 
 __all__ = ['FORMAT', 'MANIFEST', 'export_onnx', 'main']
 
@@ -59,27 +59,38 @@ _logger = logging.getLogger(__name__)
 
 
 class _Segment(nn.Module):
-    """Blocks ``start`` .. ``stop`` - 1 (0-based) of a multi-exit model; the first segment embeds the images. A
-    rotary parent's (Eva) position embedding at the export size is a constant of every segment."""
+    """Blocks ``start`` .. ``stop`` - 1 (0-based) of a multi-exit model, the walker's segment
+    (``MultiExitMixin._segment``); the first segment embeds the images. With slimming at ``keep_rate`` the segment
+    also takes and returns the predicted lives and kept positions of the patches once they exist (LifeRegress,
+    003_*.txt), and each block runs on its n_t patches of longest life. A rotary parent's (Eva) position embedding at
+    the export size is a constant of every segment; a kept patch's rows are gathered in the graph."""
 
-    def __init__(self, model: MultiExitMixin, start: int, stop: int, example: torch.Tensor) -> None:
+    def __init__(self, model: MultiExitMixin, start: int, stop: int, example: torch.Tensor,
+                 keep_rate: Optional[float] = None) -> None:
         super().__init__()
         self.model, self.start, self.stop = model, start, stop
         with torch.no_grad():
-            self.rope = model._embed(example[:1])[1]
+            rope = model._embed(example[:1])[1]
+        self.ropes = [model._block_rope(rope, i) for i in range(start, stop)]
+        counts, self.mu, self.sigma = model._schedule(keep_rate, tuple(example.shape[-2:]))
+        self.counts = None if counts[-1] == counts[0] else counts[start:stop]
+        life = getattr(model, 'life_layer', -1)
+        self.life_at = life - start if self.counts is not None and start <= life < stop else -1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lives: Optional[torch.Tensor] = None,
+                kept: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
         if self.start == 0:
             x = self.model._embed(x)[0]
-        for i in range(self.start, self.stop):
-            x = self.model._apply_block(self.model.blocks[i], x, self.model._block_rope(self.rope, i), None)
-        return x
+        out = self.model._segment(x, lives, kept, list(self.model.blocks)[self.start:self.stop], self.ropes,
+                                  self.counts, self.life_at, self.mu, self.sigma, None, None, None, None, None,
+                                  with_head=False)[:3]
+        return tuple(t for t in out if t is not None)
 
 
 class _ExitHead(nn.Module):
     """Logits and criterion score of the exit after block ``layer`` (1-based), from that block's tokens."""
 
-    def __init__(self, model: MultiExitVisionTransformer, layer: int) -> None:
+    def __init__(self, model: MultiExitMixin, layer: int) -> None:
         super().__init__()
         self.model, self.layer = model, layer
 
@@ -97,7 +108,8 @@ class _ExitHead(nn.Module):
 
 class _Static(nn.Module):
     """The whole model at a fixed setting: LifeRegress at ``keep_rate``, a multi-exit model at ``budget`` (or full
-    depth). No threshold: nothing depends on the data, so one graph is right for every input."""
+    depth; with slimming, at ``keep_rate`` too). No threshold: nothing depends on the data, so one graph is right for
+    every input."""
 
     def __init__(self, model: nn.Module, keep_rate: Optional[float] = None, budget: Optional[float] = None) -> None:
         super().__init__()
@@ -106,22 +118,26 @@ class _Static(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.model, LifeRegressMixin):
             return self.model(x, keep_rate=self.keep_rate)
-        if self.budget is None:
+        if self.budget is None and self.keep_rate is None:
             return self.model.forward_head(self.model.forward_features(x))
-        return self.model.forward_dynamic(x, budget=self.budget).logits
+        slim = {} if self.keep_rate is None else dict(keep_rate=self.keep_rate)
+        return self.model.forward_dynamic(x, budget=self.budget, **slim).logits
 
 
-def _export_graph(module: nn.Module, example: torch.Tensor, path: Path, output_names: Sequence[str],
-                  export_id: str) -> None:
-    """One ONNX graph of ``module`` with a dynamic batch axis (torch.onnx's dynamo exporter: the TorchScript one
+def _export_graph(module: nn.Module, example: Union[torch.Tensor, Tuple[torch.Tensor, ...]], path: Path,
+                  output_names: Sequence[str], export_id: str) -> None:
+    """One ONNX graph of ``module`` with a dynamic batch axis shared by its inputs (``example``: one tensor, or the
+    tensors a segment passes on: tokens, lives, kept positions) (torch.onnx's dynamo exporter: the TorchScript one
     gets LifeRegress's population std wrong), the export id in its metadata."""
     import onnx
+    examples = example if isinstance(example, tuple) else (example,)
+    params = ('x', 'lives', 'kept')[:len(examples)]
+    batch = torch.export.Dim('batch', min=1, max=4096)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore')  # exporter notes; the graphs are checked against eager by the tests
         torch.onnx.export(
-            module, (example,), str(path), input_names=['input'], output_names=list(output_names), dynamo=True,
-            dynamic_shapes={'x': {0: torch.export.Dim('batch', min=1, max=4096)}}, verbose=False,
-            external_data=False)
+            module, examples, str(path), input_names=['input', *params[1:]], output_names=list(output_names),
+            dynamo=True, dynamic_shapes={p: {0: batch} for p in params}, verbose=False, external_data=False)
     graph = onnx.load(str(path))
     entry = graph.metadata_props.add()
     entry.key, entry.value = EXPORT_ID_KEY, export_id
@@ -152,7 +168,8 @@ def export_onnx(
         output: Folder to create; must not exist or be empty.
         model_name: Recorded in the manifest (default: the model's architecture).
         static: One graph at a fixed setting instead of staged segments (LifeRegress: always).
-        keep_rate: LifeRegress keep rate of the static graph (default: the model's).
+        keep_rate: Keep rate of a model with slimming (default: the model's): LifeRegress's static graph, or every
+            segment of a model with exits and slimming (whose budget then picks the exit at run time).
         budget: Fixed compute budget of the static graph: LifeRegress picks its keep rate, a multi-exit model its exit.
         data_config: The preprocessing recorded in the manifest (``timm_exits.data.resolve_data_cfg``; default: the
             model's pretrained cfg); the graphs take its input size.
@@ -163,17 +180,14 @@ def export_onnx(
     if not isinstance(model, (MultiExitMixin, LifeRegressMixin)):
         raise ValueError(f'--model must be a multi-exit or LifeRegress model, got {type(model).__name__}; a plain timm '
                          f'model exports with torch.onnx.export directly')
-    if isinstance(model, MultiExitMixin) and getattr(model, 'life', None) is not None and (
-            model.keep_rate < 1 or budget is not None or keep_rate is not None):
-        raise ValueError('a model with exits and slimming (*_mexit_liferegress) exports at keep rate 1 only, its '
-                         'exits without slimming (its default keep_rate=1.0, no --budget / --keep-rate); the slimmed '
-                         'per-image path runs in PyTorch (model.forward_dynamic)')
     out = Path(output).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f'--output {out} exists and is not empty; name a new folder')
     life = isinstance(model, LifeRegressMixin)
-    if keep_rate is not None and not life:
-        raise ValueError('--keep-rate applies to LifeRegress models only; a multi-exit model takes --budget')
+    both = isinstance(model, MultiExitMixin) and getattr(model, 'life', None) is not None  # exits and slimming
+    if keep_rate is not None and not (life or both):
+        raise ValueError('--keep-rate applies to LifeRegress models and models with exits and slimming only; a '
+                         'multi-exit model takes --budget')
     keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
     budget = None if budget is None else check_fraction('budget', budget, low_open=True)
     if budget is not None and not (static or life):
@@ -186,37 +200,45 @@ def export_onnx(
     example = torch.randn(2, *data_config['input_size'], dtype=next(model.parameters()).dtype)
     manifest: Dict[str, Any] = {
         'format': FORMAT, 'timm_exits_version': _version(), 'export_id': export_id, 'model': name,
-        'family': 'liferegress' if life else 'mexit', 'num_classes': model.num_classes,
+        'family': 'liferegress' if life else 'mexit_liferegress' if both else 'mexit',
+        'num_classes': model.num_classes,
         **{k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
     }
+    if both and not (life or static):  # the staged graphs slim at one keep rate, the budget then picks the exit
+        keep_rate = model.keep_rate if keep_rate is None else keep_rate
+        manifest['keep_rate'] = keep_rate
     with atomic_dir(out) as tmp:
         if life or static:
             if life:
                 keep_rate = model.resolve_keep_rate(keep_rate, budget)
                 cost, layer = model.flops_ratio(keep_rate), None
             else:
-                layer = model._stop_layer(budget)
-                cost = model.exit_costs[model.exit_layers.index(layer)]
+                rate, layer = model._plan_budget(budget, keep_rate)
+                cost = model._count_flops(None, rate)['costs'][model.exit_layers.index(layer)]
+                keep_rate = rate if both else None
             _export_graph(_Static(model, keep_rate, budget if not life else None), example, tmp / 'model.onnx',
                           ['logits'], export_id)
             manifest.update(mode='static', graph='model.onnx', keep_rate=keep_rate, budget=budget, exit_layer=layer,
                             cost=cost)
         else:
             layers = list(model.exit_layers)
-            segments, heads, x, start = [], [], example, 0
+            segments, heads, x, start, names = [], [], (example,), 0, ['input']
             with torch.no_grad():
                 for k, layer in enumerate(layers, 1):
-                    seg = _Segment(model, start, layer, example)
-                    _export_graph(seg, x, tmp / f'segment_{k}.onnx', ['tokens'], export_id)
-                    x = seg(x)
-                    _export_graph(_ExitHead(model, layer), x, tmp / f'exit_{layer}.onnx', ['logits', 'score'],
+                    seg = _Segment(model, start, layer, example, keep_rate)
+                    passed = seg(*x)
+                    outputs = ['tokens', 'lives_out', 'kept_out'][:len(passed)]  # the next segment's inputs, in order
+                    _export_graph(seg, x, tmp / f'segment_{k}.onnx', outputs, export_id)
+                    _export_graph(_ExitHead(model, layer), passed[0], tmp / f'exit_{layer}.onnx', ['logits', 'score'],
                                   export_id)
-                    segments.append({'file': f'segment_{k}.onnx', 'blocks': [start + 1, layer]})
+                    segments.append({'file': f'segment_{k}.onnx', 'blocks': [start + 1, layer], 'inputs': names,
+                                     'outputs': outputs})
                     heads.append({'file': f'exit_{layer}.onnx', 'layer': layer})
-                    start = layer
+                    x, names, start = passed, ['input', 'lives', 'kept'][:len(passed)], layer
+            flops = model._count_flops(None, keep_rate)
             manifest.update(
-                mode='staged', exit_layers=layers, exit_costs=list(model.exit_costs),
-                threshold_costs=list(model.threshold_costs), criterion=model.exit_criterion,
+                mode='staged', exit_layers=layers, exit_costs=list(flops['costs']),
+                threshold_costs=list(flops['threshold_costs']), criterion=model.exit_criterion,
                 confident_high=model.exit_criterion == 'confidence', default_threshold=model.threshold,
                 default_budget=model.budget, segments=segments, heads=heads, task=model.task,
                 exit_patience=model.exit_patience)

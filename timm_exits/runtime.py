@@ -109,8 +109,9 @@ class ExitSession:
             return len(costs) - 1
         fits = [k for k, c in enumerate(costs) if c <= budget + 1e-9]
         if not fits:
-            raise ValueError(f'budget={budget:g} is below the cheapest exit (block {self.exit_layers[0]}, cost '
-                             f'{costs[0]:.4f} of the full model); allowed: {costs[0]:.4f} <= budget <= 1')
+            cost, k = min((c, k) for k, c in enumerate(costs))
+            raise ValueError(f'budget={budget:g} is below the cheapest exit (block {self.exit_layers[k]}, cost '
+                             f'{cost:.4f} of the full model); allowed: {cost:.4f} <= budget <= 1')
         return fits[-1]
 
     def _input(self, x: Any) -> np.ndarray:
@@ -164,6 +165,8 @@ class ExitSession:
         elif threshold is not None:
             threshold = _fraction('threshold', threshold, low_open=False)
         budget = None if budget is None else _fraction('budget', budget, low_open=True)
+        if threshold is not None and budget is not None and min(m['threshold_costs']) > budget + 1e-9:
+            threshold = None  # no threshold path fits: the budget alone decides, as in eager forward_dynamic
         costs = m['exit_costs'] if threshold is None else m['threshold_costs']
         patience = regression and m['criterion'] == 'patience'
         prev, count = None, np.zeros(len(x))  # patience (PABEE): previous exit's prediction and agreement counter
@@ -172,14 +175,15 @@ class ExitSession:
         logits_out = np.empty((batch, m['num_classes']), dtype=np.float32)
         exit_out = np.full(batch, self.exit_layers[stop], dtype=np.int64)
         cost_out = np.empty(batch, dtype=np.float32)
-        rows, feed = np.arange(batch), x
+        rows, feed = np.arange(batch), [x]  # images, then what a segment passes on: tokens (lives, kept positions)
         for k in range(stop + 1):
             if len(rows) == 0:
                 break
-            feed = self.segments[k].run(None, {'input': feed})[0]
+            info = m['segments'][k]
+            feed = self.segments[k].run(None, dict(zip(info.get('inputs', ['input']), feed)))
             if k < stop and threshold is None:
                 continue
-            logits, score = self.heads[k].run(None, {'input': feed})
+            logits, score = self.heads[k].run(None, {'input': feed[0]})
             if k == stop:
                 leave = np.ones(len(rows), dtype=bool)
             elif patience:
@@ -191,7 +195,7 @@ class ExitSession:
                 leave = score >= threshold if m['confident_high'] else score <= threshold
             gone = rows[leave]
             logits_out[gone], exit_out[gone], cost_out[gone] = logits[leave], self.exit_layers[k], costs[k]
-            rows, feed = rows[~leave], feed[~leave]
+            rows, feed = rows[~leave], [f[~leave] for f in feed]
             if patience and prev is not None:
                 prev, count = prev[~leave], count[~leave]
         return RuntimeOutput(logits_out, exit_out, cost_out)

@@ -32,14 +32,16 @@ class _Pieces:
         ref = next(model.parameters())
         x = torch.zeros(1, model.patch_embed.proj.in_channels, *img_size, device=ref.device, dtype=ref.dtype)
         self.grid = model.patch_embed.dynamic_feat_size(img_size) if model.dynamic_img_size else None
-        self.embed, (tokens, rope) = count_flops(model._embed, x)
-        self.tokens, self.rope = tokens.detach(), None if rope is None else rope.detach()
+        self.embed, (self.tokens, self.rope) = count_flops(
+            lambda z: tuple(None if t is None else t.detach() for t in model._embed(z)), x)
         self.npt = model.num_prefix_tokens
         self.kinds = [_block_kind(blk) for blk in model.blocks]
 
-    def _count(self, key: Any, fn: Callable, *args: Any) -> int:
+    def _count(self, key: Any, fn: Callable[[], Any]) -> int:
+        """Counted inside ``count_flops`` (a tracer paused, grad on), so that a count taken while ``torch.jit.trace``
+        records a forward leaves nothing in its graph."""
         if key not in self.store:
-            self.store[key] = count_flops(fn, *args)[0]
+            self.store[key] = count_flops(lambda _: fn(), self.tokens)[0]  # the tokens name the device
         return self.store[key]
 
     def _tokens(self, n: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -50,29 +52,30 @@ class _Pieces:
 
     def block(self, i: int, n: int) -> int:
         """Block ``i`` (0-based) on n patches (and the prefix tokens)."""
-        if ('block', self.kinds[i], n) not in self.store:
+        def run() -> torch.Tensor:
             z, rope = self._tokens(n)
-            self._count(('block', self.kinds[i], n), self.model._apply_block, self.model.blocks[i], z,
-                        self.model._block_rope(rope, i), None)
-        return self.store[('block', self.kinds[i], n)]
+            return self.model._apply_block(self.model.blocks[i], z, self.model._block_rope(rope, i), None)
+
+        return self._count(('block', self.kinds[i], n), run)
 
     def exit(self, layer: int, n: int) -> int:
         """The exit after block ``layer`` (1-based; the depth: the final norm and head) on n patches, with the
         learned criterion's unit when the model's criterion reads one."""
-        if ('exit', layer, n) not in self.store:
-            model, z = self.model, self._tokens(n)[0]
+        model = self.model
+
+        def run() -> torch.Tensor:
+            z = self._tokens(n)[0]
             if layer == len(model.blocks):
-                f, logits = count_flops(lambda t: model.forward_head(model.norm(t)), z)
-            else:
-                f, logits = count_flops(model._exit_logits, layer, z, self.grid)
-                if model.criterion.learned:
-                    f += model._unit_flops(layer, z, logits, self.grid)
-            self.store[('exit', layer, n)] = f
-        return self.store[('exit', layer, n)]
+                return model.forward_head(model.norm(z))
+            if model.criterion.learned:
+                return model._exit_with_unit(layer, z, self.grid)
+            return model._exit_logits(layer, z, self.grid)
+
+        return self._count(('exit', layer, n), run)
 
     def life(self, n: int) -> int:
         """The life-regression module on n patches."""
-        return self._count(('life', n), self.model.life, self._tokens(n)[0], self.npt, 0., 1.)
+        return self._count(('life', n), lambda: self.model.life(self._tokens(n)[0], self.npt, 0., 1.))
 
 
 def _pieces(model: nn.Module, img_size: Size) -> _Pieces:

@@ -363,6 +363,10 @@ class LifeRegressMixin(NewPartsMixin):
                 rope = self._keep_rope(rope_full, pos)  # rotary entries of the patches kept
         return self.norm(x), intermediates
 
+    def _default_keep_rate(self) -> float:
+        """The keep rate of a call without one: the model's (``resolve_keep_rate``)."""
+        return self.resolve_keep_rate()
+
     @torch.jit.unused
     def predict_lives(self, x: torch.Tensor, keep_rate: Optional[float] = None) -> torch.Tensor:
         """Lives tau (B, N) of the patches of images x (eqs. 1-3), mu and sigma from ``keep_rate``'s schedule."""
@@ -382,7 +386,7 @@ class LifeRegressMixin(NewPartsMixin):
         token, the soft weights of eqs. (6)-(7) in each attention after ``life_layer``, mu and sigma of eq. (3)
         from the keep rate's schedule (eqs. 9-10).
         """
-        rate = self.resolve_keep_rate() if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        rate = self._default_keep_rate() if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
         return self._slim_tokens(x, *self._plan(rate, self._num_patches(x)), [])[0]
 
     @torch.jit.unused
@@ -405,11 +409,12 @@ class LifeRegressMixin(NewPartsMixin):
         grid: a patch dropped after an earlier block carries the features it had when it left. ``keep_rate=1.0``
         (or ``attn_mask`` / ``is_causal``) is the parent's path.
         """
-        rate = self.resolve_keep_rate() if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        rate = self._default_keep_rate() if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
         if rate >= 1. or attn_mask is not None or is_causal or self.training:  # train mode drops nothing
             extra = dict(output_dict=True) if output_dict else {}  # Eva's has no output_dict
-            return super().forward_intermediates(
-                x, indices=indices, return_prefix_tokens=return_prefix_tokens, norm=norm, stop_early=stop_early,
+            parent = next(c for c in type(self).__mro__ if c.__module__.split('.')[0] == 'timm')  # also when borrowed
+            return parent.forward_intermediates(
+                self, x, indices=indices, return_prefix_tokens=return_prefix_tokens, norm=norm, stop_early=stop_early,
                 output_fmt=output_fmt, intermediates_only=intermediates_only, attn_mask=attn_mask, is_causal=is_causal,
                 **extra)
         assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'

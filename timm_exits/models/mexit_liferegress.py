@@ -71,6 +71,12 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
     _keep_longest = LifeRegressMixin._keep_longest
     _plan = LifeRegressMixin._plan
     _num_patches = LifeRegressMixin._num_patches
+    # and its slimmed features path: forward_intermediates at a keep rate returns the slimmed path
+    _slim_tokens = LifeRegressMixin._slim_tokens
+    forward_intermediates = LifeRegressMixin.forward_intermediates
+
+    def _default_keep_rate(self) -> float:
+        return self.keep_rate
 
     def _init_mechanism(
             self,
@@ -246,16 +252,6 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
         """``MultiExitMixin.forward_anytime`` on the slimmed schedule of ``keep_rate`` (default: the model's)."""
         return self._anytime(x, threshold, keep_rate)
 
-    def _slim_features(self, x: torch.Tensor, keep_rate: float) -> torch.Tensor:
-        """Tokens after the last block (before the norm) at ``keep_rate``, every image on the slimmed schedule."""
-        counts, mu, sigma = self._plan(keep_rate, self._num_patches(x))
-        tokens, rope = self._embed(x)
-        ropes = [self._block_rope(rope, i) for i in range(self.depth)]
-        slim = counts if counts[-1] < counts[0] else None
-        return self._segment(tokens, None, None, list(self.blocks), ropes, slim, self.life_layer, mu, sigma, None,
-                             None, None, None, None, with_head=False)[0]
-
-
     # --- whole-batch paths: every exit, features, train mode ----------------------------------------------------
 
     def _soft_pass(self, x: torch.Tensor, grad_scale: float = 1., heads: bool = True, features: bool = False
@@ -310,7 +306,7 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
         rate = self.keep_rate if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
         if rate >= 1.:
             return super().forward_features(x)
-        return self.norm(self._slim_features(x, rate))
+        return self._slim_tokens(x, *self._plan(rate, self._num_patches(x)), [])[0]
 
     def forward(
             self,

@@ -38,7 +38,7 @@ from ._costs import schedule_costs
 from ._pretrained import explain_missing_weights, published_cfg
 from .adapters import EvaAdapter, VitAdapter, register_adapted
 from .exit_heads import EXIT_HEADS, create_exit_head
-from .walker import CRITERIA, TASKS, AnytimeStep, ExitOutput, ExitWalker, criteria_for
+from .walker import CRITERIA, TASKS, AnytimeStep, ExitCriterion, ExitOutput, ExitWalker, criteria_for, criterion
 
 __all__ = [
     'EXIT_CRITERIA', 'AnytimeStep', 'ExitOutput', 'MultiExitEva', 'MultiExitMixin', 'MultiExitVisionTransformer',
@@ -101,8 +101,9 @@ def _classifier_names(depth: int, exit_layers: Sequence[int]) -> Tuple[str, ...]
 class MultiExitMixin(NewPartsMixin):
     """Early exits after chosen blocks and per-image dynamic inference, on any parent class through its adapter
     (``MultiExitVisionTransformer``, ``MultiExitEva``; ``timm_exits.convert`` for a model already built)."""
-    __jit_unused_properties__ = ['full_flops', 'exit_costs', 'threshold_costs', 'worst_case_threshold_cost']
-    __jit_ignored_attributes__ = ['_flops', 'criterion']
+    __jit_unused_properties__ = [
+        'full_flops', 'exit_costs', 'threshold_costs', 'worst_case_threshold_cost', 'criterion']
+    __jit_ignored_attributes__ = ['_flops']
     new_prefixes = ('exits.', 'uncertainty.')
     new_parts_name = 'exit heads'
     layout_arg = 'exit_layers / exit_head'
@@ -193,10 +194,10 @@ class MultiExitMixin(NewPartsMixin):
         self.depth = depth
         self.exit_layers = (*layers, depth)
         self.exit_head_types = tuple(heads)
+        criterion(exit_criterion, task, exit_patience)  # a bad patience fails now, naming it
         self.task = task
         self.exit_patience = exit_patience
         self.exit_criterion = exit_criterion
-        self.criterion = self._make_criterion(exit_criterion)
         self.threshold = None if threshold is None else self._check_threshold(threshold)
         self.budget = None if budget is None else check_fraction('budget', budget, low_open=True)
         self.exits = nn.ModuleDict({
@@ -223,10 +224,6 @@ class MultiExitMixin(NewPartsMixin):
             self._stop_layer(self.budget)
 
     # --- construction helpers -------------------------------------------------------------------------------------
-
-    def _make_criterion(self, name: str):
-        cls = criteria_for(self.task)[name]
-        return cls(self.exit_patience) if name == 'patience' else cls()
 
     def _exit_pool(self) -> str:
         """Pooling of the exit branches: [CLS]; the mean of the patch tokens without a class token, and for regression
@@ -343,11 +340,14 @@ class MultiExitMixin(NewPartsMixin):
             return self.forward_head(self.norm(x), pre_logits=True)
         return self.exits[_key(layer)](x, pre_logits=True, grid_size=grid_size)
 
-    def _unit_flops(self, layer: int, x: torch.Tensor, logits: torch.Tensor, grid: Optional[Tuple[int, int]]) -> int:
-        """FLOPs of the learned criterion's unit at the exit after block ``layer`` (tokens x, its output logits)."""
+    def _exit_with_unit(self, layer: int, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None):
+        """The exit after block ``layer`` and its learned criterion's unit (what the cost model counts): logits and
+        u_i (classification), or values and the scale from the exit's features (regression)."""
         if self.task == 'regression':
-            return count_flops(self.exit_scale, layer, self.exit_features(layer, x, grid).detach())[0]
-        return count_flops(self.exit_uncertainty, layer, logits)[0]
+            features = self.exit_features(layer, x, grid)
+            return self.exit_head_module(layer)(features), self.exit_scale(layer, features)
+        logits = self._exit_logits(layer, x, grid)
+        return logits, self.exit_uncertainty(layer, logits)
 
     def set_exit_criterion(self, exit_criterion: str, exit_patience: Optional[int] = None) -> None:
         """Switch the criterion (a name of the model's task) and, for 'patience', its count; costs are recounted."""
@@ -356,14 +356,18 @@ class MultiExitMixin(NewPartsMixin):
             raise ValueError(f'exit_criterion={exit_criterion!r} is not a criterion of task={self.task!r}; '
                              f'allowed: {list(allowed)}')
         patience = self.exit_patience if exit_patience is None else exit_patience
-        criterion = criteria_for(self.task)[exit_criterion](patience) if exit_criterion == 'patience' \
-            else allowed[exit_criterion]()
-        self.exit_criterion, self.exit_patience, self.criterion, self._flops = exit_criterion, patience, criterion, {}
+        criterion(exit_criterion, self.task, patience)  # a bad patience fails here, naming it
+        self.exit_criterion, self.exit_patience, self._flops = exit_criterion, patience, {}
 
     def exit_scores(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
         """Per image, the value ``exit_criterion`` compares with the threshold (max softmax, normalised entropy or
         uncertainty)."""
         return self.criterion.scores(logits, self.uncertainty[_key(layer)])
+
+    @property
+    def criterion(self) -> ExitCriterion:
+        """The ``exit_criterion`` object of the model's task: its scores, its decision and its per-image state."""
+        return criterion(self.exit_criterion, self.task, self.exit_patience)
 
     def _exits_now(self, layer: int, logits: torch.Tensor, threshold: float) -> torch.Tensor:
         return self.criterion.leaves(self.exit_scores(layer, logits), threshold)
@@ -423,7 +427,8 @@ class MultiExitMixin(NewPartsMixin):
                      keep_rate: Optional[float] = None) -> Dict[str, Any]:
         """Costs of one image at ``img_size`` and ``keep_rate`` (defaults: the model's), torch's flop counter on the
         pieces (``_costs.schedule_costs``): ``full`` (the parent's FLOPs), ``costs`` and ``threshold_costs`` per exit
-        as shares of it, the schedule ``counts``. A cached lookup traces into a compiled graph; counting runs eagerly."""
+        as shares of it, the schedule ``counts``. A cached lookup traces into a compiled graph; counting runs
+        eagerly."""
         img_size = self._size(img_size)
         counts = tuple(self._schedule(keep_rate, img_size)[0])
         return self._flops.get(('schedule', img_size, counts)) or schedule_costs(self, img_size, counts)
@@ -568,17 +573,28 @@ class MultiExitMixin(NewPartsMixin):
             deadline_ms: Optional[float],
     ) -> ExitOutput:
         """``forward_dynamic`` of every family: defaults applied, arguments checked, the deadline started."""
+        threshold, budget, keep_rate, deadline = self._call_args(threshold, budget, keep_rate, deadline_ms)
+        return self._dynamic(x, threshold, budget, deadline, keep_rate)
+
+    def _call_args(
+            self,
+            threshold: Optional[float],
+            budget: Optional[float],
+            keep_rate: Optional[float],
+            deadline_ms: Optional[float],
+    ) -> Tuple[Optional[float], Optional[float], Optional[float], Optional[float]]:
+        """Checked (threshold, budget, keep rate, deadline in ``time.perf_counter()`` seconds) of a call, the model's
+        defaults applied; a tracer refuses a deadline."""
         start = time.perf_counter()
         threshold, budget = self._resolve(threshold, budget)
         keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
-        if deadline_ms is not None:
-            if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, Real) or not deadline_ms >= 0 \
-                    or math.isinf(deadline_ms):
-                raise ValueError(
-                    f'deadline_ms must be a finite number of milliseconds >= 0 or None, got {deadline_ms!r}')
-            self._refuse_tracing(threshold, deadline_ms)
-        return self._dynamic(x, threshold, budget, None if deadline_ms is None else start + deadline_ms / 1e3,
-                             keep_rate)
+        if deadline_ms is None:
+            return threshold, budget, keep_rate, None
+        if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, Real) or not deadline_ms >= 0 \
+                or math.isinf(deadline_ms):
+            raise ValueError(f'deadline_ms must be a finite number of milliseconds >= 0 or None, got {deadline_ms!r}')
+        self._refuse_tracing(threshold, deadline_ms)
+        return threshold, budget, keep_rate, start + deadline_ms / 1e3
 
     @torch.jit.unused
     def forward_anytime(self, x: torch.Tensor, threshold: Optional[float] = None) -> Iterator[AnytimeStep]:
@@ -599,8 +615,7 @@ class MultiExitMixin(NewPartsMixin):
 
     def _anytime(self, x: torch.Tensor, threshold: Optional[float], keep_rate: Optional[float]
                  ) -> Iterator[AnytimeStep]:
-        threshold, _ = self._resolve(threshold, None)
-        keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        threshold, _, keep_rate, _ = self._call_args(threshold, None, keep_rate, None)
         if self.num_classes <= 0:
             raise ValueError('forward_anytime needs a classifier: the model was built or reset with num_classes=0')
         self._refuse_tracing(threshold)
@@ -620,16 +635,10 @@ class MultiExitMixin(NewPartsMixin):
         segment and returns who leaves with their answers and the state of who goes on (``timm_exits.models.walker``).
         The model's defaults apply; ``keep_rate`` needs a model with slimming; ``deadline_ms`` counts from this call.
         """
-        start = time.perf_counter()
-        threshold, budget = self._resolve(threshold, budget)
-        keep_rate = None if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        threshold, budget, keep_rate, deadline = self._call_args(threshold, budget, keep_rate, deadline_ms)
         if self.num_classes <= 0:
             raise ValueError('exit_walker needs a classifier: the model was built or reset with num_classes=0')
-        if deadline_ms is not None and (isinstance(deadline_ms, bool) or not isinstance(deadline_ms, Real)
-                                        or not deadline_ms >= 0 or math.isinf(deadline_ms)):
-            raise ValueError(f'deadline_ms must be a finite number of milliseconds >= 0 or None, got {deadline_ms!r}')
-        self._refuse_tracing(threshold, deadline_ms)
-        deadline = None if deadline_ms is None else start + deadline_ms / 1e3
+        self._refuse_tracing(threshold)
         return self._walker(self._size(img_size), threshold, budget, keep_rate, deadline)
 
     def _walker(
@@ -648,7 +657,7 @@ class MultiExitMixin(NewPartsMixin):
         counts, mu, sigma = self._schedule(rate, img_size)
         grid = self.patch_embed.dynamic_feat_size(img_size) if self.dynamic_img_size else None
         return ExitWalker(self, threshold, stop, dict(zip(self.exit_layers, costs)), counts, mu, sigma, deadline,
-                          every_head, grid)
+                          every_head, grid, img_size)
 
     def _refuse_tracing(self, threshold: Optional[float], deadline_ms: Optional[float] = None) -> None:
         tool = tracing_tool()

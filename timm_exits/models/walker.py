@@ -32,7 +32,7 @@ import torch.nn as nn
 __all__ = [
     'CRITERIA', 'REGRESSION_CRITERIA', 'TASKS', 'AnytimeStep', 'ConfidenceCriterion', 'EntropyCriterion',
     'ExitCriterion', 'ExitOutput', 'ExitWalker', 'PatienceCriterion', 'ScaleCriterion', 'UncertaintyCriterion',
-    'WalkState', 'WalkStep', 'criteria_for', 'register_criterion',
+    'WalkState', 'WalkStep', 'criteria_for', 'criterion', 'register_criterion',
 ]
 
 TASKS = ('classification', 'regression')
@@ -167,6 +167,7 @@ class ScaleCriterion(ExitCriterion):
 
 CRITERIA: Dict[str, Type[ExitCriterion]] = {}
 REGRESSION_CRITERIA: Dict[str, Type[ExitCriterion]] = {}
+_INSTANCES: Dict[Tuple[str, str, int], ExitCriterion] = {}  # criteria keep no per-model state: one object serves all
 
 
 def register_criterion(cls: Type[ExitCriterion]) -> Type[ExitCriterion]:
@@ -184,6 +185,17 @@ def criteria_for(task: str) -> Dict[str, Type[ExitCriterion]]:
     if task not in TASKS:
         raise ValueError(f'task must be one of {list(TASKS)}, got {task!r}')
     return CRITERIA if task == 'classification' else REGRESSION_CRITERIA
+
+
+def criterion(name: str, task: str = 'classification', patience: int = 1) -> ExitCriterion:
+    """The registered criterion ``name`` of ``task`` (``patience``: the count of PABEE's rule, 'patience' only)."""
+    cls = criteria_for(task)[name]
+    if cls is PatienceCriterion and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ValueError(f'exit_patience must be an integer >= 1 (consecutive agreeing exits), got {patience!r}')
+    key = (task, name, patience if cls is PatienceCriterion else 0)
+    if key not in _INSTANCES:
+        _INSTANCES[key] = cls(patience) if cls is PatienceCriterion else cls()
+    return _INSTANCES[key]
 
 
 for _cls in (ConfidenceCriterion, EntropyCriterion, UncertaintyCriterion, PatienceCriterion, ScaleCriterion):
@@ -222,7 +234,8 @@ class WalkState(NamedTuple):
                     f'{tuple(s.tokens.shape[1:])} tokens vs done={first.done} with {tuple(first.tokens.shape[1:])}')
         if len(states) == 1:
             return first
-        return WalkState(first.done, *(None if ts[0] is None else torch.cat(ts) for ts in zip(*(s[1:] for s in states))))
+        columns = zip(*(s[1:] for s in states))
+        return WalkState(first.done, *(None if ts[0] is None else torch.cat(ts) for ts in columns))
 
 
 class WalkStep(NamedTuple):
@@ -252,7 +265,8 @@ class ExitWalker:
     before ``stop``), ``costs`` per exit (what an image leaving there spent), the token schedule ``counts`` with the
     target mean and std of the lives (slimming; None: every patch), a ``deadline`` in ``time.perf_counter()``
     seconds after which every image still running answers at the next exit, and ``every_head`` (anytime: each exit's
-    answer for every image). Under torch.compile each segment is one graph and the exit decision the only host sync.
+    answer for every image), at input size ``img_size``. Under torch.compile each segment is one graph and the exit
+    decision the only host sync.
     """
 
     def __init__(
@@ -267,11 +281,15 @@ class ExitWalker:
             deadline: Optional[float] = None,
             every_head: bool = False,
             grid: Optional[Tuple[int, int]] = None,
+            img_size: Optional[Tuple[int, int]] = None,
     ) -> None:
         self.model, self.threshold, self.stop, self.costs = model, threshold, stop, costs
         self.counts = None if counts is None or counts[-1] == counts[0] else list(counts)  # nothing dropped: no life
         self.mu, self.sigma, self.deadline, self.every_head, self.grid = mu, sigma, deadline, every_head, grid
+        self.img_size = tuple(model.patch_embed.img_size) if img_size is None else img_size
         self.exit_layers = tuple(layer for layer in model.exit_layers if layer <= stop)
+        # each exit's head (None: the final norm and head) and uncertainty unit, the modules in exit order
+        self.heads = dict(zip(model.exit_layers, zip([*model.exits.values(), None], model.uncertainty.values())))
         self.ropes: Optional[List[Optional[torch.Tensor]]] = None
 
     @property
@@ -287,17 +305,23 @@ class ExitWalker:
         rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
         return WalkState(0, rows, tokens, criterion=self.model.criterion.initial_state(x.shape[0], x.device))
 
-    def _segment_to(self, state: WalkState, layer: int, with_head: bool, threshold: Optional[float]):
+    def _segment_args(self, state: WalkState, layer: int, with_head: bool, threshold: Optional[float]) -> Tuple:
+        """Arguments of ``model._segment`` from the point of ``state`` to the exit after block ``layer``."""
         model, start = self.model, state.done
-        blocks, ropes = list(model.blocks)[start:layer], self.ropes[start:layer]
+        if self.ropes is None:  # a state started by another walker of this setting: the rows of an empty image
+            with torch.no_grad():
+                self.start(state.tokens.new_zeros(1, model.patch_embed.proj.in_channels, *self.img_size))
         counts, life_at = None, -1
         if self.counts is not None:
             counts = self.counts[start:layer]
             life_at = model.life_layer - start if state.lives is None and start <= model.life_layer < layer else -1
-        head = None if layer == model.depth else model.exits[str(layer)]
-        return model._segment(state.tokens, state.lives, state.kept, blocks, ropes, counts, life_at, self.mu,
-                              self.sigma, head, model.uncertainty[str(layer)], self.grid, threshold, state.criterion,
-                              with_head)
+        head, unit = self.heads[layer]
+        return (state.tokens, state.lives, state.kept, list(model.blocks)[start:layer], self.ropes[start:layer], counts,
+                life_at, self.mu, self.sigma, head, unit, self.grid, threshold, state.criterion, with_head)
+
+    @torch._dynamo.disable(recursive=False)  # the host-side set-up stays eager; torch.compile compiles the segment
+    def _segment_to(self, state: WalkState, layer: int, with_head: bool, threshold: Optional[float]) -> Tuple:
+        return self.model._segment(*self._segment_args(state, layer, with_head, threshold))
 
     @torch._dynamo.disable(recursive=False)  # the host-side step stays eager; torch.compile compiles each segment
     def step(self, state: WalkState) -> WalkStep:
@@ -326,7 +350,7 @@ class ExitWalker:
         """``forward_dynamic``: every image's answer, the exit it took and its cost."""
         if self.single_path:  # one path for every image: tracers (jit.trace, ONNX, torch.export) record it faithfully
             state = self.start(x)
-            logits = self._segment_to(state, self.stop, True, None)[3]
+            logits = self.model._segment(*self._segment_args(state, self.stop, True, None))[3]
             batch = x.shape[0]
             return ExitOutput(
                 logits,
