@@ -1,6 +1,6 @@
 """ Counting with early exit, offline: a tiny multi-exit ViT regressor on ``digits_count`` canvases, over seeds.
 
-    python benchmarks/digits_count_study.py [--output output/digits_count] [--epochs 30] [--seeds 0 1 2]
+    python benchmarks/digits_count_study.py [--output output/digits_count] [--epochs 10] [--seeds 0 1 2]
         [--docs docs] [--no-resume]
 
 The task (``timm_exits.data.DigitsCountDataset``): 32 x 32 canvases of 1-8 scikit-learn digits glyphs (never
@@ -138,7 +138,7 @@ def plot(rows: List[Dict[str, Any]], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[1])
     parser.add_argument('--output', default=os.path.join(REPO, 'output', 'digits_count'))
-    parser.add_argument('--epochs', type=int, default=30)
+    parser.add_argument('--epochs', type=int, default=10)
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--docs', default=os.path.join(REPO, 'docs'))
     parser.add_argument('--no-resume', action='store_true')
