@@ -154,6 +154,26 @@ def main() -> None:
         write_json(result, os.path.join(args.docs, 'digits_count_study.json'))
         plot(rows, os.path.join(args.docs, 'digits_count_study.png'))
         print(json_summary(result['summary']), flush=True)
+    print(markdown(result))
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    """The README's tables: per-exit test MAE (mean +- std over seeds) and MAE at mean budgets."""
+    s, seeds = result['summary'], [r['seed'] for r in result['seeds']]
+
+    def f(v: List[float]) -> str:
+        return f'{v[0]:.3f} +- {v[1]:.3f}' if v else 'n/a'
+    lines = [f'Test MAE (glyphs), mean +- std over seeds {seeds}; trivial predictors: training mean '
+             f'{f(s["trivial_mean_mae"])}, least-squares line on total ink {f(s["trivial_ink_line_mae"])}.', '',
+             '| exit (after block) | cost | MAE | RMSE |', '|---|---|---|---|']
+    lines += [f'| {e["layer"]} | {e["cost"]:.3f} | {f(e["mae"])} | {f(e["rmse"])} |' for e in s['exits']]
+    lines += ['', '| mean budget | budget (deepest exit that fits) | patience 1 | patience 2 | uncertainty (scale) |',
+              '|---|---|---|---|---|']
+    for budget in (0.5, 0.6, 0.7, 0.8, 0.9):
+        row = s[f'mean_budget_{budget}']
+        lines.append(f'| {budget} | {f(row["budget"])} | {f(row["patience1"])} | {f(row["patience2"])} | '
+                     f'{f(row["uncertainty"])} |')
+    return '\n'.join(lines)
 
 
 def json_summary(s: Dict[str, Any]) -> str:
