@@ -562,8 +562,8 @@ def create_dataset(
     key = name.split('/', 1)[1] if name.startswith('torch/') else ''
     if key not in TORCHVISION_DATASETS:
         raise ValueError(
-            f'dataset={name!r} is not known; allowed: digits, digits_count[/<seed>], counting, folder, '
-            f'{", ".join("torch/" + k for k in TORCHVISION_DATASETS)}')
+            f'dataset={name!r} is not known; allowed: digits, folder, '
+            f'{", ".join("torch/" + k for k in TORCHVISION_DATASETS)}, digits_count[/<seed>], counting')
     cls_name, splits = TORCHVISION_DATASETS[key]
     if split not in splits:
         raise ValueError(f'{name} has no split {split!r}; allowed: {list(splits)}')

@@ -149,8 +149,8 @@ def _check_data(args: argparse.Namespace, split: str, flag: str) -> None:
         key = name.split('/', 1)[1] if name.startswith('torch/') else ''
         if key not in TORCHVISION_DATASETS:
             raise ValueError(
-                f'--dataset {name!r} is not known; allowed: digits, digits_count[/<seed>], counting, folder, '
-                f'{", ".join("torch/" + k for k in TORCHVISION_DATASETS)}')
+                f'--dataset {name!r} is not known; allowed: digits, folder, '
+                f'{", ".join("torch/" + k for k in TORCHVISION_DATASETS)}, digits_count[/<seed>], counting')
         splits = TORCHVISION_DATASETS[key][1]
         if split not in splits:
             raise ValueError(f'{flag} {split!r} is not a split of {name}; allowed: {list(splits)}')
