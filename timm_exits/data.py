@@ -11,7 +11,7 @@ published with the preprocessing it was trained with.
 import argparse
 import math
 import os
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 from timm.data import create_transform
 
 __all__ = [
-    'CROP_MODES', 'DATA_CONFIG_KEYS', 'NO_LABEL', 'TORCHVISION_DATASETS', 'DataConfig', 'DigitsDataset', 'ImageFiles',
-    'add_data_config_args',
-    'available_cpus', 'build_transform', 'check_data_config', 'create_dataset', 'data_config_flags',
-    'digits_augment', 'make_loader', 'recorded_data_config', 'resolve_data_cfg', 'write_digits_folder',
+    'CROP_MODES', 'DATA_CONFIG_KEYS', 'NO_LABEL', 'TORCHVISION_DATASETS', 'CountingDataset', 'DataConfig',
+    'DigitsCountDataset', 'DigitsDataset', 'ImageFiles', 'add_data_config_args', 'available_cpus', 'build_transform',
+    'check_data_config', 'counting_transform', 'create_dataset', 'data_config_flags', 'digits_augment', 'make_loader',
+    'read_points', 'recorded_data_config', 'resolve_data_cfg', 'sum_by_image', 'write_digits_folder',
 ]
 
 DATA_CONFIG_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
@@ -341,6 +341,217 @@ class DigitsDataset(Dataset):
         return (image if self.transform is None else self.transform(image)), int(self.targets[i])
 
 
+class DigitsCountDataset(Dataset):
+    """An offline counting benchmark (nothing downloaded): canvases of scikit-learn's digits glyphs, each labelled with
+    the number of glyphs of one class (``count_class``) among glyphs of every class.
+
+    Each canvas (``canvas`` px square, black) holds 1..``max_glyphs`` glyphs (8 x 8 px, never overlapping), each of
+    class ``count_class`` with probability ``p_count`` and of one of ``distractors`` otherwise; the target is how many
+    of ``count_class`` it holds (a float). Glyphs come from a pool split by index (index mod 5: 0-2 train, 3 val, 4
+    test), so test canvases show glyphs no training canvas showed. Every split is fixed by ``seed``. Images are
+    (3, H, W) at ``img_size``, grey levels in [0, 1] normalised with ``mean`` and ``std``.
+    """
+    splits = ('train', 'val', 'test')
+    sizes = {'train': 3000, 'val': 1000, 'test': 1000}
+
+    def __init__(self, split: str = 'train', img_size: Any = 32, transform: Optional[Callable] = None,
+                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5), seed: int = 0,
+                 num_images: Optional[int] = None, count_class: int = 0, distractors: Sequence[int] = (1, 4, 7),
+                 max_glyphs: int = 8, p_count: float = .4, canvas: int = 32) -> None:
+        from sklearn.datasets import load_digits
+        if split not in self.splits:
+            raise ValueError(f'digits_count split={split!r} is not known; allowed: {list(self.splits)}')
+        if count_class not in range(10) or not distractors or any(
+                d not in range(10) or d == count_class for d in distractors):
+            raise ValueError(f'count_class and distractors must be digit classes in 0..9, the counted one not among '
+                             f'the distractors; got count_class={count_class!r}, distractors={distractors!r}')
+        digits = load_digits()
+        part = {'train': (0, 1, 2), 'val': (3,), 'test': (4,)}[split]
+        pool = [i for i in range(len(digits.target)) if i % 5 in part]
+        glyphs = torch.tensor(digits.images[pool], dtype=torch.float32) / 16.
+        labels = torch.tensor(digits.target[pool])
+        ours = torch.nonzero(labels == count_class)[:, 0]
+        others = torch.nonzero(torch.isin(labels, torch.tensor(list(distractors))))[:, 0]
+        gen = torch.Generator().manual_seed(seed * 1000 + self.splits.index(split))
+        n = self.sizes[split] if num_images is None else num_images
+        images, counts = torch.zeros(n, 1, canvas, canvas), torch.zeros(n)
+        for k in range(n):
+            boxes: List[Tuple[int, int]] = []
+            for _ in range(int(torch.randint(1, max_glyphs + 1, (1,), generator=gen))):
+                for _ in range(50):  # a free place, else this glyph is left out (its class not counted)
+                    y, x = (int(v) for v in torch.randint(0, canvas - 7, (2,), generator=gen))
+                    if all(abs(y - by) >= 8 or abs(x - bx) >= 8 for by, bx in boxes):
+                        break
+                else:
+                    continue
+                mine = bool(torch.rand(1, generator=gen) < p_count)
+                group = ours if mine else others
+                glyph = glyphs[group[int(torch.randint(len(group), (1,), generator=gen))]]
+                images[k, 0, y:y + 8, x:x + 8] = glyph
+                boxes.append((y, x))
+                counts[k] += float(mine)
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if size != (canvas, canvas):
+            images = F.interpolate(images, size=size, mode='bilinear', align_corners=False)
+        mean_, std_ = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
+        self.ink = images.flatten(1).sum(1)  # total ink per canvas: the trivial predictor's feature
+        self.images = ((images.expand(-1, len(mean), -1, -1) - mean_) / std_).contiguous()
+        self.targets = counts
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, float]:
+        image = self.images[i]
+        return (image if self.transform is None else self.transform(image)), float(self.targets[i])
+
+
+def _check_count(value: Any, where: str) -> float:
+    """A count read from ``where``: a finite number >= 0, else a ValueError naming the place."""
+    try:
+        count = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f'{where}: the count {value!r} is not a number') from None
+    if not math.isfinite(count) or count < 0:
+        raise ValueError(f'{where}: a count must be a finite number >= 0, got {value!r}')
+    return count
+
+
+def read_points(path: str, width: int, height: int) -> List[Tuple[float, float]]:
+    """Point annotations of one image (ShanghaiTech / DISCO style: one head per point), a text file of ``x y`` per
+    line (pixels; ',' or spaces; '#' comments), or a ``.npy`` (N, 2) array; every point must lie on the image
+    (``width`` x ``height``), else a ValueError naming the file, the line and the image size."""
+    if path.endswith('.npy'):
+        import numpy as np
+        rows = [(float(a), float(b)) for a, b in np.load(path).reshape(-1, 2)]
+        lines = [f'row {i}' for i in range(len(rows))]
+    else:
+        rows, lines = [], []
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                text = line.split('#', 1)[0].replace(',', ' ').split()
+                if not text:
+                    continue
+                if len(text) != 2:
+                    raise ValueError(f'{path} line {number}: a point is two numbers "x y", got {line.strip()!r}')
+                try:
+                    rows.append((float(text[0]), float(text[1])))
+                except ValueError:
+                    raise ValueError(f'{path} line {number}: a point is two numbers "x y", got {line.strip()!r}') \
+                        from None
+                lines.append(f'line {number}')
+    for (x, y), where in zip(rows, lines):
+        if not (math.isfinite(x) and math.isfinite(y) and 0 <= x <= width and 0 <= y <= height):
+            raise ValueError(f'{path} {where}: point ({x:g}, {y:g}) lies outside its image ({width} x {height} px): '
+                             f'the point file does not match the image')
+    return rows
+
+
+class CountingDataset(Dataset):
+    """A counting set in one format real sets map to: ``root/<split>/images/`` and either ``root/<split>/counts.csv``
+    (``image,count`` per line, a header allowed) or ``root/<split>/points/<image stem>.txt`` / ``.npy`` (one point
+    per object, as ShanghaiTech and DISCO ship their heads; convert their .mat files to this once).
+
+    With points and ``crop`` (TransCrowd's setting, 001_*.txt: images resized to ``resize`` (W, H) and cut into
+    ``crop`` px squares), every crop is one sample whose target is the number of points inside it; ``image_ids``
+    says which image each sample came from, so a test split is scored per image on the sum over its crops
+    (``sum_by_image``). Without ``crop`` every image is one sample, its count the number of points.
+    """
+
+    def __init__(self, root: str, split: str, transform: Optional[Callable] = None, crop: Optional[int] = None,
+                 resize: Optional[Tuple[int, int]] = None) -> None:
+        from PIL import Image
+        folder = os.path.join(root, split)
+        images = os.path.join(folder, 'images')
+        if not os.path.isdir(images):
+            raise ValueError(f'counting set: {images} is not a folder (expected {root}/<split>/images/)')
+        names = sorted(n for n in os.listdir(images) if n.lower().endswith(('.jpg', '.jpeg', '.png', '.bmp')))
+        if not names:
+            raise ValueError(f'counting set: no images in {images}')
+        csv_path, points_dir = os.path.join(folder, 'counts.csv'), os.path.join(folder, 'points')
+        self.transform, self.crop, self.resize = transform, crop, resize
+        self.samples: List[Tuple[str, Optional[Tuple[int, int, int, int]], float]] = []
+        self.image_ids: List[int] = []
+        if os.path.isfile(csv_path):
+            if crop is not None:
+                raise ValueError(f'crop={crop} needs point annotations ({points_dir}); {csv_path} gives one count per '
+                                 f'image')
+            counts: Dict[str, float] = {}
+            with open(csv_path) as f:
+                for number, line in enumerate(f, 1):
+                    cells = [c.strip() for c in line.strip().split(',')]
+                    if not cells[0] or (number == 1 and cells[-1].lower() == 'count'):
+                        continue
+                    if len(cells) != 2:
+                        raise ValueError(f'{csv_path} line {number}: expected "image,count", got {line.strip()!r}')
+                    counts[cells[0]] = _check_count(cells[1], f'{csv_path} line {number} ({cells[0]})')
+            missing = [n for n in names if n not in counts]
+            if missing:
+                raise ValueError(f'{csv_path}: no count for {len(missing)} image(s), e.g. {missing[:3]}')
+            for i, n in enumerate(names):
+                self.samples.append((os.path.join(images, n), None, counts[n]))
+                self.image_ids.append(i)
+            return
+        if not os.path.isdir(points_dir):
+            raise ValueError(f'counting set: neither {csv_path} nor {points_dir}/ exists')
+        for i, n in enumerate(names):
+            stem = os.path.splitext(n)[0]
+            path = next((os.path.join(points_dir, stem + e) for e in ('.txt', '.npy')
+                         if os.path.isfile(os.path.join(points_dir, stem + e))), None)
+            if path is None:
+                raise ValueError(f'counting set: no point file for {n} ({points_dir}/{stem}.txt or .npy)')
+            with Image.open(os.path.join(images, n)) as im:
+                width, height = im.size
+            points = read_points(path, width, height)
+            if crop is None:
+                self.samples.append((os.path.join(images, n), None, float(len(points))))
+                self.image_ids.append(i)
+                continue
+            w, h = resize or (width, height)
+            sx, sy = w / width, h / height
+            pts = [(x * sx, y * sy) for x, y in points]
+            for top in range(0, h - crop + 1, crop):
+                for left in range(0, w - crop + 1, crop):
+                    inside = sum(left <= x < left + crop and top <= y < top + crop for x, y in pts)
+                    self.samples.append((os.path.join(images, n), (left, top, left + crop, top + crop), float(inside)))
+                    self.image_ids.append(i)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return torch.tensor([c for _, _, c in self.samples])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Tuple[Any, float]:
+        from PIL import Image
+        path, box, count = self.samples[i]
+        with Image.open(path) as im:
+            image = im.convert('RGB')
+        if box is not None:
+            if self.resize is not None:
+                image = image.resize(tuple(self.resize), Image.BILINEAR)
+            image = image.crop(box)
+        return (image if self.transform is None else self.transform(image)), count
+
+
+def sum_by_image(values: torch.Tensor, image_ids: Sequence[int]) -> torch.Tensor:
+    """Per image, the sum of its crops' ``values`` (N, ...) (TransCrowd's test count), images in id order."""
+    ids = torch.as_tensor(list(image_ids))
+    out = values.new_zeros(int(ids.max()) + 1, *values.shape[1:])
+    return out.index_add_(0, ids.to(values.device), values)
+
+
+def counting_transform(data_config: Mapping[str, Any], is_training: bool) -> Callable:
+    """A counting set's transform: resize to the input size (a crop already is), a horizontal flip in training, the
+    config's normalisation; no scale or crop augmentation, which would change the count."""
+    from torchvision import transforms as T
+    flip = [T.RandomHorizontalFlip()] if is_training else []
+    return T.Compose([T.Resize(tuple(data_config['input_size'][1:])), *flip, T.ToTensor(),
+                      T.Normalize(data_config['mean'], data_config['std'])])
+
+
 def build_transform(
         model: nn.Module,
         is_training: bool,
@@ -387,6 +598,19 @@ def create_dataset(
     Nothing downloads unless ``download`` is set (torchvision datasets that support it).
     """
     cfg = resolve_data_cfg(model) if data_config is None else data_config
+    if name.startswith('digits_count'):  # 'digits_count' or 'digits_count/<seed>'
+        seed = name.split('/', 1)[1] if '/' in name else '0'
+        if not seed.isdigit():
+            raise ValueError(f'dataset={name!r}: digits_count/<seed> takes an integer seed, got {seed!r}')
+        return DigitsCountDataset(split, tuple(cfg['input_size'][1:]), mean=cfg['mean'], std=cfg['std'],
+                                  seed=int(seed))
+    if name == 'counting':
+        crop, resize = transform_kwargs.pop('crop', None), transform_kwargs.pop('resize', None)
+        transform_kwargs.pop('resize_crop', None)
+        if transform_kwargs:
+            raise ValueError(f'dataset counting takes the augmentation arguments crop and resize only (a scale or crop '
+                             f'augmentation would change the counts), got {sorted(transform_kwargs)}')
+        return CountingDataset(data_dir, split, counting_transform(cfg, is_training), crop=crop, resize=resize)
     if name == 'digits':
         mean, std = cfg['mean'], cfg['std']
         fill = [-m / s for m, s in zip(mean, std)]
@@ -402,7 +626,7 @@ def create_dataset(
     if key not in TORCHVISION_DATASETS:
         raise ValueError(
             f'dataset={name!r} is not known; allowed: digits, folder, images, '
-            f'{", ".join("torch/" + k for k in TORCHVISION_DATASETS)}')
+            f'{", ".join("torch/" + k for k in TORCHVISION_DATASETS)}, digits_count[/<seed>], counting')
     cls_name, splits = TORCHVISION_DATASETS[key]
     if split not in splits:
         raise ValueError(f'{name} has no split {split!r}; allowed: {list(splits)}')

@@ -25,7 +25,9 @@ from .models.multi_exit_vit import MultiExitMixin
 
 __all__ = [
     'DEFAULT_KEEP_RATES', 'DEFAULT_THRESHOLDS', 'accuracies', 'budget_table', 'budgeted_batch_table',
-    'candidate_thresholds', 'choose_threshold', 'collect_outputs', 'evaluate', 'practical_exits', 'select_threshold',
+    'candidate_thresholds', 'choose_threshold', 'collect_outputs', 'collect_regression_outputs', 'evaluate',
+    'evaluate_regression', 'practical_exits', 'regression_budgeted_batch', 'regression_errors',
+    'regression_exit_choice', 'regression_threshold_table', 'regression_thresholds', 'select_threshold',
     'threshold_table',
 ]
 
@@ -61,6 +63,9 @@ def collect_outputs(
     """
     from tqdm import tqdm
     model = _unwrap(model)
+    if getattr(model, 'task', None) == 'regression':
+        raise ValueError('collect_outputs counts right answers of a classifier; this model was built with '
+                         "task='regression': use collect_regression_outputs (MAE and RMSE)")
     was_training = model.training
     model.eval()
     correct, scores = [], []
@@ -278,6 +283,9 @@ def evaluate(
             (default: chosen on ``loader``'s split itself, which flatters the accuracy).
     """
     model = _unwrap(model)
+    if getattr(model, 'task', None) == 'regression':  # MAE and RMSE instead of accuracy
+        outputs = collect_regression_outputs(model, loader, device) if outputs is None else outputs
+        return evaluate_regression(model, outputs, model_name, dataset_name, budgets, calib_outputs)
     outputs = collect_outputs(model, loader, device, keep_rates) if outputs is None else outputs
     correct = outputs['correct']
     accs = accuracies(correct)
@@ -323,5 +331,181 @@ def evaluate(
         model.train(was_training)
     if getattr(model, 'calibration', None):  # timm_exits.calibrate's choice: the model's default in eval mode
         result['calibration'] = dict(model.calibration)
+    result['plot'] = 'tradeoff.png'
+    return result
+
+
+# --- regression (counting: TransCrowd's MAE and RMSE, 001_*.txt) -----------------------------------------------------
+
+REGRESSION_CRITERIA = ('patience', 'uncertainty')
+
+
+@torch.no_grad()
+def collect_regression_outputs(
+        model: MultiExitMixin,
+        loader: DataLoader,
+        device: torch.device,
+        autocast: Optional[Callable] = None,
+) -> Dict[str, torch.Tensor]:
+    """Every exit's values and predicted scales for every image of ``loader`` (images, targets), one pass.
+
+    Returns:
+        ``{'values': (E, N, K), 'scales': (E, N, K), 'target': (N, K)}`` (float32, on the CPU).
+
+    Raises:
+        ValueError: Not a ``task='regression'`` multi-exit model, or no images.
+    """
+    model = _unwrap(model)
+    if getattr(model, 'task', None) != 'regression':
+        raise ValueError(f"collect_regression_outputs needs a multi-exit model built with task='regression', got "
+                         f"{type(model).__name__} (task={getattr(model, 'task', None)!r})")
+    was_training = model.training
+    model.eval()
+    values, scales, targets = [], [], []
+    try:
+        for x, y in loader:
+            with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
+                v, s = model.forward_exits_with_scale(x.to(device))
+            values.append(torch.stack(v).float().cpu())
+            scales.append(torch.stack(s).float().cpu())
+            targets.append(y.float().reshape(len(y), -1).cpu())
+    finally:
+        model.train(was_training)
+    if not targets or sum(len(t) for t in targets) == 0:
+        raise ValueError('no images to evaluate: the dataset split is empty')
+    return {'values': torch.cat(values, 1), 'scales': torch.cat(scales, 1), 'target': torch.cat(targets)}
+
+
+def regression_errors(values: torch.Tensor, target: torch.Tensor) -> Tuple[float, float]:
+    """(MAE, RMSE) of (N, K) ``values`` against ``target``, averaged over images and outputs (a count: K = 1);
+    TransCrowd's code calls the RMSE 'MSE'."""
+    err = values.double() - target.double()
+    return float(err.abs().mean()), float(err.pow(2).mean().sqrt())
+
+
+def regression_exit_choice(
+        values: torch.Tensor,
+        scales: torch.Tensor,
+        criterion: str,
+        threshold: float,
+        patience: int = 1,
+) -> torch.Tensor:
+    """(N,) index of the exit each image leaves at, from every exit's ``values`` and ``scales`` (E, N, K), as
+    ``forward_dynamic`` decides: 'patience' (PABEE: the counter of consecutive exits within ``threshold`` of the
+    previous one reaches ``patience``) or 'uncertainty' (largest scale <= ``threshold``); the last exit answers the
+    rest."""
+    if criterion not in REGRESSION_CRITERIA:
+        raise ValueError(f'criterion must be one of {list(REGRESSION_CRITERIA)}, got {criterion!r}')
+    num_exits, n = values.shape[:2]
+    if criterion == 'uncertainty':
+        passes = scales.float().amax(-1) <= threshold
+    else:
+        passes = torch.zeros(num_exits, n, dtype=torch.bool)
+        count = torch.zeros(n)
+        for i in range(1, num_exits):
+            agree = (values[i].float() - values[i - 1].float()).abs().amax(-1) <= threshold
+            count = torch.where(agree, count + 1, torch.zeros_like(count))
+            passes[i] = count >= patience
+    passes[-1] = True
+    return passes.to(torch.uint8).argmax(0)
+
+
+def regression_threshold_table(
+        outputs: Dict[str, torch.Tensor],
+        path_costs: Sequence[float],
+        criterion: str,
+        thresholds: Sequence[float],
+        patience: int = 1,
+) -> List[Dict[str, float]]:
+    """MAE and RMSE against mean cost for per-image early exit at each threshold (target units), simulated from
+    ``collect_regression_outputs``: ``[{'threshold', 'mae', 'rmse', 'mean_cost'}]``."""
+    cols = torch.arange(outputs['target'].shape[0])
+    costs = torch.tensor(list(path_costs), dtype=torch.float64)
+    rows = []
+    for t in thresholds:
+        first = regression_exit_choice(outputs['values'], outputs['scales'], criterion, t, patience)
+        mae, rmse = regression_errors(outputs['values'][first, cols], outputs['target'])
+        rows.append({'threshold': float(t), 'mae': mae, 'rmse': rmse, 'mean_cost': float(costs[first].mean())})
+    return rows
+
+
+def regression_thresholds(outputs: Dict[str, torch.Tensor], criterion: str, levels: int = 24) -> List[float]:
+    """Thresholds worth trying (target units): 0 and quantiles of the early exits' scales (uncertainty) or of the
+    differences between consecutive exits (patience)."""
+    v = outputs['values']
+    if v.shape[0] < 2:
+        return [0.]
+    found = outputs['scales'][:-1].amax(-1) if criterion == 'uncertainty' else (v[1:] - v[:-1]).abs().amax(-1)
+    q = torch.quantile(found.double().flatten(), torch.linspace(0, 1, levels, dtype=torch.float64))
+    return sorted({0., *(round(float(x), 4) for x in q)})
+
+
+def regression_budgeted_batch(
+        outputs: Dict[str, torch.Tensor],
+        path_costs: Sequence[float],
+        criterion: str,
+        mean_budgets: Sequence[float],
+        patience: int = 1,
+        calib: Optional[Dict[str, torch.Tensor]] = None,
+) -> List[Dict[str, float]]:
+    """Budgeted batch protocol (MSDNet's; budgeted inference, 001_*.txt) for regression: for each mean budget the
+    threshold of lowest MAE whose mean cost on ``calib`` (default: this set) fits, and what it gives here."""
+    calib = outputs if calib is None else calib
+    rows = regression_threshold_table(calib, path_costs, criterion, regression_thresholds(calib, criterion), patience)
+    out = []
+    for budget in mean_budgets:
+        ok = [r for r in rows if r['mean_cost'] <= budget + 1e-9]
+        if not ok:
+            continue
+        chosen = min(ok, key=lambda r: (r['mae'], r['mean_cost']))['threshold']
+        applied = regression_threshold_table(outputs, path_costs, criterion, [chosen], patience)[0]
+        out.append({'mean_budget': float(budget), **applied})
+    return out
+
+
+def evaluate_regression(
+        model: MultiExitMixin,
+        outputs: Dict[str, torch.Tensor],
+        model_name: str,
+        dataset_name: str,
+        budgets: Optional[Sequence[float]] = None,
+        calib_outputs: Optional[Dict[str, torch.Tensor]] = None,
+        patience: Optional[int] = None,
+) -> Dict[str, Any]:
+    """The evaluation JSON of a regression multi-exit model from ``collect_regression_outputs``: per exit MAE, RMSE,
+    cost and whether it is practical (lower MAE than every earlier exit, II-A of 001_*.txt); MAE against mean cost
+    for each criterion's threshold sweep (the threshold path's costs: the scale unit counted for 'uncertainty'); the
+    deepest exit that fits each budget; the budgeted-batch protocol."""
+    model = _unwrap(model)
+    values, target = outputs['values'], outputs['target']
+    errors = [regression_errors(v, target) for v in values]
+    maes = [e[0] for e in errors]
+    patience = model.exit_patience if patience is None else patience
+    costs = list(model.exit_costs)
+    result: Dict[str, Any] = {
+        'model': model_name, 'dataset': dataset_name, 'task': 'regression', 'num_images': int(target.shape[0]),
+        'target_mean': float(target.double().mean()), 'exit_patience': patience,
+        'exits': [{'layer': layer, 'mae': mae, 'rmse': rmse, 'cost': cost, 'gflops': cost * model.full_flops / 1e9,
+                   'practical': practical}
+                  for layer, (mae, rmse), cost, practical in zip(
+                      model.exit_layers, errors, costs, [i == 0 or m < min(maes[:i]) for i, m in enumerate(maes)])],
+    }
+    grid = [round(0.1 * i, 1) for i in range(1, 11)] if budgets is None else list(budgets)
+    result['budgets'] = [
+        {'budget': float(b), 'mae': errors[fits[-1]][0], 'rmse': errors[fits[-1]][1], 'mean_cost': costs[fits[-1]]}
+        for b in sorted({*grid, *costs}) for fits in [[i for i, c in enumerate(costs) if c <= b + 1e-9]] if fits]
+    criterion = model.exit_criterion
+    result['thresholds'], result['budgeted_batch'] = {}, {}
+    for name in REGRESSION_CRITERIA:
+        model.set_exit_criterion(name)  # the threshold path's costs of this criterion (its unit counted)
+        try:
+            path = list(model.threshold_costs)
+        finally:
+            model.set_exit_criterion(criterion)
+        result['thresholds'][name] = regression_threshold_table(
+            outputs, path, name, regression_thresholds(outputs, name), patience)
+        result['budgeted_batch'][name] = regression_budgeted_batch(
+            outputs, path, name, [round(0.05 * i, 2) for i in range(6, 21)], patience, calib_outputs)
+    result['budgeted_batch_chosen_on'] = 'this split' if calib_outputs is None else 'calibration split'
     result['plot'] = 'tradeoff.png'
     return result

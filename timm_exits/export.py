@@ -11,7 +11,9 @@ A staged export writes, for exits e_1 < ... < e_K (the final classifier is e_K):
 - ``segment_{k}.onnx``: ``segment_1`` maps images (B, C, H, W) to the tokens after block e_1 (embedding included),
   ``segment_k`` the tokens after block e_{k-1} to those after e_k;
 - ``exit_{e_k}.onnx``: the tokens after block e_k to that exit's ``logits`` and ``score`` (the value the exit
-  criterion compares with the threshold: max softmax, normalised entropy or MEViT's uncertainty, eq. 3 of 000_*.txt).
+  criterion compares with the threshold: max softmax, normalised entropy or MEViT's uncertainty, eq. 3 of 000_*.txt;
+  a ``task='regression'`` model: its values and largest predicted scale, or zeros under 'patience', whose agreement
+  with the previous exit the runtime checks, carrying each image's previous prediction and counter).
   Heads are separate graphs so that, as in eager ``forward_dynamic``, a head runs only where the runtime needs it and
   the reported cost is the compute really spent;
 - ``manifest.json``: exit layers, costs, criterion, default threshold and budget, the size and export id of every
@@ -93,8 +95,15 @@ class _ExitHead(nn.Module):
         self.model, self.layer = model, layer
 
     def forward(self, x: torch.Tensor):
-        logits = self.model._exit_logits(self.layer, x)
-        return logits, self.model.exit_scores(self.layer, logits).float()
+        model = self.model
+        if getattr(model, 'task', 'classification') == 'regression':  # values, and the largest predicted scale
+            features = model.exit_features(self.layer, x)
+            values = model.exit_head_module(self.layer)(features)
+            if model.criterion.learned:
+                return values, model.exit_scale(self.layer, features).amax(-1)
+            return values, values.new_zeros(values.shape[0]).float()  # patience compares values in the runtime
+        logits = model._exit_logits(self.layer, x)
+        return logits, model.exit_scores(self.layer, logits).float()
 
 
 class _Static(nn.Module):
@@ -192,7 +201,8 @@ def export_onnx(
     manifest: Dict[str, Any] = {
         'format': FORMAT, 'timm_exits_version': _version(), 'export_id': export_id, 'model': name,
         'family': 'liferegress' if life else 'mexit_liferegress' if both else 'mexit',
-        'num_classes': model.num_classes, **{k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+        'num_classes': model.num_classes,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
     }
     if both and not (life or static):  # the staged graphs slim at one keep rate, the budget then picks the exit
         keep_rate = model.keep_rate if keep_rate is None else keep_rate
@@ -230,7 +240,8 @@ def export_onnx(
                 mode='staged', exit_layers=layers, exit_costs=list(flops['costs']),
                 threshold_costs=list(flops['threshold_costs']), criterion=model.exit_criterion,
                 confident_high=model.exit_criterion == 'confidence', default_threshold=model.threshold,
-                default_budget=model.budget, segments=segments, heads=heads)
+                default_budget=model.budget, segments=segments, heads=heads, task=model.task,
+                exit_patience=model.exit_patience)
         if getattr(model, 'calibration', None):  # timm_exits.calibrate's choice, the defaults above
             manifest['calibration'] = dict(model.calibration)
         manifest['files'] = _file_info(tmp)

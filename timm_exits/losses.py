@@ -19,6 +19,7 @@ Label smoothing, mixup/cutmix, logit distillation at temperature 1 and JSD give 
 final head to (smoothed, mixed, label and teacher mixed; the JSD pull); distillation at another temperature is not of
 the form k (p - t): k comes out too large and the targets are wrong.
 """
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -26,7 +27,8 @@ import torch
 from timm.layers import register_notrace_function
 
 __all__ = [
-    'attach_exit_losses', 'estimate_scale_and_target', 'exit_loss', 'gradient_kind', 'inplace_kl', 'mevit_exit_loss',
+    'REGRESSION_LOSSES', 'SCALE_NLLS', 'attach_exit_losses', 'estimate_scale_and_target', 'exit_loss', 'gradient_kind',
+    'inplace_kl', 'mevit_exit_loss', 'regression_loss', 'scale_nll',
     'sample_exits', 'scale_gradient', 'uncertainty_mse', 'uncertainty_target',
 ]
 
@@ -230,3 +232,32 @@ def attach_exit_losses(
         raise ValueError('uncertainties needs one entry per intermediate exit plus one for the final exit')
     return _AttachExitLosses.apply(len(exit_logits), float(exit_weight), num_sampled, final, *exit_logits,
                                    *uncertainties)
+
+
+REGRESSION_LOSSES = ('l1', 'mse')
+SCALE_NLLS = ('laplace', 'gaussian')
+
+
+def regression_loss(values: torch.Tensor, target: torch.Tensor, loss: str = 'l1') -> torch.Tensor:
+    """Mean L1 (TransCrowd's loss on raw counts, 001_*.txt) or squared error of ``values`` against ``target``, both
+    (B, K), over the batch and the outputs (float32)."""
+    diff = values.float() - target.float()
+    if loss == 'l1':
+        return diff.abs().mean()
+    if loss == 'mse':
+        return diff.pow(2).mean()
+    raise ValueError(f'loss must be one of {list(REGRESSION_LOSSES)}, got {loss!r}')
+
+
+def scale_nll(values: torch.Tensor, scale: torch.Tensor, target: torch.Tensor, nll: str = 'laplace') -> torch.Tensor:
+    """Mean negative log-likelihood of ``target`` under the exit's predicted distribution, centre ``values``, scale
+    ``scale`` (B, K): Laplace log(2 b) + |y - mu| / b, Gaussian log(sigma) + (y - mu)^2 / (2 sigma^2) + log(2 pi) / 2.
+    Minimised at b = |y - mu| (Laplace, sigma^2 = (y - mu)^2 for the Gaussian): the scale learns the exit's error,
+    the regression counterpart of MEViT's u_i target (eq. 4, 000_*.txt)."""
+    err = (target.float() - values.float()).abs()
+    scale = scale.float()
+    if nll == 'laplace':
+        return (torch.log(2 * scale) + err / scale).mean()
+    if nll == 'gaussian':
+        return (torch.log(scale) + err.pow(2) / (2 * scale.pow(2)) + .5 * math.log(2 * math.pi)).mean()
+    raise ValueError(f'nll must be one of {list(SCALE_NLLS)}, got {nll!r}')

@@ -41,19 +41,22 @@ class SessionState(NamedTuple):
     done: int
     rows: np.ndarray
     feed: Tuple[np.ndarray, ...]
+    criterion: Tuple[np.ndarray, ...] = ()  # PABEE's patience: each image's previous prediction and counter
 
     def select(self, index: Any) -> 'SessionState':
         """The images ``index`` (a bool mask or indices over ``rows``)."""
-        return SessionState(self.done, self.rows[index], tuple(f[index] for f in self.feed))
+        return SessionState(self.done, self.rows[index], tuple(f[index] for f in self.feed),
+                            tuple(c[index] for c in self.criterion))
 
     @staticmethod
     def cat(states: Sequence['SessionState']) -> 'SessionState':
         """One state of the images of ``states``, which must stand at the same point of walks of one setting."""
-        points = sorted({(s.done, tuple(f.shape[1:] for f in s.feed)) for s in states})
+        points = sorted({(s.done, tuple(f.shape[1:] for f in s.feed + s.criterion)) for s in states})
         if len(points) != 1:
             raise ValueError(f'states concatenate only at one point of a walk (blocks done, shapes), got {points}')
         return SessionState(points[0][0], np.concatenate([s.rows for s in states]),
-                            tuple(np.concatenate(fs) for fs in zip(*(s.feed for s in states))))
+                            *(tuple(np.concatenate(fs) for fs in zip(*(getattr(s, part) for s in states)))
+                              for part in ('feed', 'criterion')))
 
 
 class SessionStep(NamedTuple):
@@ -180,7 +183,8 @@ class ExitSession:
 
         Args:
             x: (B, C, H, W) float images, NumPy array or torch tensor, at the exported input size.
-            threshold: Exit threshold in [0, 1] of the exported criterion (default: the model's).
+            threshold: Exit threshold in [0, 1] of the exported criterion (default: the model's); for a regression
+                export a finite number >= 0 in target units (PABEE's patience or the predicted scale).
             budget: Share (0, 1] of the full model's FLOPs that no image exceeds, heads on the way included.
         """
         tensor = hasattr(x, 'detach')
@@ -226,9 +230,17 @@ class SessionWalker:
         threshold = session.threshold if threshold is None else threshold
         budget = session.budget if budget is None else budget
         self.session = session
-        self.threshold = None if threshold is None else _fraction('threshold', threshold, low_open=False)
-        budget = None if budget is None else _fraction('budget', budget, low_open=True)
         m = session.manifest
+        regression = m.get('task', 'classification') == 'regression'
+        if threshold is not None and regression:  # target units
+            if isinstance(threshold, bool) or not isinstance(threshold, Real) or not 0 <= threshold < math.inf:
+                raise ValueError(f"threshold must be a finite number >= 0 in target units (task='regression', "
+                                 f"criterion={m['criterion']!r}) or None, got {threshold!r}")
+            self.threshold: Optional[float] = float(threshold)
+        else:
+            self.threshold = None if threshold is None else _fraction('threshold', threshold, low_open=False)
+        self.patience = m['exit_patience'] if regression and m['criterion'] == 'patience' else None
+        budget = None if budget is None else _fraction('budget', budget, low_open=True)
         if self.threshold is not None and budget is not None and min(m['threshold_costs']) > budget + 1e-9:
             self.threshold = None  # no threshold path fits: the budget alone decides, as in eager forward_dynamic
         self.costs: List[float] = m['exit_costs'] if self.threshold is None else m['threshold_costs']
@@ -238,7 +250,9 @@ class SessionWalker:
         """Images x (B, C, H, W) at the start of the walk; ``rows`` their ids (default 0..B-1)."""
         x = self.session._input(x)
         rows = np.arange(len(x)) if rows is None else np.asarray(rows)
-        return SessionState(0, rows, (x,))
+        patience = () if self.patience is None else (  # no previous prediction yet (NaN never agrees), counter 0
+            np.full((len(x), self.session.manifest['num_classes']), np.nan, dtype=np.float32), np.zeros(len(x)))
+        return SessionState(0, rows, (x,), patience)
 
     def step(self, state: SessionState) -> SessionStep:
         """Run the images of ``state`` to the next exit whose head runs; who leaves there and who goes on."""
@@ -255,10 +269,17 @@ class SessionWalker:
                 break
             k += 1
         logits, score = session.heads[k].run(None, {'input': feed[0]})
+        criterion = state.criterion
+        if self.patience is not None and self.threshold is not None:  # PABEE: the last exits agree within tau
+            prev, count = criterion
+            agree = np.abs(logits - prev).max(-1) <= np.float32(self.threshold)  # NaN (first exit): False
+            count = np.where(agree, count + 1, 0)
+            criterion, leave = (logits, count), count >= self.patience
+        elif self.threshold is not None:
+            leave = score >= self.threshold if session.manifest['confident_high'] else score <= self.threshold
         if k == self.stop:
             leave = np.ones(len(state.rows), dtype=bool)
-        else:
-            leave = score >= self.threshold if session.manifest['confident_high'] else score <= self.threshold
         stay = ~leave
-        going = SessionState(layers[k], state.rows[stay], tuple(f[stay] for f in feed)) if stay.any() else None
+        going = SessionState(layers[k], state.rows[stay], tuple(f[stay] for f in feed),
+                             tuple(c[stay] for c in criterion)) if stay.any() else None
         return SessionStep(layers[k], state.rows, logits, leave, self.costs[k], going)

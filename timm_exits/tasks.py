@@ -21,6 +21,12 @@ classification term is ``criterion(exit_logits, target)``. Multi-exit tasks run 
 
 Bakhtiarnia's branches have no uncertainty predictor; there the tasks still fit each exit's u_i (eq. 3 of 000) to
 eq. (4)'s target on detached logits, which leaves the classifiers' objective exactly the paper's.
+
+Regression (``task='regression'`` models, TransCrowd's counting in 001_*.txt): ``RegressionTask`` and its settings
+``RegressionEndToEndTask`` (final term weighted twice each early exit), ``RegressionClassifierWiseTask`` (frozen
+backbone), ``RegressionMEViTTask`` (sandwich rule, each exit also pulled to the detached final prediction) and
+``RegressionBackboneTask`` (the backbone and final head alone); L1 or MSE, and each exit's scale fitted by a Laplace or
+Gaussian negative log-likelihood on detached values and features (the regressors' objective stays the seed's).
 """
 import math
 from numbers import Integral, Real
@@ -32,14 +38,15 @@ import torch.nn.functional as F
 
 from timm.task import TrainingTask, resolve_classification_loss
 
-from .losses import inplace_kl, sample_exits, uncertainty_mse
+from .losses import REGRESSION_LOSSES, SCALE_NLLS, inplace_kl, regression_loss, sample_exits, scale_nll, uncertainty_mse
 from .models.life_regress_vit import LifeRegressMixin, LifeRegressVisionTransformer
 from .models.mexit_liferegress import MultiExitLifeRegressMixin
 from .models.multi_exit_vit import MultiExitMixin, MultiExitVisionTransformer
 
 __all__ = [
     'BackboneTask', 'ClassifierWiseTask', 'EndToEndTask', 'ExitsForward', 'LIFE_STAGES', 'LifeRegressTask',
-    'MEViTLifeRegressTask', 'MEViTTask',
+    'MEViTLifeRegressTask', 'MEViTTask', 'RegressionBackboneTask', 'RegressionClassifierWiseTask',
+    'RegressionEndToEndTask', 'RegressionExitsForward', 'RegressionMEViTTask', 'RegressionTask', 'regression_target',
     'MultiExitTask', 'TASKS', 'check_bool', 'check_weight', 'create_task', 'freeze_parts', 'in_parts', 'sample_exits',
     'target_distribution',
 ]
@@ -75,6 +82,32 @@ def freeze_parts(model: nn.Module, trainable: Callable[[str], bool]) -> None:
     """Set ``requires_grad`` of every parameter from ``trainable(name)``."""
     for name, param in model.named_parameters():
         param.requires_grad_(trainable(name))
+
+
+def _check_model_task(owner: str, model: nn.Module, task: str) -> None:
+    """Refuse a model of the other task: classification tasks read softmax logits, regression tasks real values."""
+    have = getattr(model, 'task', 'classification')
+    if have != task:
+        names = sorted(k for k, v in TASKS.items() if getattr(v, 'model_task', 'classification') == have)
+        raise ValueError(f'{owner} trains task={task!r} models; this model was built with task={have!r}; '
+                         f'its tasks: {names}')
+
+
+def regression_target(target: torch.Tensor, num_outputs: int) -> torch.Tensor:
+    """(B, K) float target of a regression model with K outputs from (B,) (K = 1) or (B, K) values; a target that
+    is not finite (NaN, inf) or of another shape raises, naming it."""
+    if not torch.is_tensor(target) or target.is_complex() or target.dtype == torch.bool:
+        raise ValueError(f'a regression target must be a real tensor, got {type(target).__name__}')
+    target = target.float()
+    if target.ndim == 1 and num_outputs == 1:
+        target = target[:, None]
+    if target.ndim != 2 or target.shape[1] != num_outputs:
+        raise ValueError(f'a regression target must be (B,) for one output or (B, {num_outputs}), got '
+                         f'{tuple(target.shape)}')
+    if not torch.isfinite(target).all():
+        raise ValueError(f'a regression target must be finite; got {int((~torch.isfinite(target)).sum())} NaN or '
+                         f'inf values in the batch')
+    return target
 
 
 def _detach_inputs(module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
@@ -183,7 +216,7 @@ class _WrappedModelTask(TrainingTask):
     def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
         """The model inside the wrapper, unwrapped from DDP, compile and EMA."""
         current = super().get_eval_model(module=module, ema=ema)
-        while current is not None and not isinstance(current, (ExitsForward, _FinalForward)):
+        while current is not None and not isinstance(current, (ExitsForward, _FinalForward, RegressionExitsForward)):
             inner = getattr(current, 'module', None)
             current = getattr(current, '_orig_mod', None) if inner is None else inner
         return None if current is None else current.model
@@ -225,6 +258,7 @@ class MultiExitTask(_WrappedModelTask):
     ) -> None:
         if not isinstance(model, MultiExitMixin):
             raise ValueError(f'{type(self).__name__} needs a MultiExitVisionTransformer, got {type(model).__name__}')
+        _check_model_task(type(self).__name__, model, 'classification')
         if num_sampled is not None and (isinstance(num_sampled, bool) or not isinstance(num_sampled, Integral)
                                         or num_sampled < 0):
             raise ValueError(f'num_sampled must be an int >= 0 or None (every exit), got {num_sampled!r}')
@@ -310,6 +344,7 @@ class BackboneTask(_WrappedModelTask):
     """
 
     def __init__(self, model: nn.Module, criterion: Optional[Union[nn.Module, Callable]] = None, **kwargs: Any) -> None:
+        _check_model_task(type(self).__name__, model, 'classification')
         kwargs.setdefault('frozen_parts', tuple(p.rstrip('.') for p in getattr(model, 'new_prefixes', ())))
         super().__init__(_FinalForward(model), criterion, **kwargs)
 
@@ -365,6 +400,167 @@ class MEViTLifeRegressTask(MEViTTask):
         self.stage = stage
 
 
+class RegressionExitsForward(nn.Module):
+    """Trainable module of the regression tasks: one backbone pass, every exit's values and predicted scale.
+
+    Args:
+        model: A ``task='regression'`` multi-exit model.
+        detach_scale: Feed each scale unit detached features (its NLL then trains it alone).
+        detach_exits: Feed each intermediate exit detached tokens (no exit gradient reaches the backbone).
+    """
+
+    def __init__(self, model: MultiExitMixin, detach_scale: bool = True, detach_exits: bool = False) -> None:
+        super().__init__()
+        self.model, self.detach_scale, self.detach_exits = model, detach_scale, detach_exits
+
+    def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        hooks = [m.register_forward_pre_hook(_detach_inputs) for m in self.model.exits.values()] \
+            if self.detach_exits else []
+        try:
+            features = self.model._forward_exits(x, features=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        layers = self.model.exit_layers
+        values = [self.model.exit_head_module(k)(f) for k, f in zip(layers, features)]
+        scales = [self.model.exit_scale(k, f.detach() if self.detach_scale else f) for k, f in zip(layers, features)]
+        return values, scales
+
+
+class RegressionTask(_WrappedModelTask):
+    """Multi-exit regression objective on one pass (TransCrowd's counting with exits, 001_*.txt):
+
+    loss = w_n l(y_n, y) + sum_i m_i [w_i l(y_i, y) + w_d l(y_i, sg(y_n))] + w_s sum_i NLL(y | sg(y_i), s_i)
+
+    with l the L1 (TransCrowd) or squared error, m_i the sandwich mask (``sample_exits``), sg a detached value (the
+    final prediction as in-place teacher, MEViT's eq. 5 for regression) and s_i each exit's predicted scale (the
+    final head's too) fitted by the negative log-likelihood ``nll`` on detached values: l_t = l + sum_b lambda_b l_b
+    of II-A (001_*.txt) when w_d = w_s = 0.
+
+    Args:
+        model: A ``task='regression'`` multi-exit model (``*_mexit``, ``*_mexit_liferegress``).
+        loss: 'l1' or 'mse'.
+        final_weight: w_n.
+        exit_weight: w_i of every intermediate exit.
+        distill_weight: w_d of the pull to the detached final prediction (0: none).
+        num_sampled: Intermediate exits drawn each step besides the earliest (None: every exit, every step).
+        nll: 'laplace' or 'gaussian': the scale's likelihood.
+        nll_weight: w_s (0: the scales do not train).
+        detach_scale: Fit the scales on detached features (True: the regressors' objective is unchanged).
+        detach_exits: Feed the intermediate exits detached tokens.
+        stage: With a ``*_mexit_liferegress`` model, LifeRegress's stage ('predictor', 'backbone', 'joint'); None
+            trains every part not frozen otherwise.
+        **kwargs: ``trainable_parts``, ``frozen_parts``, ``device``, ``dtype``, ``verbose``.
+    """
+    model_task = 'regression'
+
+    def __init__(
+            self,
+            model: MultiExitMixin,
+            criterion: Optional[Union[nn.Module, Callable]] = None,
+            loss: str = 'l1',
+            final_weight: float = 1.,
+            exit_weight: float = 1.,
+            distill_weight: float = 0.,
+            num_sampled: Optional[int] = None,
+            nll: str = 'laplace',
+            nll_weight: float = 1.,
+            detach_scale: bool = True,
+            detach_exits: bool = False,
+            stage: Optional[str] = None,
+            **kwargs: Any,
+    ) -> None:
+        owner = type(self).__name__
+        if not isinstance(model, MultiExitMixin):
+            raise ValueError(f'{owner} needs a multi-exit model (*_mexit, *_mexit_liferegress) built with '
+                             f"task='regression', got {type(model).__name__}")
+        _check_model_task(owner, model, 'regression')
+        if criterion is not None:
+            raise ValueError(f'{owner} takes loss= ({list(REGRESSION_LOSSES)}), not a classification criterion; got '
+                             f'criterion={criterion!r}')
+        if loss not in REGRESSION_LOSSES:
+            raise ValueError(f'loss must be one of {list(REGRESSION_LOSSES)}, got {loss!r}')
+        if nll not in SCALE_NLLS:
+            raise ValueError(f'nll must be one of {list(SCALE_NLLS)}, got {nll!r}')
+        if num_sampled is not None and (isinstance(num_sampled, bool) or not isinstance(num_sampled, Integral)
+                                        or num_sampled < 0):
+            raise ValueError(f'num_sampled must be an int >= 0 or None (every exit), got {num_sampled!r}')
+        weights = {n: check_weight(n, v) for n, v in (('final_weight', final_weight), ('exit_weight', exit_weight),
+                                                       ('distill_weight', distill_weight), ('nll_weight', nll_weight))}
+        check_bool('detach_scale', detach_scale)
+        check_bool('detach_exits', detach_exits)
+        if stage is not None:
+            if not isinstance(model, MultiExitLifeRegressMixin):
+                raise ValueError(f'stage={stage!r} is a LifeRegress stage and needs a *_mexit_liferegress model, got '
+                                 f'{type(model).__name__}')
+            if stage not in LIFE_STAGES:
+                raise ValueError(f'stage={stage!r} is not known; allowed: {list(LIFE_STAGES)}')
+            kwargs.update({'predictor': dict(trainable_parts=('life',)), 'backbone': dict(frozen_parts=('life',)),
+                           'joint': {}}[stage])
+        super().__init__(RegressionExitsForward(model, detach_scale, detach_exits), nn.L1Loss(), **kwargs)
+        self.loss, self.nll, self.stage = loss, nll, stage
+        self.final_weight, self.exit_weight = weights['final_weight'], weights['exit_weight']
+        self.distill_weight, self.nll_weight = weights['distill_weight'], weights['nll_weight']
+        self.num_sampled = None if num_sampled is None else int(num_sampled)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """One backbone pass; returns the total ``loss``, the final ``output`` and the parts of the loss."""
+        values, scales = self.trainable_module(input)
+        final = values[-1]
+        y = regression_target(target, final.shape[-1]).to(final.device)
+        teacher = final.detach()
+        mask = sample_exits(len(values) - 1, self.num_sampled).tolist()
+        exit_loss = final.new_zeros((), dtype=torch.float32)
+        for m, v in zip(mask, values[:-1]):
+            term = self.exit_weight * regression_loss(v, y, self.loss)
+            if self.distill_weight:
+                term = term + self.distill_weight * regression_loss(v, teacher, self.loss)
+            exit_loss = exit_loss + m * term
+        final_loss = regression_loss(final, y, self.loss)
+        nll_loss = sum(scale_nll(v.detach(), s, y, self.nll) for v, s in zip(values, scales))
+        loss = self.final_weight * final_loss + exit_loss + self.nll_weight * nll_loss
+        return {'loss': loss, 'output': final, 'final_loss': final_loss.detach(), 'exit_loss': exit_loss.detach(),
+                'nll_loss': nll_loss.detach()}
+
+
+class RegressionEndToEndTask(RegressionTask):
+    """Bakhtiarnia's end-to-end strategy for regression: l_t = l + sum_b lambda_b l_b (II-A, IV-B of 001_*.txt), the
+    final term weighted twice each early exit (final_weight 1, exit_weight 0.5)."""
+
+    def __init__(self, model: MultiExitMixin, final_weight: float = 1., exit_weight: float = .5,
+                 **kwargs: Any) -> None:
+        super().__init__(model, final_weight=final_weight, exit_weight=exit_weight, **kwargs)
+
+
+class RegressionClassifierWiseTask(RegressionTask):
+    """Bakhtiarnia's classifier-wise strategy for regression (II-A, IV-A of 001_*.txt): backbone and final head
+    frozen (``train_head``: the final head trains too, on the frozen features), each exit trained on detached
+    tokens, independently of the others."""
+
+    def __init__(self, model: MultiExitMixin, train_head: bool = False, **kwargs: Any) -> None:
+        check_bool('train_head', train_head)
+        parts = ('exits', 'uncertainty', *(('head',) if train_head else ()))
+        super().__init__(model, final_weight=float(train_head), detach_exits=True, trainable_parts=parts, **kwargs)
+
+
+class RegressionMEViTTask(RegressionTask):
+    """MEViT's sandwich rule with in-place distillation for regression (sec. 2.2, 000_*.txt): the final head, the
+    earliest exit and ``num_sampled`` random others each step, each exit also pulled (``distill_weight``) to the
+    detached final prediction."""
+
+    def __init__(self, model: MultiExitMixin, num_sampled: Optional[int] = 2, distill_weight: float = 1.,
+                 **kwargs: Any) -> None:
+        super().__init__(model, num_sampled=num_sampled, distill_weight=distill_weight, **kwargs)
+
+
+class RegressionBackboneTask(RegressionTask):
+    """The backbone and final head alone (TransCrowd's training, 001_*.txt), the parts this package adds frozen."""
+
+    def __init__(self, model: MultiExitMixin, **kwargs: Any) -> None:
+        kwargs.setdefault('frozen_parts', tuple(p.rstrip('.') for p in getattr(model, 'new_prefixes', ())))
+        super().__init__(model, exit_weight=0., nll_weight=0., **kwargs)
+
+
 TASKS: Dict[str, Callable[..., TrainingTask]] = {
     'mevit': MEViTTask,
     'end_to_end': EndToEndTask,
@@ -372,6 +568,10 @@ TASKS: Dict[str, Callable[..., TrainingTask]] = {
     'backbone': BackboneTask,
     'liferegress': LifeRegressTask,
     'mevit_liferegress': MEViTLifeRegressTask,
+    'regression_end_to_end': RegressionEndToEndTask,
+    'regression_classifier_wise': RegressionClassifierWiseTask,
+    'regression_mevit': RegressionMEViTTask,
+    'regression_backbone': RegressionBackboneTask,
 }
 
 

@@ -67,7 +67,7 @@ from safetensors.torch import save_file
 
 from ._files import atomic_write, write_json
 from .data import create_dataset, make_loader, resolve_data_cfg
-from .evaluation import accuracies, collect_outputs, evaluate
+from .evaluation import accuracies, collect_outputs, collect_regression_outputs, evaluate, regression_errors
 from .models._checkpoint import layout_args
 from .plots import plot_tradeoff
 from .tasks import TASKS, create_task, in_parts
@@ -504,10 +504,17 @@ class _Run:
             raise RunError(f'Recipe {e}') from e
         self.log(f'preprocessing: {self.data_config.describe()}')
         data = dict(data_dir=data_dir, download=download, data_config=self.data_config)
-        if recipe.dataset != 'digits':
+        offline = recipe.dataset == 'digits' or recipe.dataset.startswith('digits_count')  # tensors, no transform
+        if recipe.dataset == 'counting':  # crops counted from points, alike in every split (TransCrowd)
+            data.update({k: recipe.aug[k] for k in ('crop', 'resize') if k in recipe.aug})
+        elif not offline:
             data.update(resize_crop=recipe.resize_crop)
+        self.regression = getattr(self.model, 'task', None) == 'regression'
+        if self.regression and (recipe.mixup > 0 or recipe.cutmix > 0 or recipe.smoothing > 0):
+            raise RunError("mixup, cutmix and smoothing mix class labels; a task='regression' model trains on real "
+                           "targets: set them to 0")
         self.train_set = create_dataset(recipe.dataset, recipe.train_split, self.model, True, **data,
-                                        **({} if recipe.dataset == 'digits' else recipe.aug))
+                                        **({} if offline or recipe.dataset == 'counting' else recipe.aug))
         self.val_loader = make_loader(create_dataset(recipe.dataset, recipe.val_split, self.model, False, **data),
                                       recipe.eval_batch_size, recipe.workers)
         test_split = recipe.test_split or recipe.val_split
@@ -534,7 +541,9 @@ class _Run:
         mixup = recipe.mixup > 0 or recipe.cutmix > 0
         self.mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.smoothing,
                            num_classes=num_classes) if mixup else None
-        self.criterion = create_classification_loss(smoothing=recipe.smoothing, soft_targets=mixup)
+        # regression tasks take their loss ('l1' / 'mse') as a task argument
+        self.criterion = None if self.regression else create_classification_loss(
+            smoothing=recipe.smoothing, soft_targets=mixup)
         self.amp_dtype = (torch.float16 if self.device.type == 'cuda' else torch.bfloat16) if recipe.amp else None
         self.checkpoint = os.path.join(output, CHECKPOINT)
 
@@ -558,13 +567,17 @@ class _Run:
     def validate(self) -> Tuple[Dict[str, float], float]:
         """Per exit (or keep rate) validation accuracy on rank 0, and their mean (the stage's metric), on all."""
         accs: Dict[str, float] = {}
-        if self.primary:
+        if self.primary and self.regression:  # per exit MAE; the metric (maximised) is minus their mean
+            out = collect_regression_outputs(self.model, self.val_loader, self.device, self.autocast)
+            accs = {str(k): regression_errors(v, out['target'])[0] for k, v in zip(self.model.exit_layers,
+                                                                                   out['values'])}
+        elif self.primary:
             out = collect_outputs(self.model, self.val_loader, self.device, self.recipe.keep_rates, self.autocast)
             labels = getattr(self.model, 'exit_layers', None) or (
                 self.recipe.keep_rates if hasattr(self.model, 'life') else ('top1',))
             accs = {str(k): a for k, a in zip(labels, accuracies(out['correct']))}
         accs = self.broadcast(accs)
-        return accs, sum(accs.values()) / len(accs)
+        return accs, (-1 if self.regression else 1) * sum(accs.values()) / len(accs)
 
     def train_epoch(self, task: nn.Module, optimizer, scheduler, scaler, stage: Stage, epoch: int) -> float:
         """One epoch of ``task``; returns the mean training loss."""
@@ -712,7 +725,8 @@ class _Run:
                     scheduler.step(metric)
                 best, bad = (metric, 0) if best is None or metric > best + 1e-9 else (best, bad + 1)
                 done = epoch + 1 == stage.epochs or (stage.early_stop is not None and bad >= stage.early_stop)
-                rows.append({'stage': stage.name, 'epoch': epoch + 1, 'train_loss': loss, 'val_accuracy': accs,
+                rows.append({'stage': stage.name, 'epoch': epoch + 1, 'train_loss': loss,
+                             'val_mae' if self.regression else 'val_accuracy': accs,
                              'metric': metric, 'lr': optimizer.param_groups[0]['lr'], 'seconds': time.time() - start})
                 self.save({
                     'stage': si, 'epoch': epoch, 'stage_done': done, 'best': best, 'bad_epochs': bad,
@@ -721,7 +735,8 @@ class _Run:
                     'recipe': dataclasses.asdict(recipe), 'data_dir': self.data_dir,
                     'data_config': self.data_config.record()})
                 key = (si, epoch)
-                self.log(f'[{stage.name}] epoch {epoch + 1}/{stage.epochs}: loss {loss:.4f}, val accuracy '
+                self.log(f'[{stage.name}] epoch {epoch + 1}/{stage.epochs}: loss {loss:.4f}, val '
+                         f'{"MAE" if self.regression else "accuracy"} '
                          + ', '.join(f'{k}: {v:.2f}' for k, v in accs.items()) + f' ({rows[-1]["seconds"]:.0f} s)')
                 epochs_run += 1
                 if done and epoch + 1 < stage.epochs:
@@ -739,7 +754,7 @@ class _Run:
             layout = layout_args(self.model)
         except ValueError:  # a plain timm model (the backbone alone)
             layout = {}
-        fixed = {k: layout[k] for k in ('exit_criterion', 'life_layer', 'prune_layers', 'U') if k in layout}
+        fixed = {k: layout[k] for k in ('exit_criterion', 'life_layer', 'prune_layers', 'U', 'task') if k in layout}
         return {**fixed, **self.recipe.model_kwargs}
 
     def metadata(self, key: Tuple[int, int]) -> Dict[str, str]:
@@ -773,8 +788,9 @@ class _Run:
                     result = json.load(f)
             else:
                 test = self.recipe.test_split or self.recipe.val_split
-                out = collect_outputs(self.model, self.test_loader, self.device, self.recipe.keep_rates,
-                                      self.autocast)
+                out = collect_regression_outputs(self.model, self.test_loader, self.device, self.autocast) \
+                    if self.regression else collect_outputs(self.model, self.test_loader, self.device,
+                                                            self.recipe.keep_rates, self.autocast)
                 result = evaluate(self.model, self.test_loader, self.device, self.recipe.model,
                                   f'{self.recipe.dataset}:{test}', self.recipe.keep_rates,
                                   latency_batch=self.recipe.latency_batch, outputs=out)

@@ -34,12 +34,13 @@ from timm.utils import ParseKwargs
 
 from ._files import atomic_write, write_json
 from .data import (  # noqa: F401  (re-exported: the names this module held)
-    TORCHVISION_DATASETS, DigitsDataset, add_data_config_args, available_cpus, build_transform, create_dataset,
-    data_config_flags, digits_augment, make_loader, resolve_data_cfg,
+    TORCHVISION_DATASETS, DigitsCountDataset, DigitsDataset, add_data_config_args, available_cpus, build_transform,
+    create_dataset, data_config_flags, digits_augment, make_loader, resolve_data_cfg,
 )
 from .evaluation import (  # noqa: F401  (re-exported)
     DEFAULT_KEEP_RATES, DEFAULT_THRESHOLDS, accuracies, budget_table, budgeted_batch_table, candidate_thresholds,
-    choose_threshold, collect_outputs, evaluate, practical_exits, select_threshold, threshold_table,
+    choose_threshold, collect_outputs, collect_regression_outputs, evaluate, practical_exits, select_threshold,
+    threshold_table,
 )
 from .models._base import UntrainedWeightsWarning, new_parts_filter
 from .models._checkpoint import (
@@ -97,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--num-classes', type=_int_at_least(0), default=None,
                         help='default: the checkpoint\'s, else the model\'s')
     parser.add_argument('--pretrained', action='store_true', help='load the pretrained tag instead of a checkpoint')
-    parser.add_argument('--dataset', default='folder', help='digits, folder or torch/<name>')
+    parser.add_argument('--dataset', default='folder',
+                        help='digits, folder, torch/<name>; counting sets (regression models): '
+                        'digits_count[/<seed>] or counting (images with counts.csv or point files)')
     parser.add_argument('--data-dir', default='')
     parser.add_argument('--dataset-download', action='store_true', help='let torchvision download the dataset')
     parser.add_argument('--split', default='test', help='split evaluated')
@@ -131,18 +134,23 @@ def _check_data(args: argparse.Namespace, split: str, flag: str) -> None:
     if name == 'digits':
         if split not in DigitsDataset.splits:
             raise ValueError(f'{flag} {split!r} is not a split of digits; allowed: {list(DigitsDataset.splits)}')
-    elif name == 'folder':
+    elif name.startswith('digits_count'):
+        if split not in DigitsCountDataset.splits:
+            raise ValueError(f'{flag} {split!r} is not a split of digits_count; allowed: '
+                             f'{list(DigitsCountDataset.splits)}')
+    elif name in ('folder', 'counting'):
         folder = os.path.join(args.data_dir, split)
         if not os.path.isdir(folder):
             raise ValueError(
-                f'{flag} {split!r}: --dataset folder reads an ImageFolder at --data-dir/{split}, and {folder!r} is not '
-                f'a folder')
+                f'{flag} {split!r}: --dataset {name} reads '
+                f'{"an ImageFolder" if name == "folder" else "a counting set"} at --data-dir/{split}, and {folder!r} '
+                f'is not a folder')
     else:
         key = name.split('/', 1)[1] if name.startswith('torch/') else ''
         if key not in TORCHVISION_DATASETS:
             raise ValueError(
                 f'--dataset {name!r} is not known; allowed: digits, folder, '
-                f'{", ".join("torch/" + k for k in TORCHVISION_DATASETS)}')
+                f'{", ".join("torch/" + k for k in TORCHVISION_DATASETS)}, digits_count[/<seed>], counting')
         splits = TORCHVISION_DATASETS[key][1]
         if split not in splits:
             raise ValueError(f'{flag} {split!r} is not a split of {name}; allowed: {list(splits)}')
@@ -253,6 +261,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                         f'below say nothing about a trained model')
     if targets and not isinstance(model, MultiExitMixin):
         raise ValueError('--target-drop / --target-cost choose an early-exit threshold: a multi-exit model only')
+    if targets and getattr(model, 'task', None) == 'regression':
+        raise ValueError("--target-drop / --target-cost are in accuracy points; a task='regression' model is judged "
+                         "by MAE: read eval.json's 'thresholds' and 'budgeted_batch' (MAE against mean cost)")
     try:
         model = model.to(device).eval()
     except RuntimeError as e:
@@ -269,10 +280,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     progress = not args.no_progress
     test_loader = loader(args.split)
-    outputs = collect_outputs(model, test_loader, device, args.keep_rates, progress=progress, desc=args.split)
     multi_exit = isinstance(model, MultiExitMixin)
-    calib = collect_outputs(model, loader(args.calib_split), device, progress=progress, desc=args.calib_split) \
-        if args.calib_split and multi_exit else None
+    if getattr(model, 'task', None) == 'regression':  # MAE and RMSE per exit, patience and scale sweeps
+        outputs = collect_regression_outputs(model, test_loader, device)
+        calib = collect_regression_outputs(model, loader(args.calib_split), device) if args.calib_split else None
+    else:
+        outputs = collect_outputs(model, test_loader, device, args.keep_rates, progress=progress, desc=args.split)
+        calib = collect_outputs(model, loader(args.calib_split), device, progress=progress, desc=args.calib_split) \
+            if args.calib_split and multi_exit else None
     result = evaluate(model, test_loader, device, name, args.dataset, args.keep_rates,
                       latency_batch=args.latency_batch, outputs=outputs, calib_outputs=calib)
     result['data_config'] = {**data_config.record(), 'sources': data_config.sources}

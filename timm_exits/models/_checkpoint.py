@@ -40,7 +40,7 @@ __all__ = [
 
 METADATA_KEY = 'timm_exits'
 CALIBRATION_KEY = 'calibration'  # inside the METADATA_KEY object: the result of timm_exits.calibrate
-HIDDEN_LAYOUT = ('exit_criterion', 'life_layer', 'prune_layers', 'U', 'keep_rate')  # not visible in the weights
+HIDDEN_LAYOUT = ('exit_criterion', 'life_layer', 'prune_layers', 'U', 'keep_rate', 'task')  # not visible in the weights
 
 
 def layout_args(model: nn.Module) -> Dict[str, Any]:
@@ -56,6 +56,8 @@ def layout_args(model: nn.Module) -> Dict[str, Any]:
             threshold=model.threshold,
             budget=model.budget,
         )
+        if model.task != 'classification':  # recorded where it differs from the default (older records have none)
+            args.update(task=model.task, exit_patience=model.exit_patience)
         if getattr(model, 'life', None) is not None:  # exits and slimming in one model (mexit_liferegress)
             args.update(life_layer=model.life_layer, prune_layers=list(model.prune_layers), keep_rate=model.keep_rate,
                         train_keep_rate=model.train_keep_rate, min_keep_rate=model.min_keep_rate, U=model.U)

@@ -67,8 +67,9 @@ class _Pieces:
             z = self._tokens(n)[0]
             if layer == len(model.blocks):
                 return model.forward_head(model.norm(z))
-            logits = model._exit_logits(layer, z, self.grid)
-            return model.exit_uncertainty(layer, logits) if model.criterion.learned else logits
+            if model.criterion.learned:
+                return model._exit_with_unit(layer, z, self.grid)
+            return model._exit_logits(layer, z, self.grid)
 
         return self._count(('exit', layer, n), run)
 

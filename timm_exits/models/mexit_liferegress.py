@@ -254,12 +254,12 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
 
     # --- whole-batch paths: every exit, features, train mode ----------------------------------------------------
 
-    def _soft_pass(self, x: torch.Tensor, grad_scale: float = 1., heads: bool = True
+    def _soft_pass(self, x: torch.Tensor, grad_scale: float = 1., heads: bool = True, features: bool = False
                    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Train mode: every token kept; after ``life_layer`` every attention is weighted by the soft weights of
         eqs. (6)-(7), 003_*.txt, mu and sigma from ``train_keep_rate``'s schedule. Returns the final tokens (before
         the norm) and, with ``heads``, every exit's logits (intermediate exits read ``scale_gradient(tokens,
-        grad_scale)``)."""
+        grad_scale)``; ``features``: their pre-logits features instead)."""
         _, mu, sigma = self._plan(self.train_keep_rate, self._num_patches(x))
         x, rope = self._embed(x)
         lives: Optional[torch.Tensor] = None
@@ -276,7 +276,7 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
                 lives = self.life(x, self.num_prefix_tokens, mu, sigma)
             if heads and layer in self.exit_layers:
                 tokens = x if layer == self.depth else scale_gradient(x, grad_scale)
-                outputs.append(self._exit_logits(layer, tokens))
+                outputs.append(self.exit_features(layer, tokens) if features else self._exit_logits(layer, tokens))
         return x, outputs
 
     def forward_exits(self, x: torch.Tensor, keep_rate: Optional[float] = None) -> List[torch.Tensor]:
@@ -284,11 +284,17 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
         train mode: the soft weights of eqs. (6)-(7) instead of dropping patches."""
         return self._forward_exits(x, keep_rate=keep_rate)
 
-    def _forward_exits(self, x: torch.Tensor, grad_scale: float = 1.,
+    def _forward_exits(self, x: torch.Tensor, grad_scale: float = 1., features: bool = False,
                        keep_rate: Optional[float] = None) -> List[torch.Tensor]:
         if self.training:
-            return self._soft_pass(x, grad_scale)[1]
+            return self._soft_pass(x, grad_scale, features=features)[1]
         rate = self.keep_rate if keep_rate is None else check_fraction('keep_rate', keep_rate, low_open=True)
+        if features:
+            if rate < 1.:
+                raise ValueError(f'every exit\'s features of the whole batch are read at keep_rate=1 (eval mode), got '
+                                 f'keep_rate={rate:g}; a slimmed walk gives each exit\'s answer (forward_anytime) '
+                                 f'and the scale decides inside forward_dynamic')
+            return super()._forward_exits(x, grad_scale, features=True)
         return [step.logits for step in self._walker(self._img_size(x), None, None, rate, every_head=True).anytime(x)]
 
     @torch.jit.unused
@@ -336,7 +342,7 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
         plain = threshold is None and budget is None and keep_rate is None and not (defaults and (
             self.threshold is not None or self.budget is not None or self.keep_rate < 1))
         if is_fx_tracing() or plain:
-            if self.training and torch.is_grad_enabled() and self.num_classes > 0:
+            if self.training and torch.is_grad_enabled() and self.num_classes > 0 and self.task == 'classification':
                 return attach_exit_losses(  # here, not in MultiExitMixin._forward_train: torch.fx's leaf
                     *self._exit_loss_inputs(x), self.exit_weight, self.exit_num_sampled)
             return self.forward_head(self.forward_features(x))

@@ -31,17 +31,18 @@ from timm.models.vision_transformer import VisionTransformer, init_weights_vit_t
 
 from ..losses import attach_exit_losses, scale_gradient
 from ._base import (
-    NewPartsMixin, add_block_group, check_fraction, is_fx_tracing, pop_kwargs, tracing_tool,
+    NewPartsMixin, add_block_group, check_fraction, count_flops, is_fx_tracing, pop_kwargs, tracing_tool,
 )
 from ._build import build_family, register_twins
 from ._costs import schedule_costs
 from ._pretrained import explain_missing_weights, published_cfg
 from .adapters import EvaAdapter, VitAdapter, register_adapted
 from .exit_heads import EXIT_HEADS, create_exit_head
-from .walker import CRITERIA, AnytimeStep, ExitCriterion, ExitOutput, ExitWalker, criterion
+from .walker import CRITERIA, TASKS, AnytimeStep, ExitCriterion, ExitOutput, ExitWalker, criteria_for, criterion
 
 __all__ = [
     'EXIT_CRITERIA', 'AnytimeStep', 'ExitOutput', 'MultiExitEva', 'MultiExitMixin', 'MultiExitVisionTransformer',
+    'predicted_scale',
     'default_exit_layers',
 ]
 
@@ -52,6 +53,12 @@ _KEYS = {layer: str(layer) for layer in range(1, 257)}  # module keys of exits: 
 def _key(layer: int) -> str:
     """Key of the exit after block ``layer`` in ``exits`` / ``uncertainty``."""
     return _KEYS.get(layer) or str(layer)
+
+
+def predicted_scale(unit: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """A regression exit's scale s = softplus(unit(f)) + 1e-4 (B, K) in target units, float32: the Laplace b or the
+    Gaussian sigma of its negative log-likelihood (the regression counterpart of u_i, eq. 3, 000_*.txt)."""
+    return nn.functional.softplus(unit(features).float()) + 1e-4
 
 
 def default_exit_layers(depth: int) -> Tuple[int, ...]:
@@ -111,13 +118,15 @@ class MultiExitMixin(NewPartsMixin):
             self,
             exit_layers: Optional[Sequence[int]] = None,
             exit_head: Union[str, Sequence[str]] = 'linear',
-            exit_criterion: str = 'confidence',
+            exit_criterion: Optional[str] = None,
             threshold: Optional[float] = None,
             budget: Optional[float] = None,
             exit_drop_rate: float = 0.,
             exit_weight: float = 1.,
             exit_num_sampled: Optional[int] = None,
             exit_grad_scale: float = .25,
+            task: str = 'classification',
+            exit_patience: int = 1,
     ) -> None:
         """Check the arguments and add the exits to a built parent (``__init__`` and ``timm_exits.convert``).
 
@@ -125,9 +134,13 @@ class MultiExitMixin(NewPartsMixin):
             exit_layers: 1-based blocks followed by an exit (default: middle block to depth - 1, MEViT's 6..11).
                 The final classifier is always the last exit, numbered by the depth.
             exit_head: One of ``EXIT_HEADS`` for every exit, or one name per intermediate exit.
-            exit_criterion: 'confidence' (exit when max softmax >= threshold), 'entropy' (normalised entropy <=
-                threshold) or 'uncertainty' (u_i of eq. 3, 000_*.txt, <= threshold).
-            threshold: Default threshold of ``forward`` (None: no confidence-based exit).
+            exit_criterion: Classification: 'confidence' (exit when max softmax >= threshold), 'entropy'
+                (normalised entropy <= threshold) or 'uncertainty' (u_i of eq. 3, 000_*.txt, <= threshold); the
+                default 'confidence'.
+                Regression: 'patience' (PABEE: the last ``exit_patience + 1`` exits agree within the threshold, in
+                target units; the default) or 'uncertainty' (the exit's predicted scale <= threshold).
+            threshold: Default threshold of ``forward`` (None: no confidence-based exit); in [0, 1] for
+                classification, a finite number >= 0 in target units for regression.
             budget: Default compute budget of ``forward``, a share (0, 1] of the parent's FLOPs (None: no limit).
             exit_drop_rate: Dropout inside the exit branches.
             exit_weight: Train-mode hook (timm train.py): weight of each intermediate exit's CE + in-place KL.
@@ -135,7 +148,24 @@ class MultiExitMixin(NewPartsMixin):
                 sandwich rule, sec. 2.2 of 000_*.txt); None: every exit, every step.
             exit_grad_scale: Train-mode hook: the intermediate exits' gradient into the backbone is multiplied by
                 this, in [0, 1] (0: the exits train on detached tokens, the backbone learns from the final head alone).
+            task: 'classification' (logits) or 'regression' (``num_classes`` real outputs, 1 for a count: TransCrowd,
+                001_*.txt). Never inferred from ``num_classes``. Regression: the exits and the final head (the
+                parent's pooling, [CLS] or average: TransCrowd's token and GAP variants) predict values; each exit's
+                ``uncertainty`` unit predicts a scale from the exit's features; the train-mode hook adds no loss
+                (train with ``timm_exits.tasks``' regression tasks).
+            exit_patience: Regression 'patience' criterion: consecutive agreeing exits before an image leaves.
         """
+        if task not in TASKS:
+            raise ValueError(f'task must be one of {list(TASKS)}, got {task!r}')
+        if exit_criterion is None:
+            exit_criterion = 'confidence' if task == 'classification' else 'patience'
+        if exit_criterion not in criteria_for(task):
+            other = next((t for t in TASKS if t != task and exit_criterion in criteria_for(t)), None)
+            why = f' (a criterion of {other} models)' if other else ''
+            reason = {'regression': ': a softmax over real-valued outputs measures nothing',
+                      'classification': ': it compares real-valued outputs in target units'}[task] if other else ''
+            raise ValueError(f'exit_criterion={exit_criterion!r} is not a criterion of task={task!r}{why}{reason}; '
+                             f'allowed: {list(criteria_for(task))}')
         depth = len(self.blocks)
         layers = _exit_layout(depth, exit_layers)
         heads = [exit_head] * len(layers) if isinstance(exit_head, str) else list(exit_head)
@@ -143,8 +173,6 @@ class MultiExitMixin(NewPartsMixin):
             raise ValueError(
                 f'exit_head must be one name or one per intermediate exit ({len(layers)} for exit_layers={layers}), '
                 f'got {len(heads)}: {heads}')
-        if exit_criterion not in CRITERIA:
-            raise ValueError(f'exit_criterion={exit_criterion!r} is not known; allowed: {list(CRITERIA)}')
         exit_drop_rate = check_fraction('exit_drop_rate', exit_drop_rate, high_open=True, allow_none=False)
         fixed = sorted({h for h in heads if EXIT_HEADS.get(h) is not None and EXIT_HEADS[h].fixed_grid})
         if fixed and self.dynamic_img_size:
@@ -166,8 +194,11 @@ class MultiExitMixin(NewPartsMixin):
         self.depth = depth
         self.exit_layers = (*layers, depth)
         self.exit_head_types = tuple(heads)
+        criterion(exit_criterion, task, exit_patience)  # a bad patience fails now, naming it
+        self.task = task
+        self.exit_patience = exit_patience
         self.exit_criterion = exit_criterion
-        self.threshold = None if threshold is None else check_fraction('threshold', threshold)
+        self.threshold = None if threshold is None else self._check_threshold(threshold)
         self.budget = None if budget is None else check_fraction('budget', budget, low_open=True)
         self.exits = nn.ModuleDict({
             str(layer): create_exit_head(
@@ -177,14 +208,15 @@ class MultiExitMixin(NewPartsMixin):
                 num_heads=_num_heads(self.blocks[0]),
                 mlp_ratio=_mlp_ratio(self.blocks[0], self.embed_dim),
                 num_prefix_tokens=self.num_prefix_tokens,
-                pool='token' if self._has_cls() else 'avg',
+                pool=self._exit_pool(),
                 grid_size=self.patch_embed.grid_size,
                 drop=exit_drop_rate,
                 **dd,
             )
             for layer, name in zip(layers, heads)
         })
-        self.uncertainty = nn.ModuleDict({str(layer): self._make_uncertainty(**dd) for layer in self.exit_layers})
+        self.uncertainty = nn.ModuleDict({
+            str(layer): self._make_uncertainty(layer, **dd) for layer in self.exit_layers})
         self._init_exits()
         self.train(self.training)  # a converted model's new parts follow its mode
         self._flops: Dict[Any, Any] = {}
@@ -193,9 +225,40 @@ class MultiExitMixin(NewPartsMixin):
 
     # --- construction helpers -------------------------------------------------------------------------------------
 
-    def _make_uncertainty(self, device=None, dtype=None) -> nn.Module:
-        """Uncertainty predictor of eq. (3), 000_*.txt: one linear unit on the exit's logits (sigmoid applied later)."""
-        return nn.Linear(self.num_classes, 1, device=device, dtype=dtype) if self.num_classes > 0 else nn.Identity()
+    def _exit_pool(self) -> str:
+        """Pooling of the exit branches: [CLS]; the mean of the patch tokens without a class token, and for regression
+        on a parent pooling by average (TransCrowd's GAP variant: every exit reads what the final head reads)."""
+        avg = not self._has_cls() or (self.task == 'regression' and self.global_pool == 'avg')
+        return 'avg' if avg else 'token'
+
+    def _check_threshold(self, threshold: Any) -> float:
+        """A threshold of the task: in [0, 1] for classification, in target units (finite, >= 0) for regression."""
+        if self.task == 'classification':
+            return check_fraction('threshold', threshold)
+        if isinstance(threshold, torch.Tensor) and threshold.numel() == 1:
+            threshold = threshold.item()
+        if isinstance(threshold, bool) or not isinstance(threshold, Real) or not 0 <= threshold < math.inf:
+            raise ValueError(f'threshold must be a finite number >= 0 in target units (task=\'regression\', '
+                             f'exit_criterion={self.exit_criterion!r}) or None, got {threshold!r}')
+        return float(threshold)
+
+    def _unit_features(self, layer: int) -> int:
+        """Width of the features the exit after block ``layer`` maps to its outputs."""
+        if layer == len(self.blocks):
+            head = getattr(self, 'head', None)
+            return head.in_features if isinstance(head, nn.Linear) else getattr(
+                self, 'head_hidden_size', self.num_features)
+        return self.exits[_key(layer)].num_features
+
+    def _make_uncertainty(self, layer: Optional[int] = None, device=None, dtype=None) -> nn.Module:
+        """Classification: the uncertainty predictor of eq. (3), 000_*.txt, one linear unit on the exit's logits
+        (sigmoid applied later). Regression: one linear map from the exit's features to the raw scale of each
+        output (``exit_scale``)."""
+        if self.num_classes <= 0:
+            return nn.Identity()
+        if self.task == 'regression':
+            return nn.Linear(self._unit_features(layer), self.num_classes, device=device, dtype=dtype)
+        return nn.Linear(self.num_classes, 1, device=device, dtype=dtype)
 
     def _init_exits(self) -> None:
         for name, module in self.exits.named_modules():
@@ -206,7 +269,8 @@ class MultiExitMixin(NewPartsMixin):
         for module in self.uncertainty.values():
             if isinstance(module, nn.Linear):
                 trunc_normal_(module.weight, std=.02)
-                nn.init.zeros_(module.bias)
+                # regression: raw 0.5413 gives a scale of softplus(0.5413) = 1.0 target unit at the start
+                nn.init.constant_(module.bias, .5413 if self.task == 'regression' else 0.)
 
     # --- timm API -------------------------------------------------------------------------------------------------
 
@@ -223,7 +287,7 @@ class MultiExitMixin(NewPartsMixin):
             exit_head.reset_classifier(num_classes)
             init_weights_vit_timm(exit_head.head, 'head')
         for key in self.uncertainty:
-            self.uncertainty[key] = self._make_uncertainty(device=ref.device, dtype=ref.dtype)
+            self.uncertainty[key] = self._make_uncertainty(int(key), device=ref.device, dtype=ref.dtype)
         self._init_uncertainty()
         self._flops = {}
 
@@ -260,6 +324,41 @@ class MultiExitMixin(NewPartsMixin):
         """Predicted uncertainty u_i = sigmoid(w^T f_i(h_i) + b) of the exit after block ``layer``, eq. (3)."""
         return torch.sigmoid(self.uncertainty[_key(layer)](logits).squeeze(-1))
 
+    def exit_scale(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """Regression: the predicted scale s = softplus(w^T f + b) + 1e-4 (B, K), target units, of the exit after
+        block ``layer`` from its features f (``exit_features``): the Laplace b or Gaussian sigma of its NLL."""
+        return predicted_scale(self.uncertainty[_key(layer)], features)
+
+    def exit_head_module(self, layer: int) -> nn.Module:
+        """The last linear layer of the exit after block ``layer`` (the final one: the parent's ``head``)."""
+        return self.head if layer == self.depth else self.exits[_key(layer)].head
+
+    def exit_features(self, layer: int, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Pre-logits features of the exit after block ``layer`` from that block's tokens: the exit's output is
+        ``exit_head_module(layer)(features)``, bit for bit ``_exit_logits``."""
+        if layer == self.depth:
+            return self.forward_head(self.norm(x), pre_logits=True)
+        return self.exits[_key(layer)](x, pre_logits=True, grid_size=grid_size)
+
+    def _exit_with_unit(self, layer: int, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None):
+        """The exit after block ``layer`` and its learned criterion's unit (what the cost model counts): logits and
+        u_i (classification), or values and the scale from the exit's features (regression)."""
+        if self.task == 'regression':
+            features = self.exit_features(layer, x, grid)
+            return self.exit_head_module(layer)(features), self.exit_scale(layer, features)
+        logits = self._exit_logits(layer, x, grid)
+        return logits, self.exit_uncertainty(layer, logits)
+
+    def set_exit_criterion(self, exit_criterion: str, exit_patience: Optional[int] = None) -> None:
+        """Switch the criterion (a name of the model's task) and, for 'patience', its count; costs are recounted."""
+        allowed = criteria_for(self.task)
+        if exit_criterion not in allowed:
+            raise ValueError(f'exit_criterion={exit_criterion!r} is not a criterion of task={self.task!r}; '
+                             f'allowed: {list(allowed)}')
+        patience = self.exit_patience if exit_patience is None else exit_patience
+        criterion(exit_criterion, self.task, patience)  # a bad patience fails here, naming it
+        self.exit_criterion, self.exit_patience, self._flops = exit_criterion, patience, {}
+
     def exit_scores(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
         """Per image, the value ``exit_criterion`` compares with the threshold (max softmax, normalised entropy or
         uncertainty)."""
@@ -267,8 +366,8 @@ class MultiExitMixin(NewPartsMixin):
 
     @property
     def criterion(self) -> ExitCriterion:
-        """The ``exit_criterion`` object: its scores, its decision and its per-image state."""
-        return criterion(self.exit_criterion)
+        """The ``exit_criterion`` object of the model's task: its scores, its decision and its per-image state."""
+        return criterion(self.exit_criterion, self.task, self.exit_patience)
 
     def _exits_now(self, layer: int, logits: torch.Tensor, threshold: float) -> torch.Tensor:
         return self.criterion.leaves(self.exit_scores(layer, logits), threshold)
@@ -283,9 +382,19 @@ class MultiExitMixin(NewPartsMixin):
         """Logits of every exit for the whole batch, in ``exit_layers`` order, the final classifier last."""
         return self._forward_exits(x)
 
-    def _forward_exits(self, x: torch.Tensor, grad_scale: float = 1.) -> List[torch.Tensor]:
+    def forward_exits_with_scale(self, x: torch.Tensor, grad_scale: float = 1.,
+                                 **kwargs: Any) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Regression: every exit's predicted values and scales (``exit_scale``) for the whole batch, in
+        ``exit_layers`` order, the final head last; ``grad_scale`` as in ``_forward_exits``."""
+        if self.task != 'regression':
+            raise ValueError(f'forward_exits_with_scale needs task=\'regression\'; this model has task={self.task!r}')
+        features = self._forward_exits(x, grad_scale, features=True, **kwargs)
+        values = [self.exit_head_module(layer)(f) for layer, f in zip(self.exit_layers, features)]
+        return values, [self.exit_scale(layer, f) for layer, f in zip(self.exit_layers, features)]
+
+    def _forward_exits(self, x: torch.Tensor, grad_scale: float = 1., features: bool = False) -> List[torch.Tensor]:
         """``forward_exits``, each intermediate exit reading its block's tokens through ``scale_gradient(tokens,
-        grad_scale)`` (the final classifier never)."""
+        grad_scale)`` (the final classifier never); ``features``: each exit's pre-logits features instead."""
         grid = self._grid_size(x)
         x, rope = self._embed(x)
         outputs = []
@@ -294,7 +403,8 @@ class MultiExitMixin(NewPartsMixin):
             layer = i + 1
             if layer in self.exit_layers:
                 tokens = x if layer == self.depth else scale_gradient(x, grad_scale)
-                outputs.append(self._exit_logits(layer, tokens, grid))
+                outputs.append(self.exit_features(layer, tokens, grid) if features else
+                               self._exit_logits(layer, tokens, grid))
         return outputs
 
     # --- compute accounting -----------------------------------------------------------------------------------
@@ -417,7 +527,7 @@ class MultiExitMixin(NewPartsMixin):
         if defaults:
             threshold = self.threshold if threshold is None else threshold
             budget = self.budget if budget is None else budget
-        threshold = None if threshold is None else check_fraction('threshold', threshold)
+        threshold = None if threshold is None else self._check_threshold(threshold)
         budget = None if budget is None else check_fraction('budget', budget, low_open=True)
         return threshold, budget
 
@@ -615,8 +725,18 @@ class MultiExitMixin(NewPartsMixin):
             x = self._apply_block(blk, x, rope, None)
         if not with_head:
             return x, lives, kept, None, None, state
-        logits = self.forward_head(self.norm(x)) if exit_head is None else exit_head(x, grid_size=grid)
         leave = None
+        if threshold is not None and self.task == 'regression':  # values, and the scale from the exit's features
+            if exit_head is None:
+                features = self.forward_head(self.norm(x), pre_logits=True)
+                logits = self.head(features)
+            else:
+                features = exit_head(x, pre_logits=True, grid_size=grid)
+                logits = exit_head.head(features)
+            scale = predicted_scale(uncertainty, features) if self.criterion.learned else None
+            leave, state = self.criterion.decide(logits, scale, threshold, state)
+            return x, lives, kept, logits, leave, state
+        logits = self.forward_head(self.norm(x)) if exit_head is None else exit_head(x, grid_size=grid)
         if threshold is not None:
             leave, state = self.criterion.decide(logits, uncertainty, threshold, state)
         return x, lives, kept, logits, leave, state
@@ -665,7 +785,7 @@ class MultiExitMixin(NewPartsMixin):
         defaults = not self.training
         if is_fx_tracing() or (threshold is None and budget is None and not (
                 defaults and (self.threshold is not None or self.budget is not None))):
-            if self.training and torch.is_grad_enabled() and self.num_classes > 0:
+            if self.training and torch.is_grad_enabled() and self.num_classes > 0 and self.task == 'classification':
                 return self._forward_train(x)
             return self.forward_head(self.forward_features(x))
         return self._forward_dynamic_logits(x, threshold, budget, defaults)

@@ -17,7 +17,10 @@ Images that entered at different times concatenate as soon as they stand at the 
 images it walks with.
 
 Criteria are small objects: ``ExitCriterion`` subclasses, one class each (``register_criterion``), with an optional
-per-image state carried by the walk (a criterion that compares an exit with the previous one, e.g.).
+per-image state carried by the walk (a criterion that compares an exit with the previous one, e.g.). A criterion
+serves one ``task``: classification criteria read logits (``CRITERIA``), regression criteria read predicted values in
+target units and, when ``learned``, the exit's predicted scale (``REGRESSION_CRITERIA``: PABEE's ``patience``, the
+scale's ``uncertainty``).
 """
 import math
 import time
@@ -27,9 +30,12 @@ import torch
 import torch.nn as nn
 
 __all__ = [
-    'CRITERIA', 'AnytimeStep', 'ConfidenceCriterion', 'EntropyCriterion', 'ExitCriterion', 'ExitOutput', 'ExitWalker',
-    'UncertaintyCriterion', 'WalkState', 'WalkStep', 'criterion', 'register_criterion',
+    'CRITERIA', 'REGRESSION_CRITERIA', 'TASKS', 'AnytimeStep', 'ConfidenceCriterion', 'EntropyCriterion',
+    'ExitCriterion', 'ExitOutput', 'ExitWalker', 'PatienceCriterion', 'ScaleCriterion', 'UncertaintyCriterion',
+    'WalkState', 'WalkStep', 'criteria_for', 'criterion', 'register_criterion',
 ]
+
+TASKS = ('classification', 'regression')
 
 
 class ExitOutput(NamedTuple):
@@ -56,8 +62,11 @@ class ExitCriterion:
     """When an image leaves an exit. ``scores`` is the value compared with the threshold (``higher_leaves``: leave
     when it is >= the threshold, else <=); ``learned`` criteria read the exit's uncertainty unit (eq. 3, 000_*.txt),
     whose FLOPs are counted with the exit. A criterion with a per-image state (``initial_state`` not None) gets it
-    back in ``decide``, and the walk carries it with the images that go on."""
+    back in ``decide``, and the walk carries it with the images that go on. ``task``: the models it serves; a
+    regression criterion gets the exit's predicted values as ``logits`` and, as ``unit``, its predicted scale (B, K)
+    when ``learned`` (None otherwise); its threshold is in target units (any finite number >= 0)."""
     name: str = ''
+    task: str = 'classification'
     higher_leaves: bool = False
     learned: bool = False
 
@@ -109,24 +118,87 @@ class UncertaintyCriterion(ExitCriterion):
         return torch.sigmoid(unit(logits).squeeze(-1))
 
 
+class PatienceCriterion(ExitCriterion):
+    """PABEE's regression rule: a per-image counter of consecutive exits whose prediction differs from the previous
+    exit's by at most ``threshold`` (target units, the largest difference over the outputs), reset when it differs
+    more; an image leaves when the counter reaches ``patience``, i.e. when its last ``patience + 1`` exits agree,
+    each with the one before it. The state (b, K + 1) carries the previous exit's prediction and the counter."""
+    name, task = 'patience', 'regression'
+
+    def __init__(self, patience: int = 1) -> None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f'exit_patience must be an integer >= 1 (consecutive agreeing exits), got {patience!r}')
+        self.patience = patience
+
+    def scores(self, logits: torch.Tensor, unit: Optional[torch.Tensor]) -> torch.Tensor:
+        raise ValueError('the patience criterion compares an exit with the previous one: its scores need the walk\'s '
+                         'state (decide), not one exit\'s output')
+
+    def initial_state(self, batch: int, device: torch.device) -> Optional[torch.Tensor]:
+        return torch.zeros(batch, 0, device=device)  # widened to (b, K + 1) at the first exit (K unknown here)
+
+    def decide(
+            self,
+            logits: torch.Tensor,
+            unit: Optional[torch.Tensor],
+            threshold: float,
+            state: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        values = logits.float()
+        if state is None or state.shape[-1] == 0:  # the first exit: nothing to agree with
+            count = torch.zeros(values.shape[0], 1, device=values.device)
+        else:
+            agree = (values - state[:, :-1]).abs().amax(-1, keepdim=True) <= threshold
+            count = torch.where(agree, state[:, -1:] + 1, torch.zeros_like(state[:, -1:]))
+        return count.squeeze(-1) >= self.patience, torch.cat([values, count], -1)
+
+
+class ScaleCriterion(ExitCriterion):
+    """Regression counterpart of MEViT's u_i (eq. 3, 000_*.txt): each exit predicts a scale s_i (Laplace b or
+    Gaussian sigma, target units) beside its value, trained by a negative log-likelihood; an image leaves when its
+    largest scale over the outputs is <= threshold."""
+    name, task, learned = 'uncertainty', 'regression', True
+
+    def scores(self, logits: torch.Tensor, unit: Optional[torch.Tensor]) -> torch.Tensor:
+        if unit is None:
+            raise ValueError('the regression uncertainty criterion needs the exit\'s predicted scale')
+        return unit.float().amax(-1)
+
+
 CRITERIA: Dict[str, Type[ExitCriterion]] = {}
-_INSTANCES: Dict[str, ExitCriterion] = {}  # criteria keep no state of their own: one object serves every model
+REGRESSION_CRITERIA: Dict[str, Type[ExitCriterion]] = {}
+_INSTANCES: Dict[Tuple[str, str, int], ExitCriterion] = {}  # criteria keep no per-model state: one object serves all
 
 
 def register_criterion(cls: Type[ExitCriterion]) -> Type[ExitCriterion]:
-    """Class decorator: ``exit_criterion=cls.name`` builds models with this criterion."""
+    """Class decorator: ``exit_criterion=cls.name`` builds models of ``cls.task`` with this criterion."""
     if not cls.name:
         raise ValueError(f'{cls.__name__} needs a name to be registered')
-    CRITERIA[cls.name], _INSTANCES[cls.name] = cls, cls()
+    if cls.task not in TASKS:
+        raise ValueError(f'{cls.__name__}.task must be one of {list(TASKS)}, got {cls.task!r}')
+    criteria_for(cls.task)[cls.name] = cls
     return cls
 
 
-def criterion(name: str) -> ExitCriterion:
-    """The registered criterion ``name``."""
-    return _INSTANCES[name]
+def criteria_for(task: str) -> Dict[str, Type[ExitCriterion]]:
+    """The registered criteria of ``task`` ('classification' or 'regression'), by name."""
+    if task not in TASKS:
+        raise ValueError(f'task must be one of {list(TASKS)}, got {task!r}')
+    return CRITERIA if task == 'classification' else REGRESSION_CRITERIA
 
 
-for _cls in (ConfidenceCriterion, EntropyCriterion, UncertaintyCriterion):
+def criterion(name: str, task: str = 'classification', patience: int = 1) -> ExitCriterion:
+    """The registered criterion ``name`` of ``task`` (``patience``: the count of PABEE's rule, 'patience' only)."""
+    cls = criteria_for(task)[name]
+    if cls is PatienceCriterion and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ValueError(f'exit_patience must be an integer >= 1 (consecutive agreeing exits), got {patience!r}')
+    key = (task, name, patience if cls is PatienceCriterion else 0)
+    if key not in _INSTANCES:
+        _INSTANCES[key] = cls(patience) if cls is PatienceCriterion else cls()
+    return _INSTANCES[key]
+
+
+for _cls in (ConfidenceCriterion, EntropyCriterion, UncertaintyCriterion, PatienceCriterion, ScaleCriterion):
     register_criterion(_cls)
 
 
