@@ -201,6 +201,10 @@ def pair_path(keep_rates: Sequence[float], thresholds: Sequence[float]) -> List[
 # --- model outputs ----------------------------------------------------------------------------------------------------
 
 def _family(model: nn.Module) -> str:
+    if getattr(model, 'task', 'classification') == 'regression':
+        raise ValueError("calibrate certifies the share of answers that differ from full depth, a classification "
+                         "risk; a regression model (task='regression') chooses its patience or scale threshold from "
+                         "validate's MAE sweep")
     if isinstance(model, MultiExitLifeRegressMixin):
         return 'mexit_liferegress'
     if isinstance(model, MultiExitMixin):

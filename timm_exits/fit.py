@@ -69,6 +69,9 @@ def fit_parts(model: nn.Module) -> Tuple[str, ...]:
     if not prefixes:
         raise ValueError(f'{type(model).__name__} has nothing to fit: no exits, uncertainty units or life predictor '
                          "(build a '<parent>_mexit', '<parent>_liferegress' or '<parent>_mexit_liferegress' model)")
+    if getattr(model, 'task', 'classification') == 'regression':
+        raise ValueError(f"{type(model).__name__} is a regression model (task='regression'): fit distils class "
+                         "probabilities; train its exits with the task 'regression_classifier_wise' (frozen backbone)")
     if isinstance(model, MultiExitMixin) and len(model.exit_layers) < 2 and getattr(model, 'life', None) is None:
         raise ValueError(f'{type(model).__name__} has nothing to fit: no intermediate exit (exit_layers is empty)')
     return prefixes

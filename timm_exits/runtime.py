@@ -15,7 +15,7 @@ import json
 import math
 from numbers import Real
 from pathlib import Path
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -231,20 +231,24 @@ class SessionWalker:
         budget = session.budget if budget is None else budget
         self.session = session
         m = session.manifest
+        self.threshold = None if threshold is None else self.check_threshold(m, threshold)
         regression = m.get('task', 'classification') == 'regression'
-        if threshold is not None and regression:  # target units
-            if isinstance(threshold, bool) or not isinstance(threshold, Real) or not 0 <= threshold < math.inf:
-                raise ValueError(f"threshold must be a finite number >= 0 in target units (task='regression', "
-                                 f"criterion={m['criterion']!r}) or None, got {threshold!r}")
-            self.threshold: Optional[float] = float(threshold)
-        else:
-            self.threshold = None if threshold is None else _fraction('threshold', threshold, low_open=False)
         self.patience = m['exit_patience'] if regression and m['criterion'] == 'patience' else None
         budget = None if budget is None else _fraction('budget', budget, low_open=True)
         if self.threshold is not None and budget is not None and min(m['threshold_costs']) > budget + 1e-9:
             self.threshold = None  # no threshold path fits: the budget alone decides, as in eager forward_dynamic
         self.costs: List[float] = m['exit_costs'] if self.threshold is None else m['threshold_costs']
         self.stop = session._stop(self.costs, budget)
+
+    @staticmethod
+    def check_threshold(manifest: Dict[str, Any], threshold: Any) -> float:
+        """A threshold of the export's task: in [0, 1], or a finite number >= 0 in target units for regression."""
+        if manifest.get('task', 'classification') != 'regression':
+            return _fraction('threshold', threshold, low_open=False)
+        if isinstance(threshold, bool) or not isinstance(threshold, Real) or not 0 <= threshold < math.inf:
+            raise ValueError(f"threshold must be a finite number >= 0 in target units (task='regression', "
+                             f"criterion={manifest['criterion']!r}) or None, got {threshold!r}")
+        return float(threshold)
 
     def start(self, x: Any, rows: Any = None) -> SessionState:
         """Images x (B, C, H, W) at the start of the walk; ``rows`` their ids (default 0..B-1)."""

@@ -40,7 +40,7 @@ import torch.nn as nn
 from ..data import _model_input_size
 from ..models._base import check_fraction
 from ..models.walker import WalkState, WalkStep
-from ..runtime import ExitSession
+from ..runtime import ExitSession, SessionWalker
 
 __all__ = ['POLICIES', 'Answer', 'ExitScheduler', 'SchedulerClosed', 'SchedulerFull']
 
@@ -124,6 +124,11 @@ class _TorchBackend:
             raise ValueError(f'image must be one image of shape {size} (no batch axis), got {tuple(image.shape)}')
         return image.detach().to(self.device, self.dtype)  # one batch, one device and dtype: no request spoils it
 
+    def threshold(self, threshold: Any) -> float:
+        """The model's own check: in [0, 1], or in target units for a regression model."""
+        check = getattr(self.module, '_check_threshold', None)
+        return check(threshold) if check is not None else check_fraction('threshold', threshold)
+
     def walker(self, threshold: Optional[float], budget: Optional[float], size: Tuple[int, ...]) -> Any:
         if not self.exits:
             if threshold is not None or budget is not None:
@@ -172,6 +177,10 @@ class _OnnxBackend:
             raise ValueError(f'image must be one image of shape {self.shape} (the exported input size, no batch axis), '
                              f'got {tuple(image.shape)}')
         return image
+
+    def threshold(self, threshold: Any) -> float:
+        """The export's own check: in [0, 1], or in target units for a regression export."""
+        return SessionWalker.check_threshold(self.session.manifest, threshold)
 
     def walker(self, threshold: Optional[float], budget: Optional[float], size: Tuple[int, ...]) -> Any:
         return self.session.exit_walker(threshold, budget)
@@ -326,7 +335,7 @@ class ExitScheduler:
         future: Future = Future()
         try:
             image = self._backend.image(image)
-            key = (None if threshold is None else check_fraction('threshold', threshold),
+            key = (None if threshold is None else self._backend.threshold(threshold),
                    None if budget is None else check_fraction('budget', budget, low_open=True), tuple(image.shape))
         except (TypeError, ValueError) as e:
             with self._cond:

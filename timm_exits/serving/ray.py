@@ -90,9 +90,12 @@ class Preprocessor:
         return self.transform(img) if resize else self.normalise(img)
 
 
-def answer_json(answer: Answer, labels: Sequence[str], top_k: int) -> Dict[str, Any]:
-    """The JSON of an answer: the top-k classes of its softmax (labels, indices, probabilities), exit layer, cost."""
+def answer_json(answer: Answer, labels: Sequence[str], top_k: int, regression: bool = False) -> Dict[str, Any]:
+    """The JSON of an answer: the top-k classes of its softmax (labels, indices, probabilities), exit layer, cost; a
+    regression model's (``task='regression'``) values instead of classes."""
     logits = torch.as_tensor(answer.logits).float().reshape(-1)
+    if regression:
+        return {'values': logits.tolist(), 'exit_layer': answer.exit_layer, 'cost': answer.cost}
     probs = logits.softmax(-1)
     values, indices = probs.topk(min(top_k, probs.numel()))
     return {'labels': [labels[i] for i in indices.tolist()], 'indices': indices.tolist(),
@@ -204,7 +207,8 @@ class ExitDeployment:
             answer, top_k = await self._answer(request)
         except BadRequest as e:
             return JSONResponse({'error': str(e)}, status_code=e.status)
-        return JSONResponse(answer_json(answer, self.labels, top_k))
+        regression = getattr(self.model, 'task', 'classification') == 'regression'
+        return JSONResponse(answer_json(answer, self.labels, top_k, regression))
 
     async def _answer(self, request: Request) -> tuple:
         params = request.query_params
