@@ -41,7 +41,7 @@ ALLOWED: Dict[str, Set[str]] = {
     'benchmark_onnx': MODELS | {'_files', 'benchmark', 'export', 'runtime'},
     'serving': MODELS | {'data', 'runtime'},
     'serving.ray': MODELS | {'data', 'serving', 'timm_exits'},  # the root registers the families in a replica
-    'serving.load': MODELS | {'_files', 'data', 'serving', 'runtime'},
+    'serving.load': MODELS | {'_files', 'benchmark', 'data', 'serving', 'runtime'},
     'hub': {'*'},
     'hub.*': {'*'},
     'timm_exits': MODELS | {'hub', 'fit', 'calibrate'},  # fit and calibrate on first use (module __getattr__)

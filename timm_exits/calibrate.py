@@ -36,9 +36,7 @@ import json
 import logging
 import math
 import os
-import sys
 import tempfile
-import types
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -52,7 +50,7 @@ from .data import (
     NO_LABEL, add_data_config_args, available_cpus, create_dataset, data_config_flags, make_loader, resolve_data_cfg,
 )
 from .models._base import UntrainedWeightsWarning
-from .validate import _int_at_least, run_command
+from .validate import _int_at_least, callable_module, run_command
 from .models._checkpoint import (
     CALIBRATION_KEY, METADATA_KEY, apply_calibration, checkpoint_model_args, load_checkpoint_into, read_checkpoint,
 )
@@ -444,7 +442,7 @@ def calibrate(
     if risk not in RISKS:
         raise ValueError(f'risk={risk!r} is not known; allowed: {list(RISKS)}')
     _mapie()
-    family = _family(model)
+    _family(model)  # refuses what calibrate cannot serve, before the data is read
     if keep_rates is not None:
         bad = [r for r in keep_rates if not (isinstance(r, (int, float)) and 0 < r <= 1)]
         if bad:
@@ -644,14 +642,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     return run_command(build_parser(), run, argv)
 
 
-class _CallableModule(types.ModuleType):
-    """``timm_exits.calibrate(model, loader, epsilon=, delta=)``: the module is callable as its main function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Dict[str, Any]:
-        return calibrate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+callable_module(__name__, calibrate)
 
 if __name__ == '__main__':
     main()

@@ -305,7 +305,36 @@ def _raise(error: OSError) -> None:
     raise ValueError(f'{error.filename!r} cannot be read ({error.strerror or error})') from error
 
 
-class DigitsDataset(Dataset):
+class _GreyImages(Dataset):
+    """Grey images as input tensors (``_resized``, ``_normalised``) with one target each (``targets``, returned as
+    Python numbers), optionally transformed (tensor to tensor)."""
+    images: torch.Tensor
+    targets: torch.Tensor
+    transform: Optional[Callable]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, Any]:
+        image = self.images[i]
+        return (image if self.transform is None else self.transform(image)), self.targets[i].item()
+
+
+def _resized(images: torch.Tensor, img_size: Any) -> torch.Tensor:
+    """(N, 1, h, w) grey images at ``img_size`` (an int or (H, W)), bilinear."""
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if tuple(images.shape[-2:]) == size:
+        return images
+    return F.interpolate(images, size=size, mode='bilinear', align_corners=False)
+
+
+def _normalised(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(N, 1, H, W) grey levels in [0, 1] repeated over ``len(mean)`` channels and normalised per channel."""
+    mean_, std_ = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
+    return ((images.expand(-1, len(mean), -1, -1) - mean_) / std_).contiguous()
+
+
+class DigitsDataset(_GreyImages):
     """scikit-learn's bundled digits (1797 real 8x8 grey images, 10 classes; nothing downloaded), upsampled.
 
     A fixed stratified split: 'train' 60 %, 'val' 20 %, 'test' 20 %. Images are (3, H, W) (``img_size``: an int or
@@ -326,22 +355,12 @@ class DigitsDataset(Dataset):
         val, test = train_test_split(rest, test_size=0.5, stratify=digits.target[rest], random_state=0)
         index = {'train': train, 'val': val, 'test': test}[split]
         images = torch.tensor(digits.images[index], dtype=torch.float32)[:, None] / 16.
-        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        images = F.interpolate(images, size=size, mode='bilinear', align_corners=False).expand(-1, len(mean), -1, -1)
-        mean_, std_ = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
-        self.images = ((images - mean_) / std_).contiguous()
+        self.images = _normalised(_resized(images, img_size), mean, std)
         self.targets = torch.tensor(digits.target[index], dtype=torch.long)
         self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.targets)
 
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
-        image = self.images[i]
-        return (image if self.transform is None else self.transform(image)), int(self.targets[i])
-
-
-class DigitsCountDataset(Dataset):
+class DigitsCountDataset(_GreyImages):
     """An offline counting benchmark (nothing downloaded): canvases of scikit-learn's digits glyphs, each labelled with
     the number of glyphs of one class (``count_class``) among glyphs of every class.
 
@@ -390,21 +409,11 @@ class DigitsCountDataset(Dataset):
                 images[k, 0, y:y + 8, x:x + 8] = glyph
                 boxes.append((y, x))
                 counts[k] += float(mine)
-        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if size != (canvas, canvas):
-            images = F.interpolate(images, size=size, mode='bilinear', align_corners=False)
-        mean_, std_ = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
+        images = _resized(images, img_size)
         self.ink = images.flatten(1).sum(1)  # total ink per canvas: the trivial predictor's feature
-        self.images = ((images.expand(-1, len(mean), -1, -1) - mean_) / std_).contiguous()
+        self.images = _normalised(images, mean, std)
         self.targets = counts
         self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, float]:
-        image = self.images[i]
-        return (image if self.transform is None else self.transform(image)), float(self.targets[i])
 
 
 def _check_count(value: Any, where: str) -> float:

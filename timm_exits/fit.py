@@ -31,11 +31,8 @@ import json
 import logging
 import math
 import os
-import sys
 import time
-import types
 import warnings
-from contextlib import nullcontext
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -45,12 +42,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ._files import atomic_write, write_json
-from .data import NO_LABEL, available_cpus, create_dataset
+from .data import available_cpus
 from .models._base import UntrainedWeightsWarning, new_parts_filter
 from .models._checkpoint import METADATA_KEY, layout_args, load_checkpoint_into, read_checkpoint
-from .models.life_regress_vit import LifeRegressMixin
 from .models.multi_exit_vit import MultiExitMixin
 from .tasks import in_parts
+from .validate import _int_at_least, callable_module, run_command
 
 _logger = logging.getLogger(__name__)
 
@@ -401,7 +398,6 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m timm_exits.fit``."""
     from timm.utils import ParseKwargs
     from .data import add_data_config_args
-    from .validate import _int_at_least
     parser = argparse.ArgumentParser(prog='python -m timm_exits.fit', description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', required=True, help="a timm-exits model, tag allowed ('<parent>_mexit', "
                         "'<parent>_liferegress', '<parent>_mexit_liferegress')")
@@ -584,18 +580,10 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     """``python -m timm_exits.fit``: bad input prints one ``error: ...`` line and exits with status 2."""
-    from .validate import run_command
     return run_command(build_parser(), run, argv)
 
 
-class _CallableModule(types.ModuleType):
-    """``timm_exits.fit(model, loader, ...)``: the module is callable as its main function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> List[Dict[str, Any]]:
-        return fit(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+callable_module(__name__, fit)
 
 if __name__ == '__main__':
     main()

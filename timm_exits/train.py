@@ -66,7 +66,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ._files import atomic_write, write_json
-from .data import create_dataset, make_loader, resolve_data_cfg
+from .data import _is_int, _is_number, create_dataset, make_loader, resolve_data_cfg
 from .evaluation import accuracies, collect_outputs, collect_regression_outputs, evaluate, regression_errors
 from .models._checkpoint import layout_args
 from .plots import plot_tradeoff
@@ -93,14 +93,6 @@ UNCOMPARED_FIELDS = ('name', 'workers', 'log_interval', 'eval_batch_size')
 class RunError(ValueError):
     """A run that cannot start: bad output folder or device, zero optimizer steps, arguments that differ from the
     run found in the output folder. Raised before anything trains."""
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _require(owner: str, name: str, value: Any, ok: bool, allowed: str) -> None:

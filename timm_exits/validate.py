@@ -21,7 +21,9 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
+import types
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -323,6 +325,17 @@ def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespa
         return run(args)
     except (ValueError, OSError, RuntimeError, ImportError) as e:
         parser.exit(2, f'error: {" ".join(str(e).split())}\n')
+
+
+def callable_module(name: str, function: Callable[..., Any]) -> None:
+    """Make the module ``name`` callable as ``function`` (``timm_exits.fit(model, loader, ...)``,
+    ``timm_exits.calibrate(model, loader, epsilon=, delta=)``)."""
+
+    class CallableModule(types.ModuleType):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return function(*args, **kwargs)
+
+    sys.modules[name].__class__ = CallableModule
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:

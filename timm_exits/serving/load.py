@@ -32,6 +32,7 @@ import torch
 import timm
 
 from .._files import atomic_write
+from ..benchmark import time_interleaved
 from ..models import convert
 from ..models.walker import ExitWalker
 from . import ExitScheduler
@@ -156,15 +157,10 @@ def walk_overhead(parent: torch.nn.Module, twin: torch.nn.Module, x: torch.Tenso
     """Time of one batch walked through every segment with every head (no image leaving before the last exit) over
     the parent's time on it, interleaved, median of ``reps``: the walk's fixed costs (its FLOPs are
     ``twin.threshold_costs[-1]`` of the parent's)."""
-    ratios = []
     with torch.no_grad():
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            parent(x)
-            t1 = time.perf_counter()
-            twin.forward_dynamic(x, threshold=1.)
-            ratios.append((time.perf_counter() - t1) / (t1 - t0))
-    return statistics.median(ratios)
+        times = time_interleaved({'parent': lambda: parent(x), 'walk': lambda: twin.forward_dynamic(x, threshold=1.)},
+                                 rounds=reps, warmup=0)
+    return statistics.median(w / p for p, w in zip(times['parent'], times['walk']))
 
 
 def summarise(runs: List[Dict[str, Any]], loads: Sequence[float]) -> Dict[str, Any]:
