@@ -11,14 +11,14 @@ import torch
 
 import timm
 
-from timm_exits import EXIT_HEADS, UntrainedWeightsWarning
+from timm_exits import EXIT_HEADS, TOKEN_EXIT_HEADS, UntrainedWeightsWarning
 
 from .conftest import spread_exit_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize('head', sorted(EXIT_HEADS))
+@pytest.mark.parametrize('head', sorted(TOKEN_EXIT_HEADS))
 def test_budget_is_a_ceiling_with_and_without_threshold(head):
     model = spread_exit_heads(timm.create_model('test_vit_mexit', exit_head=head, exit_layers=(1, 2, 3))).eval()
     gen = torch.Generator().manual_seed(0)
@@ -98,7 +98,7 @@ def test_map_pooling_counts_and_runs():
     assert 0 < slim.flops_ratio(0.5) < 1
 
 
-@pytest.mark.parametrize('head', sorted(EXIT_HEADS))
+@pytest.mark.parametrize('head', sorted(TOKEN_EXIT_HEADS))
 def test_dynamic_img_size_every_exit_head(head):
     kwargs = dict(exit_head=head, exit_layers=(1, 2), dynamic_img_size=True)
     if EXIT_HEADS[head].fixed_grid:

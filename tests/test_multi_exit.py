@@ -9,7 +9,7 @@ import timm
 from timm.models import VisionTransformer
 from timm.models._manipulate import group_parameters
 
-from timm_exits import EXIT_HEADS, MultiExitVisionTransformer
+from timm_exits import EXIT_HEADS, TOKEN_EXIT_HEADS, MultiExitVisionTransformer
 
 from .conftest import spread_exit_heads
 
@@ -156,7 +156,7 @@ def test_default_threshold_and_budget_kwargs(tiny):
     assert torch.allclose(model(x), tiny.forward_exits(x)[0], atol=1e-5)
 
 
-@pytest.mark.parametrize('head', sorted(EXIT_HEADS))
+@pytest.mark.parametrize('head', sorted(TOKEN_EXIT_HEADS))
 def test_exit_head_shapes_and_gradients(head):
     model = timm.create_model('test_vit_mexit_ls', exit_head=head, exit_layers=(1, 3))
     model.train()

@@ -22,7 +22,7 @@ def _quiet_create(name: str, **kwargs) -> torch.nn.Module:
 
 
 def test_families_cover_every_vit_and_eva_architecture():
-    parents = set(twin_parents())
+    parents = set(twin_parents('liferegress'))  # the token parents: every family serves them
     assert {'vit_base_patch14_reg4_dinov2', 'vit_base_patch16_siglip_224', 'eva02_base_patch14_224',
             'deit3_base_patch16_224', 'vit_base_patch16_clip_224', 'deit_base_distilled_patch16_224',
             'vit_large_patch16_dinov3'} <= parents
@@ -35,7 +35,7 @@ def test_families_cover_every_vit_and_eva_architecture():
 
 @pytest.mark.parametrize('family', ['mexit', 'liferegress'])
 def test_every_pretrained_tag_is_mirrored_with_the_parents_weights(family):
-    for parent in twin_parents():
+    for parent in twin_parents(family):
         if parent == 'test_vit':  # timm's tiny test model: test_vit_mexit / _liferegress are this package's own
             continue
         tags = {n.split('.', 1)[1] for n in timm.list_pretrained(f'{parent}.*')}

@@ -3,7 +3,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .exit_heads import EXIT_HEADS, ExitHead, create_exit_head
+from .exit_heads import EXIT_HEADS, MAP_EXIT_HEADS, TOKEN_EXIT_HEADS, ExitHead, create_exit_head
 from .multi_exit_vit import (
     EXIT_CRITERIA, AnytimeStep, ExitOutput, MultiExitEva, MultiExitMixin, MultiExitVisionTransformer,
 )

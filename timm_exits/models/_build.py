@@ -17,6 +17,8 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, list_models, model_entrypoint, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as vit_checkpoint_filter_fn
 
+from timm.models import resolve_pretrained_cfg
+
 from ._base import check_weights_reachable, new_parts_filter, parent_cfgs
 from .adapters import adapted_class, parent_modules
 
@@ -83,9 +85,14 @@ def build_family(
     build['model_cls'] = adapted_class(mechanism, build['model_cls'])
     model_kwargs = build.pop('kwargs', {})
     overlay = dict(build.get('pretrained_cfg_overlay') or {})
-    if classifier_fn is not None:
+    maps = build['model_cls'].state_kind == 'map'
+    if classifier_fn is not None and not maps:  # a feature-map parent keeps its own classifier's name
         overlay.setdefault('classifier', classifier_fn(model_kwargs))  # also checks the layout, before building
     build['pretrained_cfg_overlay'] = overlay
+    if maps and model_kwargs.get('exit_input_size') is None:  # exits sized at the input the weights expect
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=build.get('pretrained_cfg'), pretrained_cfg_overlay=overlay)
+        size = model_kwargs.get('img_size') or (cfg.input_size if cfg else (3, 224, 224))
+        model_kwargs['exit_input_size'] = (size, size) if isinstance(size, int) else tuple(size)[-2:]
     file = overlay.get('file')
     if pretrained and file and not os.path.isfile(file):
         raise FileNotFoundError(f'pretrained_cfg_overlay file={file!r} does not exist')
@@ -96,9 +103,9 @@ def build_family(
     return build_model_with_cfg(**build, **model_kwargs)
 
 
-def twin_parents() -> Tuple[str, ...]:
-    """Every timm architecture built on a class an adapter serves (``adapters.parent_modules``)."""
-    return tuple(list_models(module=list(parent_modules())))
+def twin_parents(family: str = 'mexit') -> Tuple[str, ...]:
+    """Every timm architecture built on a class an adapter of ``family``'s parents serves (``adapters.parent_modules``)."""
+    return tuple(list_models(module=list(parent_modules(family))))
 
 
 def register_twins(
@@ -116,7 +123,7 @@ def register_twins(
         The new default cfgs (already added to the module's ``default_cfgs``).
     """
     mod = sys.modules[module]
-    names = {p: f'{p}_{suffix}' for p in twin_parents() if not hasattr(mod, f'{p}_{suffix}')}
+    names = {p: f'{p}_{suffix}' for p in twin_parents(suffix) if not hasattr(mod, f'{p}_{suffix}')}
     cfgs = generate_default_cfgs(
         {k: v for p, n in names.items() for k, v in parent_cfgs(p, n, cfg_fn, **overrides).items()})
     mod.default_cfgs.update(cfgs)

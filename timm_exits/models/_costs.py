@@ -13,8 +13,11 @@ import torch
 import torch.nn as nn
 
 from ._base import count_flops
+from .adapters import eval_mode
 
-__all__ = ['largest_rate', 'path_flops', 'schedule_costs']
+__all__ = ['cost_placement', 'largest_rate', 'path_flops', 'schedule_costs']
+
+SDN_PLACEMENT = (.15, .3, .45, .6, .75, .9)  # Shallow-Deep Networks: exits nearest these shares of the FLOPs
 
 Size = Tuple[int, int]
 
@@ -30,21 +33,34 @@ class _Pieces:
     def __init__(self, model: nn.Module, img_size: Size) -> None:
         self.model, self.img_size, self.store = model, img_size, {}
         ref = next(model.parameters())
-        x = torch.zeros(1, model.patch_embed.proj.in_channels, *img_size, device=ref.device, dtype=ref.dtype)
-        self.grid = model.patch_embed.dynamic_feat_size(img_size) if model.dynamic_img_size else None
-        self.embed, (self.tokens, self.rope) = count_flops(
-            lambda z: tuple(None if t is None else t.detach() for t in model._embed(z)), x)
-        self.npt = model.num_prefix_tokens
-        self.kinds = [_block_kind(blk) for blk in model.blocks]
+        x = torch.zeros(1, model._in_chans(), *img_size, device=ref.device, dtype=ref.dtype)
+        self.grid = model._grid_at(img_size)
+        with eval_mode(model):
+            self.embed, (self.tokens, self.rope) = count_flops(
+                lambda z: tuple(None if t is None else t.detach() for t in model._embed(z)), x)
+        self.npt = getattr(model, 'num_prefix_tokens', 0)
+        self.blocks = list(model._exit_blocks())
+        self.maps = model.state_kind == 'map'
+        self.states = [self.tokens]  # a feature map's input of each block (a ViT's blocks all see the embedding)
+        if self.maps:
+            with torch.no_grad(), eval_mode(model):
+                for blk in self.blocks:
+                    self.states.append(model._apply_block(blk, self.states[-1], None, None))
+        self.kinds = [('unit', i) if self.maps else _block_kind(blk) for i, blk in enumerate(self.blocks)]
 
     def _count(self, key: Any, fn: Callable[[], Any]) -> int:
         """Counted inside ``count_flops`` (a tracer paused, grad on), so that a count taken while ``torch.jit.trace``
         records a forward leaves nothing in its graph."""
         if key not in self.store:
-            self.store[key] = count_flops(lambda _: fn(), self.tokens)[0]  # the tokens name the device
+            with eval_mode(self.model):  # no BatchNorm statistics move, whatever the model's mode
+                self.store[key] = count_flops(lambda _: fn(), self.tokens)[0]  # the tokens name the device
         return self.store[key]
 
-    def _tokens(self, n: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _tokens(self, n: int, after: int = 0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The state a block sees: a ViT's first n patches (and prefix tokens), a feature map's after ``after``
+        blocks."""
+        if self.maps:
+            return self.states[after], None
         rope = self.rope
         if n != self.tokens.shape[1] - self.npt:
             rope = self.model._keep_rope(rope, torch.arange(n, device=self.tokens.device)[None])
@@ -53,8 +69,8 @@ class _Pieces:
     def block(self, i: int, n: int) -> int:
         """Block ``i`` (0-based) on n patches (and the prefix tokens)."""
         def run() -> torch.Tensor:
-            z, rope = self._tokens(n)
-            return self.model._apply_block(self.model.blocks[i], z, self.model._block_rope(rope, i), None)
+            z, rope = self._tokens(n, i)
+            return self.model._apply_block(self.blocks[i], z, self.model._block_rope(rope, i), None)
 
         return self._count(('block', self.kinds[i], n), run)
 
@@ -64,9 +80,9 @@ class _Pieces:
         model = self.model
 
         def run() -> torch.Tensor:
-            z = self._tokens(n)[0]
-            if layer == len(model.blocks):
-                return model.forward_head(model.norm(z))
+            z = self._tokens(n, layer)[0]
+            if layer == len(self.blocks):
+                return model._final(z)
             if model.criterion.learned:
                 return model._exit_with_unit(layer, z, self.grid)
             return model._exit_logits(layer, z, self.grid)
@@ -111,7 +127,7 @@ def schedule_costs(model: nn.Module, img_size: Size, counts: Sequence[int]) -> D
     counts = tuple(counts)
     key = ('schedule', img_size, counts)
     if key not in model._flops:
-        depth, layers = len(model.blocks), model.exit_layers
+        depth, layers = model.depth, model.exit_layers
         full = path_flops(model, img_size, (counts[0],) * depth, depth, (depth,))
         model._flops[key] = {
             'full': full,
@@ -139,3 +155,16 @@ def largest_rate(fits: Callable[[float], bool], low: float, num_patches: int, co
     c = counts(lo)
     rate = max(lo, min(c[p] / c[p - 1] for p in prune_layers))
     return rate if fits(rate) else lo
+
+
+def cost_placement(model: nn.Module, img_size: Size, shares: Sequence[float] = SDN_PLACEMENT) -> Tuple[int, ...]:
+    """Exits after the blocks (1-based) whose cumulative FLOPs (embedding and blocks, of the parent's total with its
+    final head) lie closest to each of ``shares`` (Shallow-Deep Networks' placement), the last block excluded."""
+    p = _pieces(model, img_size)
+    depth = len(p.blocks)
+    done = [p.embed]
+    for i in range(depth):
+        done.append(done[-1] + p.block(i, 1))
+    full = done[-1] + p.exit(depth, 1)
+    picked = {min(range(1, depth + 1), key=lambda k: abs(done[k] / full - share)) for share in shares}
+    return tuple(sorted(k for k in picked if k < depth))

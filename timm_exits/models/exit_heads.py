@@ -14,6 +14,12 @@ Types (``EXIT_HEADS``):
 - ``mixer``: MLP-Mixer-EE, one mixer layer (eqs. 3a-3b), global average pooling, MLP (Fig. 3c).
 - ``resmlp``: ResMLP-EE, one ResMLP layer with affine norms (eqs. 4a-4c), global average pooling, MLP (Fig. 3d).
 
+Feature-map types, for parents whose blocks pass a map (B, C, H, W) / (B, H, W, C), or tokens (B, N, C) of a parent that
+is not a ViT (``layout``: 'NCHW', 'NHWC', 'NLC'):
+- ``sdn``: Shallow-Deep Networks' internal classifier: alpha * maxpool + (1 - alpha) * avgpool of the map to at most
+  4 x 4 (one learned scalar alpha), flattened, one Linear (Kaya et al., ICML 2019); tokens pool to one vector.
+- ``pool_linear``: global average pooling, one Linear (the parent's own head shape).
+
 On a parent without a class token (SigLIP, ``class_token=False``) "the [CLS] token" above is the mean of the patch
 tokens (``pool='avg'``); the CNN-Add/Project branches need a real one and are refused there.
 
@@ -28,12 +34,13 @@ import torch.nn as nn
 from timm.models.mlp_mixer import Affine, MixerBlock, ResBlock
 from timm.models.vision_transformer import Block
 
-__all__ = ['EXIT_HEADS', 'ExitHead', 'create_exit_head']
+__all__ = ['EXIT_HEADS', 'MAP_EXIT_HEADS', 'TOKEN_EXIT_HEADS', 'ExitHead', 'create_exit_head']
 
 
 class ExitHead(nn.Module):
     """Base of every branch: a subclass's ``forward_features`` makes a (B, F) vector, ``head`` maps it to logits."""
     fixed_grid: bool = False  # True: only runs at the patch grid it was built with
+    state: str = 'tokens'  # what it reads: a ViT's tokens ('tokens') or a feature map / plain token state ('map')
 
     def __init__(
             self,
@@ -214,6 +221,62 @@ class ResMlpExit(_TokenMlpExit):
     norm_cls = Affine
 
 
+class _MapExit(ExitHead):
+    """Base of the feature-map branches: the map (``layout`` 'NCHW', 'NHWC' or 'NLC') of ``embed_dim`` channels at
+    ``grid_size`` (its spatial size at the model's input size) pooled to a (B, F) vector, then ``head``."""
+    state = 'map'
+
+    def __init__(self, embed_dim: int, num_classes: int, num_features: int, layout: str = 'NCHW',
+                 grid_size: Tuple[int, int] = (1, 1), device=None, dtype=None, **kwargs) -> None:
+        if layout not in ('NCHW', 'NHWC', 'NLC'):
+            raise ValueError(f"layout must be 'NCHW', 'NHWC' or 'NLC', got {layout!r}")
+        self.layout = layout
+        super().__init__(embed_dim, num_classes, num_features, num_prefix_tokens=0, grid_size=grid_size,
+                         device=device, dtype=dtype)
+
+    def _nchw(self, x: torch.Tensor) -> torch.Tensor:
+        """The state as (B, C, H, W); tokens (B, N, C) as (B, C, N, 1)."""
+        if self.layout == 'NHWC':
+            return x.permute(0, 3, 1, 2)
+        if self.layout == 'NLC':
+            return x.transpose(1, 2).unsqueeze(-1)
+        return x
+
+
+class SdnExit(_MapExit):
+    """Shallow-Deep Networks' internal classifier: alpha * max + (1 - alpha) * avg pooling to at most 4 x 4 (the map
+    itself when smaller; tokens to 1), flattened, one Linear (Kaya et al., ICML 2019). Adaptive pooling: the branch
+    runs at any input size."""
+
+    def __init__(self, embed_dim: int, num_classes: int, layout: str = 'NCHW', grid_size: Tuple[int, int] = (4, 4),
+                 drop: float = 0., device=None, dtype=None, **kwargs) -> None:
+        out = (1, 1) if layout == 'NLC' else (min(4, int(grid_size[0])), min(4, int(grid_size[1])))
+        super().__init__(embed_dim, num_classes, embed_dim * out[0] * out[1], layout=layout, grid_size=grid_size,
+                         device=device, dtype=dtype)
+        self.out_size = out
+        self.alpha = nn.Parameter(torch.full((1,), .5, device=device, dtype=dtype))
+        self.drop = nn.Dropout(drop)
+
+    def forward_features(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        x = self._nchw(x)
+        mixed = self.alpha * nn.functional.adaptive_max_pool2d(x, self.out_size) + \
+            (1 - self.alpha) * nn.functional.adaptive_avg_pool2d(x, self.out_size)
+        return self.drop(mixed.flatten(1))
+
+
+class PoolLinearExit(_MapExit):
+    """Global average pooling of the map (or the tokens), one Linear: the shape of the parent's own classifier."""
+
+    def __init__(self, embed_dim: int, num_classes: int, layout: str = 'NCHW', grid_size: Tuple[int, int] = (1, 1),
+                 drop: float = 0., device=None, dtype=None, **kwargs) -> None:
+        super().__init__(embed_dim, num_classes, embed_dim, layout=layout, grid_size=grid_size, device=device,
+                         dtype=dtype)
+        self.drop = nn.Dropout(drop)
+
+    def forward_features(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        return self.drop(self._nchw(x).mean((2, 3)))
+
+
 EXIT_HEADS: Dict[str, Type[ExitHead]] = {
     'linear': LinearExit,
     'mlp': MlpExit,
@@ -223,7 +286,11 @@ EXIT_HEADS: Dict[str, Type[ExitHead]] = {
     'vit': VitExit,
     'mixer': MixerExit,
     'resmlp': ResMlpExit,
+    'sdn': SdnExit,
+    'pool_linear': PoolLinearExit,
 }
+TOKEN_EXIT_HEADS = tuple(k for k, v in EXIT_HEADS.items() if v.state == 'tokens')  # heads of a ViT's tokens
+MAP_EXIT_HEADS = tuple(k for k, v in EXIT_HEADS.items() if v.state == 'map')  # heads of a feature map
 
 
 def create_exit_head(
@@ -236,13 +303,17 @@ def create_exit_head(
         grid_size: Tuple[int, int] = (14, 14),
         drop: float = 0.,
         pool: str = 'token',
+        layout: Optional[str] = None,
         device=None,
         dtype=None,
 ) -> ExitHead:
-    """Build one branch by name; ``exit_head`` must be one of ``EXIT_HEADS``."""
+    """Build one branch by name; ``exit_head`` must be one of ``EXIT_HEADS``; ``layout`` only for feature-map heads."""
     if name not in EXIT_HEADS:
         raise ValueError(f'exit_head={name!r} is not a known exit head; allowed: {sorted(EXIT_HEADS)}')
     cls = EXIT_HEADS[name]
+    if cls.state == 'map':
+        return cls(embed_dim, num_classes, layout=layout or 'NCHW', grid_size=grid_size, drop=drop, device=device,
+                   dtype=dtype)
     kwargs = dict(num_prefix_tokens=num_prefix_tokens, grid_size=grid_size, drop=drop, pool=pool, device=device,
                   dtype=dtype)
     if cls is VitExit:

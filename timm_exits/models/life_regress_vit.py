@@ -148,6 +148,7 @@ def _check_temperature(U: Any) -> float:
 class LifeRegressMixin(NewPartsMixin):
     """LifeRegress patch slimming (003_*.txt) on any parent class through its adapter
     (``LifeRegressVisionTransformer``, ``LifeRegressEva``; ``timm_exits.convert`` for a model already built)."""
+    family = 'liferegress'  # its twins' suffix; the parents it takes: adapters.FAMILY_STATES
     __jit_ignored_attributes__ = ['_flops', '_budget_rates']
     new_prefixes = ('life.',)
     new_parts_name = 'life predictor'

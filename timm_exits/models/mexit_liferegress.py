@@ -61,6 +61,7 @@ class MultiExitLifeRegressMixin(MultiExitMixin):
     (``MultiExitLifeRegressVisionTransformer``, ``MultiExitLifeRegressEva``; ``timm_exits.convert`` for a model
     already built). The life module and its functions are LifeRegress's own (``LifeRegression``,
     ``LifeRegressMixin.life_attn_mask`` / ``_keep_longest`` / ``_plan``)."""
+    family = 'mexit_liferegress'  # its twins' suffix; the parents it takes: adapters.FAMILY_STATES
     __jit_ignored_attributes__ = ['_flops']
     new_prefixes = ('exits.', 'uncertainty.', 'life.')
     new_parts_name = 'exit heads and life predictor'

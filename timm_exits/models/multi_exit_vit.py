@@ -34,7 +34,7 @@ from ._base import (
     NewPartsMixin, add_block_group, check_fraction, count_flops, is_fx_tracing, pop_kwargs, tracing_tool,
 )
 from ._build import build_family, register_twins
-from ._costs import schedule_costs
+from ._costs import cost_placement, schedule_costs
 from ._pretrained import explain_missing_weights, published_cfg
 from .adapters import EvaAdapter, VitAdapter, register_adapted
 from .exit_heads import EXIT_HEADS, create_exit_head
@@ -81,6 +81,16 @@ def _exit_layout(depth: int, exit_layers: Optional[Sequence[int]]) -> Tuple[int,
     return tuple(sorted(v for v in layers if v != depth))
 
 
+def _check_size(size: Any) -> Tuple[int, int]:
+    """``exit_input_size`` as (H, W) of positive ints."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if not isinstance(size, Sequence) or len(size) not in (2, 3) or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
+        raise ValueError(f'exit_input_size must be (H, W) (or (C, H, W)) of positive ints, got {size!r}')
+    return tuple(size[-2:])
+
+
 def _check_hook_args(weight: Any, num_sampled: Any, grad_scale: Any) -> Tuple[float, Optional[int], float]:
     """Validate the train-mode hook's ``exit_weight``, ``exit_num_sampled`` and ``exit_grad_scale``."""
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
@@ -101,6 +111,7 @@ def _classifier_names(depth: int, exit_layers: Sequence[int]) -> Tuple[str, ...]
 class MultiExitMixin(NewPartsMixin):
     """Early exits after chosen blocks and per-image dynamic inference, on any parent class through its adapter
     (``MultiExitVisionTransformer``, ``MultiExitEva``; ``timm_exits.convert`` for a model already built)."""
+    family = 'mexit'  # its twins' suffix; the parents it takes: adapters.FAMILY_STATES
     __jit_unused_properties__ = [
         'full_flops', 'exit_costs', 'threshold_costs', 'worst_case_threshold_cost', 'criterion']
     __jit_ignored_attributes__ = ['_flops']
@@ -117,7 +128,7 @@ class MultiExitMixin(NewPartsMixin):
     def _init_mechanism(
             self,
             exit_layers: Optional[Sequence[int]] = None,
-            exit_head: Union[str, Sequence[str]] = 'linear',
+            exit_head: Optional[Union[str, Sequence[str]]] = None,
             exit_criterion: Optional[str] = None,
             threshold: Optional[float] = None,
             budget: Optional[float] = None,
@@ -127,13 +138,17 @@ class MultiExitMixin(NewPartsMixin):
             exit_grad_scale: float = .25,
             task: str = 'classification',
             exit_patience: int = 1,
+            exit_input_size: Optional[Sequence[int]] = None,
     ) -> None:
         """Check the arguments and add the exits to a built parent (``__init__`` and ``timm_exits.convert``).
 
         Args:
-            exit_layers: 1-based blocks followed by an exit (default: middle block to depth - 1, MEViT's 6..11).
-                The final classifier is always the last exit, numbered by the depth.
-            exit_head: One of ``EXIT_HEADS`` for every exit, or one name per intermediate exit.
+            exit_layers: 1-based blocks followed by an exit (ViT default: middle block to depth - 1, MEViT's 6..11;
+                feature-map default: the blocks closest to 15, 30, 45, 60, 75 and 90 % of the parent's FLOPs,
+                Shallow-Deep Networks' placement). The final classifier is always the last exit, numbered by the depth.
+                On a feature-map parent the blocks are its adapter's units (``len(model._exit_blocks())``).
+            exit_head: One of ``EXIT_HEADS`` for every exit, or one name per intermediate exit (default 'linear' on
+                a ViT, SDN's internal classifier 'sdn' on a feature map).
             exit_criterion: Classification: 'confidence' (exit when max softmax >= threshold), 'entropy'
                 (normalised entropy <= threshold) or 'uncertainty' (u_i of eq. 3, 000_*.txt, <= threshold); the
                 default 'confidence'.
@@ -154,6 +169,8 @@ class MultiExitMixin(NewPartsMixin):
                 ``uncertainty`` unit predicts a scale from the exit's features; the train-mode hook adds no loss
                 (train with ``timm_exits.tasks``' regression tasks).
             exit_patience: Regression 'patience' criterion: consecutive agreeing exits before an image leaves.
+            exit_input_size: Feature-map parents: the (H, W) the exit heads are sized and the costs counted at
+                (default: the parent's pretrained input size; a ViT's is its ``img_size``).
         """
         if task not in TASKS:
             raise ValueError(f'task must be one of {list(TASKS)}, got {task!r}')
@@ -166,21 +183,37 @@ class MultiExitMixin(NewPartsMixin):
                       'classification': ': it compares real-valued outputs in target units'}[task] if other else ''
             raise ValueError(f'exit_criterion={exit_criterion!r} is not a criterion of task={task!r}{why}{reason}; '
                              f'allowed: {list(criteria_for(task))}')
-        depth = len(self.blocks)
+        self._flops: Dict[Any, Any] = {}
+        maps = self.state_kind == 'map'
+        if maps:
+            self.exit_input_size = _check_size(exit_input_size if exit_input_size is not None else (224, 224))
+        elif exit_input_size is not None:
+            raise ValueError(f'exit_input_size applies to feature-map parents; {type(self).__name__} is sized by its '
+                             f'img_size (got exit_input_size={exit_input_size!r})')
+        depth = len(self._exit_blocks())
+        if exit_layers is None and maps:
+            exit_layers = cost_placement(self, self._input_size())
         layers = _exit_layout(depth, exit_layers)
+        exit_head = ('sdn' if maps else 'linear') if exit_head is None else exit_head
         heads = [exit_head] * len(layers) if isinstance(exit_head, str) else list(exit_head)
         if len(heads) != len(layers):
             raise ValueError(
                 f'exit_head must be one name or one per intermediate exit ({len(layers)} for exit_layers={layers}), '
                 f'got {len(heads)}: {heads}')
         exit_drop_rate = check_fraction('exit_drop_rate', exit_drop_rate, high_open=True, allow_none=False)
+        wrong = sorted({h for h in heads if EXIT_HEADS.get(h) is not None and EXIT_HEADS[h].state != self.state_kind})
+        if wrong:
+            what = 'a feature map' if maps else 'ViT tokens'
+            raise ValueError(
+                f'exit_head {wrong} cannot read {what} ({type(self).__name__}); allowed here: '
+                f'{sorted(k for k, v in EXIT_HEADS.items() if v.state == self.state_kind)}')
         fixed = sorted({h for h in heads if EXIT_HEADS.get(h) is not None and EXIT_HEADS[h].fixed_grid})
         if fixed and self.dynamic_img_size:
             raise ValueError(
                 f'exit_head {fixed} mixes a fixed number of patch tokens ({self.patch_embed.num_patches}) and cannot '
                 f'follow dynamic_img_size=True; use another exit head (allowed with dynamic_img_size: '
                 f'{sorted(k for k, v in EXIT_HEADS.items() if not v.fixed_grid)}) or a fixed img_size')
-        if not self._has_cls():
+        if not maps and not self._has_cls():
             needs_cls = sorted({h for h in heads if h in _CLS_HEADS})
             if needs_cls:
                 raise ValueError(
@@ -202,24 +235,15 @@ class MultiExitMixin(NewPartsMixin):
         self.budget = None if budget is None else check_fraction('budget', budget, low_open=True)
         self.exits = nn.ModuleDict({
             str(layer): create_exit_head(
-                name,
-                self.embed_dim,
-                self.num_classes,
-                num_heads=_num_heads(self.blocks[0]),
-                mlp_ratio=_mlp_ratio(self.blocks[0], self.embed_dim),
-                num_prefix_tokens=self.num_prefix_tokens,
-                pool=self._exit_pool(),
-                grid_size=self.patch_embed.grid_size,
-                drop=exit_drop_rate,
-                **dd,
-            )
+                name, num_classes=self.num_classes, drop=exit_drop_rate, **self._exit_head_args(layer, self._exit_pool()),
+                **dd)
             for layer, name in zip(layers, heads)
         })
         self.uncertainty = nn.ModuleDict({
             str(layer): self._make_uncertainty(layer, **dd) for layer in self.exit_layers})
         self._init_exits()
         self.train(self.training)  # a converted model's new parts follow its mode
-        self._flops: Dict[Any, Any] = {}
+        self._flops = {}
         if self.budget is not None:  # a default budget no exit fits fails now, not at the first forward
             self._stop_layer(self.budget)
 
@@ -228,7 +252,7 @@ class MultiExitMixin(NewPartsMixin):
     def _exit_pool(self) -> str:
         """Pooling of the exit branches: [CLS]; the mean of the patch tokens without a class token, and for regression
         on a parent pooling by average (TransCrowd's GAP variant: every exit reads what the final head reads)."""
-        avg = not self._has_cls() or (self.task == 'regression' and self.global_pool == 'avg')
+        avg = not self._has_cls() or (self.task == 'regression' and getattr(self, 'global_pool', None) == 'avg')
         return 'avg' if avg else 'token'
 
     def _check_threshold(self, threshold: Any) -> float:
@@ -244,8 +268,8 @@ class MultiExitMixin(NewPartsMixin):
 
     def _unit_features(self, layer: int) -> int:
         """Width of the features the exit after block ``layer`` maps to its outputs."""
-        if layer == len(self.blocks):
-            head = getattr(self, 'head', None)
+        if layer == self.depth:
+            head = self.get_classifier()
             return head.in_features if isinstance(head, nn.Linear) else getattr(
                 self, 'head_hidden_size', self.num_features)
         return self.exits[_key(layer)].num_features
@@ -281,7 +305,10 @@ class MultiExitMixin(NewPartsMixin):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Reset the final head, every exit's head and every uncertainty predictor to ``num_classes``."""
-        super().reset_classifier(num_classes, global_pool)
+        if global_pool is None:
+            super().reset_classifier(num_classes)
+        else:
+            super().reset_classifier(num_classes, global_pool)
         ref = next(self.parameters())
         for exit_head in self.exits.values():
             exit_head.reset_classifier(num_classes)
@@ -307,18 +334,25 @@ class MultiExitMixin(NewPartsMixin):
         """Logits of the exit after block ``layer`` (1-based) from that block's tokens (``grid_size``: their patch
         grid, when it is not the model's, with ``dynamic_img_size``)."""
         if layer == self.depth:
-            return self.forward_head(self.norm(x))
+            return self._final(x)
         return self.exits[_key(layer)](x, grid_size=grid_size)
 
     def _grid_size(self, x: torch.Tensor) -> Optional[Tuple[int, int]]:
         """Patch grid of images x when it may differ from the model's (``dynamic_img_size``), else None."""
-        return self.patch_embed.dynamic_feat_size(x.shape[-2:]) if self.dynamic_img_size else None
+        return self._grid_at(x.shape[-2:])
 
     def _img_size(self, x: Optional[torch.Tensor] = None) -> Tuple[int, int]:
-        """Spatial size the costs are counted at: that of images x with ``dynamic_img_size``, else the model's."""
-        if x is not None and self.dynamic_img_size:
-            return int(x.shape[-2]), int(x.shape[-1])
-        return tuple(self.patch_embed.img_size)
+        """Spatial size the costs are counted at: that of images x with ``dynamic_img_size`` or on a feature-map
+        parent that takes any size, else the model's (a fixed-size feature-map parent refuses another size)."""
+        if x is None:
+            return self._input_size()
+        size = int(x.shape[-2]), int(x.shape[-1])
+        if self.state_kind == 'map':
+            if getattr(self, 'fixed_input_size', False) and size != self._input_size():
+                raise ValueError(f'x has spatial size {size}; {type(self).__name__} runs only at its input size '
+                                 f'{self._input_size()} (build it with img_size={size} for another)')
+            return size
+        return size if self.dynamic_img_size else self._input_size()
 
     def exit_uncertainty(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
         """Predicted uncertainty u_i = sigmoid(w^T f_i(h_i) + b) of the exit after block ``layer``, eq. (3)."""
@@ -331,13 +365,13 @@ class MultiExitMixin(NewPartsMixin):
 
     def exit_head_module(self, layer: int) -> nn.Module:
         """The last linear layer of the exit after block ``layer`` (the final one: the parent's ``head``)."""
-        return self.head if layer == self.depth else self.exits[_key(layer)].head
+        return self.get_classifier() if layer == self.depth else self.exits[_key(layer)].head
 
     def exit_features(self, layer: int, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Pre-logits features of the exit after block ``layer`` from that block's tokens: the exit's output is
         ``exit_head_module(layer)(features)``, bit for bit ``_exit_logits``."""
         if layer == self.depth:
-            return self.forward_head(self.norm(x), pre_logits=True)
+            return self._final(x, pre_logits=True)
         return self.exits[_key(layer)](x, pre_logits=True, grid_size=grid_size)
 
     def _exit_with_unit(self, layer: int, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None):
@@ -372,9 +406,9 @@ class MultiExitMixin(NewPartsMixin):
     def _exits_now(self, layer: int, logits: torch.Tensor, threshold: float) -> torch.Tensor:
         return self.criterion.leaves(self.exit_scores(layer, logits), threshold)
 
-    def _run_block(self, i: int, x: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
-        blk, rope = self.blocks[i], self._block_rope(rope, i)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+    def _run_block(self, blk: Any, i: int, x: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
+        rope = self._block_rope(rope, i)
+        if getattr(self, 'grad_checkpointing', False) and not torch.jit.is_scripting():
             return checkpoint(self._apply_block, blk, x, rope, None)
         return self._apply_block(blk, x, rope, None)
 
@@ -398,8 +432,8 @@ class MultiExitMixin(NewPartsMixin):
         grid = self._grid_size(x)
         x, rope = self._embed(x)
         outputs = []
-        for i in range(self.depth):
-            x = self._run_block(i, x, rope)
+        for i, blk in enumerate(self._exit_blocks()):
+            x = self._run_block(blk, i, x, rope)
             layer = i + 1
             if layer in self.exit_layers:
                 tokens = x if layer == self.depth else scale_gradient(x, grad_scale)
@@ -410,14 +444,7 @@ class MultiExitMixin(NewPartsMixin):
     # --- compute accounting -----------------------------------------------------------------------------------
 
     def _size(self, img_size: Optional[Sequence[int]] = None) -> Tuple[int, int]:
-        return tuple(self.patch_embed.img_size) if img_size is None else tuple(int(v) for v in img_size)
-
-    def _patches_at(self, img_size: Tuple[int, int]) -> int:
-        """Patches of an image of ``img_size`` (the model's count unless ``dynamic_img_size``)."""
-        if self.dynamic_img_size:
-            h, w = self.patch_embed.dynamic_feat_size(img_size)
-            return h * w
-        return self.patch_embed.num_patches
+        return self._input_size() if img_size is None else tuple(int(v) for v in img_size)
 
     def _schedule(self, keep_rate: Optional[float], img_size: Tuple[int, int]) -> Tuple[List[int], float, float]:
         """Patches per block at ``keep_rate`` and the target mean and std of the lives (every patch here)."""
@@ -655,7 +682,7 @@ class MultiExitMixin(NewPartsMixin):
         flops = self._count_flops(img_size, rate)  # counted once, outside compiled code
         costs = flops['threshold_costs'] if threshold is not None or every_head else flops['costs']
         counts, mu, sigma = self._schedule(rate, img_size)
-        grid = self.patch_embed.dynamic_feat_size(img_size) if self.dynamic_img_size else None
+        grid = self._grid_at(img_size)
         return ExitWalker(self, threshold, stop, dict(zip(self.exit_layers, costs)), counts, mu, sigma, deadline,
                           every_head, grid, img_size)
 
@@ -712,7 +739,7 @@ class MultiExitMixin(NewPartsMixin):
         003_*.txt) and before each block every image keeps its n_t patches of longest life (Property 1), their
         positions in the full grid in ``kept``. Modules come as arguments, not block numbers, so that segments alike
         share a compiled graph. Returns (tokens, lives, kept, logits, leave, criterion state)."""
-        npt = self.num_prefix_tokens
+        npt = getattr(self, 'num_prefix_tokens', 0)
         for j, (blk, rope) in enumerate(zip(blocks, ropes)):
             if counts is not None:
                 if j == life_at:
@@ -728,15 +755,15 @@ class MultiExitMixin(NewPartsMixin):
         leave = None
         if threshold is not None and self.task == 'regression':  # values, and the scale from the exit's features
             if exit_head is None:
-                features = self.forward_head(self.norm(x), pre_logits=True)
-                logits = self.head(features)
+                features = self._final(x, pre_logits=True)
+                logits = self.get_classifier()(features)
             else:
                 features = exit_head(x, pre_logits=True, grid_size=grid)
                 logits = exit_head.head(features)
             scale = predicted_scale(uncertainty, features) if self.criterion.learned else None
             leave, state = self.criterion.decide(logits, scale, threshold, state)
             return x, lives, kept, logits, leave, state
-        logits = self.forward_head(self.norm(x)) if exit_head is None else exit_head(x, grid_size=grid)
+        logits = self._final(x) if exit_head is None else exit_head(x, grid_size=grid)
         if threshold is not None:
             leave, state = self.criterion.decide(logits, uncertainty, threshold, state)
         return x, lives, kept, logits, leave, state
@@ -803,17 +830,6 @@ class MultiExitMixin(NewPartsMixin):
 
 
 _CLS_HEADS = ('cnn_add', 'cnn_project')  # exit heads that combine [CLS] with the patches
-
-
-def _num_heads(block: nn.Module) -> int:
-    """Attention heads of a timm block (``attn.num_heads``; parallel blocks keep ``num_heads`` themselves)."""
-    return getattr(getattr(block, 'attn', None), 'num_heads', None) or getattr(block, 'num_heads', 1)
-
-
-def _mlp_ratio(block: nn.Module, embed_dim: int) -> float:
-    """Hidden width of a block's MLP over ``embed_dim`` (input of ``fc2`` in timm's Mlp, GluMlp, SwiGLU), else 4."""
-    fc2 = getattr(getattr(block, 'mlp', None), 'fc2', None)
-    return fc2.in_features / embed_dim if isinstance(fc2, nn.Linear) else 4.
 
 
 @register_adapted

@@ -286,7 +286,7 @@ class ExitWalker:
         self.model, self.threshold, self.stop, self.costs = model, threshold, stop, costs
         self.counts = None if counts is None or counts[-1] == counts[0] else list(counts)  # nothing dropped: no life
         self.mu, self.sigma, self.deadline, self.every_head, self.grid = mu, sigma, deadline, every_head, grid
-        self.img_size = tuple(model.patch_embed.img_size) if img_size is None else img_size
+        self.img_size = model._input_size() if img_size is None else img_size
         self.exit_layers = tuple(layer for layer in model.exit_layers if layer <= stop)
         # each exit's head (None: the final norm and head) and uncertainty unit, the modules in exit order
         self.heads = dict(zip(model.exit_layers, zip([*model.exits.values(), None], model.uncertainty.values())))
@@ -301,7 +301,7 @@ class ExitWalker:
         """Embed images x (B, C, H, W): their state at the start of the walk; ``rows`` their ids (default 0..B-1)."""
         tokens, rope = self.model._embed(x)
         if self.ropes is None:  # the rotary rows of the full grid, alike for every image of this size
-            self.ropes = [self.model._block_rope(rope, i) for i in range(len(self.model.blocks))]
+            self.ropes = [self.model._block_rope(rope, i) for i in range(self.model.depth)]
         rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
         return WalkState(0, rows, tokens, criterion=self.model.criterion.initial_state(x.shape[0], x.device))
 
@@ -310,14 +310,15 @@ class ExitWalker:
         model, start = self.model, state.done
         if self.ropes is None:  # a state started by another walker of this setting: the rows of an empty image
             with torch.no_grad():
-                self.start(state.tokens.new_zeros(1, model.patch_embed.proj.in_channels, *self.img_size))
+                self.start(state.tokens.new_zeros(1, model._in_chans(), *self.img_size))
         counts, life_at = None, -1
         if self.counts is not None:
             counts = self.counts[start:layer]
             life_at = model.life_layer - start if state.lives is None and start <= model.life_layer < layer else -1
         head, unit = self.heads[layer]
-        return (state.tokens, state.lives, state.kept, list(model.blocks)[start:layer], self.ropes[start:layer], counts,
-                life_at, self.mu, self.sigma, head, unit, self.grid, threshold, state.criterion, with_head)
+        blocks = list(model._exit_blocks())[start:layer]
+        return (state.tokens, state.lives, state.kept, blocks, self.ropes[start:layer], counts, life_at, self.mu,
+                self.sigma, head, unit, self.grid, threshold, state.criterion, with_head)
 
     @torch._dynamo.disable(recursive=False)  # the host-side set-up stays eager; torch.compile compiles the segment
     def _segment_to(self, state: WalkState, layer: int, with_head: bool, threshold: Optional[float]) -> Tuple:

@@ -3,39 +3,50 @@
 Supporting another timm model class means one new adapter module (see ``_base.ParentAdapter``) added to ``ADAPTERS``.
 """
 import sys
-from typing import Dict, List, Tuple, Type
+from typing import Dict, List, Sequence, Tuple, Type
 
-from ._base import ParentAdapter
+from ._base import FeatureMapAdapter, ParentAdapter, eval_mode
 from .eva import EvaAdapter
+from .resnet import ResNetAdapter
 from .vit import VitAdapter
 
 __all__ = [
-    'ADAPTERS', 'EvaAdapter', 'ParentAdapter', 'VitAdapter', 'adapted_class', 'adapter_for', 'parent_modules',
-    'register_adapted', 'supported_parents',
+    'ADAPTERS', 'EvaAdapter', 'FeatureMapAdapter', 'ParentAdapter', 'ResNetAdapter', 'VitAdapter', 'adapted_class',
+    'adapter_for', 'eval_mode', 'parent_modules', 'register_adapted', 'supported_parents',
 ]
 
-ADAPTERS: List[Type[ParentAdapter]] = [VitAdapter, EvaAdapter]
+ADAPTERS: List[Type[ParentAdapter]] = [VitAdapter, EvaAdapter, ResNetAdapter]
+# what each family needs of a parent's state: life slimming drops patch tokens, so it needs a ViT's tokens
+FAMILY_STATES = {'mexit': ('tokens', 'map'), 'liferegress': ('tokens',), 'mexit_liferegress': ('tokens',)}
 _CLASSES: Dict[Tuple[type, type], type] = {}
+REFUSED: Dict[str, str] = {}  # timm classes no adapter serves, with the reason
 
 
-def supported_parents() -> List[str]:
-    """Names of the timm classes the adapters serve (their subclasses too)."""
-    return [c.__name__ for a in ADAPTERS for c in a.parent_classes]
+def supported_parents(states: Sequence[str] = ('tokens', 'map')) -> List[str]:
+    """Names of the timm classes the adapters serve (their subclasses too), those whose blocks pass ``states``."""
+    return [c.__name__ for a in ADAPTERS if a.state_kind in states for c in a.parent_classes]
 
 
-def adapter_for(parent_cls: type) -> Type[ParentAdapter]:
-    """The adapter of ``parent_cls`` (a subclass of a served class), else a ValueError naming what is supported."""
+def adapter_for(parent_cls: type, states: Sequence[str] = ('tokens', 'map'), what: str = 'exits') -> Type[ParentAdapter]:
+    """The adapter of ``parent_cls`` (a subclass of a served class) whose blocks pass one of ``states``, else a
+    ValueError naming the reason and what is supported for ``what``."""
     for adapter in ADAPTERS:
         if issubclass(parent_cls, adapter.parent_classes):
-            return adapter
+            if adapter.state_kind in states:
+                return adapter
+            raise ValueError(
+                f'{parent_cls.__name__} passes a {adapter.state_kind} between its blocks, and {what} needs ViT patch '
+                f'tokens to drop; {what} applies to subclasses of {supported_parents(states)}')
+    why = REFUSED.get(parent_cls.__name__)
     raise ValueError(
-        f'{parent_cls.__module__}.{parent_cls.__name__} is not a parent timm-exits supports: exits and life slimming '
-        f'apply to subclasses of {supported_parents()} (one adapter per class, timm_exits.models.adapters)')
+        f'{parent_cls.__module__}.{parent_cls.__name__} is not a parent timm-exits supports'
+        f'{f" ({why})" if why else ""}: {what} apply to subclasses of {supported_parents(states)} (one adapter per '
+        f'class, timm_exits.models.adapters)')
 
 
-def parent_modules() -> Tuple[str, ...]:
-    """timm modules whose registered architectures get ``_mexit`` / ``_liferegress`` twins."""
-    return tuple(m for a in ADAPTERS for m in a.timm_modules)
+def parent_modules(family: str = 'mexit') -> Tuple[str, ...]:
+    """timm modules whose registered architectures get ``<parent>_<family>`` twins."""
+    return tuple(m for a in ADAPTERS if a.state_kind in FAMILY_STATES[family] for m in a.timm_modules)
 
 
 def adapted_class(mechanism: type, parent_cls: type) -> type:
@@ -43,7 +54,8 @@ def adapted_class(mechanism: type, parent_cls: type) -> type:
     (so it pickles), unless a written class was registered for the pair (``register_adapted``)."""
     key = (mechanism, parent_cls)
     if key not in _CLASSES:
-        adapter = adapter_for(parent_cls)
+        family = getattr(mechanism, 'family', 'mexit')
+        adapter = adapter_for(parent_cls, FAMILY_STATES[family], f'the {family} family')
         name = mechanism.__name__.replace('Mixin', '') + parent_cls.__name__
         _CLASSES[key] = type(name, (mechanism, adapter, parent_cls), {'__module__': mechanism.__module__})
         setattr(sys.modules[mechanism.__module__], name, _CLASSES[key])

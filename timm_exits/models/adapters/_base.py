@@ -4,12 +4,13 @@ A parent adapter is a mixin placed between a mechanism and a timm model class: `
 The mechanisms call only these methods and the attributes every timm ViT has (``blocks``, ``patch_embed``, ``norm``,
 ``forward_head``, ``num_prefix_tokens``, ``embed_dim``, ``dynamic_img_size``), so a new parent class needs one adapter.
 """
-from typing import List, Optional, Tuple
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ['FeatureMapAdapter', 'ParentAdapter']
+__all__ = ['FeatureMapAdapter', 'ParentAdapter', 'eval_mode']
 
 
 class ParentAdapter:
@@ -59,6 +60,48 @@ class ParentAdapter:
         """Whether the first token is a class token."""
         return getattr(self, 'cls_token', None) is not None
 
+    # --- what the walker, the cost model and the exits read (ViT defaults) -----------------------------------------
+
+    def _exit_blocks(self) -> Sequence[Any]:
+        """The blocks exits can follow, in order; ``_apply_block`` runs one."""
+        return self.blocks
+
+    def _final(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The parent's answer from the last block's state: the rest of ``forward_features``, then ``forward_head``."""
+        return self.forward_head(self.norm(x), pre_logits=pre_logits)
+
+    def _input_size(self) -> Tuple[int, int]:
+        """(H, W) the model is built for: costs are counted and exit heads sized at it."""
+        return tuple(self.patch_embed.img_size)
+
+    def _in_chans(self) -> int:
+        """Input channels of the images."""
+        return self.patch_embed.proj.in_channels
+
+    def _grid_at(self, img_size: Tuple[int, int]) -> Optional[Tuple[int, int]]:
+        """Patch grid of images of ``img_size`` when it may differ from the model's (``dynamic_img_size``), else None."""
+        return self.patch_embed.dynamic_feat_size(img_size) if self.dynamic_img_size else None
+
+    def _patches_at(self, img_size: Tuple[int, int]) -> int:
+        """Patches of an image of ``img_size`` (the model's count unless ``dynamic_img_size``)."""
+        if self.dynamic_img_size:
+            h, w = self.patch_embed.dynamic_feat_size(img_size)
+            return h * w
+        return self.patch_embed.num_patches
+
+    def _exit_head_args(self, layer: int, pool: str) -> Dict[str, Any]:
+        """``create_exit_head`` arguments of the exit after block ``layer`` (1-based), the [CLS] reading ``pool``."""
+        blk = self.blocks[0]
+        fc2 = getattr(getattr(blk, 'mlp', None), 'fc2', None)
+        return dict(
+            embed_dim=self.embed_dim,
+            num_heads=getattr(getattr(blk, 'attn', None), 'num_heads', None) or getattr(blk, 'num_heads', 1),
+            mlp_ratio=fc2.in_features / self.embed_dim if isinstance(fc2, nn.Linear) else 4.,
+            num_prefix_tokens=self.num_prefix_tokens,
+            pool=pool,
+            grid_size=self.patch_embed.grid_size,
+        )
+
 
 class FeatureMapAdapter(ParentAdapter):
     """Interface of an adapter for a parent whose blocks pass a feature map, (B, C, H, W) or (B, H, W, C) (Swin), or
@@ -96,3 +139,62 @@ class FeatureMapAdapter(ParentAdapter):
 
     def _has_cls(self) -> bool:
         return False
+
+    def _exit_blocks(self) -> Sequence[Any]:
+        return self._units()
+
+    def _final(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.forward_head(self._tail(x), pre_logits=pre_logits)
+
+    def _input_size(self) -> Tuple[int, int]:
+        return tuple(self.exit_input_size)
+
+    def _in_chans(self) -> int:
+        """The stem's first convolution's (or linear patch embedding's) input channels."""
+        first = next(m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        return first.in_channels if isinstance(first, nn.Conv2d) else getattr(self, 'in_chans', 3)
+
+    def _grid_at(self, img_size: Tuple[int, int]) -> Optional[Tuple[int, int]]:
+        return None
+
+    def _patches_at(self, img_size: Tuple[int, int]) -> int:
+        return 1  # no patch slimming on a feature map: one unit of 'patches' that never drops
+
+    def _exit_head_args(self, layer: int, pool: str) -> Dict[str, Any]:
+        """The map after unit ``layer``: its channels and spatial size at the model's input size."""
+        shape = self._state_shapes()[layer - 1]
+        if self.state_layout == 'NCHW':
+            channels, grid = shape[1], shape[2:]
+        elif self.state_layout == 'NHWC':
+            channels, grid = shape[-1], shape[1:3]
+        else:
+            channels, grid = shape[-1], (shape[1], 1)
+        return dict(embed_dim=int(channels), grid_size=tuple(int(v) for v in grid), layout=self.state_layout)
+
+    def _state_shapes(self) -> List[Tuple[int, ...]]:
+        """Shape of the state after each unit, for one image at the model's input size (the parent run once, eval
+        mode, no grad; kept until the model changes size)."""
+        key = ('shapes', self._input_size())
+        if key not in self._flops:
+            ref = next(self.parameters())
+            x = torch.zeros(1, self._in_chans(), *self._input_size(), device=ref.device, dtype=ref.dtype)
+            shapes = []
+            with torch.no_grad(), eval_mode(self):
+                x = self._embed(x)[0]
+                for unit in self._units():
+                    x = self._apply_block(unit, x, None, None)
+                    shapes.append(tuple(x.shape))
+            self._flops[key] = shapes
+        return self._flops[key]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode (no BatchNorm statistics updated, no dropout), every module's mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
