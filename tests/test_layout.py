@@ -25,7 +25,7 @@ ALLOWED: Dict[str, Set[str]] = {
     'models': MODELS,
     'models.*': MODELS,
     '_files': set(),
-    'data': set(),
+    'data': {'models.adapters'},  # the input size a model is built for
     'evaluation': MODELS | {'benchmark'},
     'plots': {'_files'},
     'tasks': MODELS,

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .models.multi_exit_vit import MultiExitMixin, MultiExitVisionTransformer
+from .models.adapters import input_shape
 
 __all__ = ['benchmark_model', 'main', 'oracle_forward', 'time_interleaved']
 
@@ -120,7 +121,7 @@ def benchmark_model(
     first = model.exit_layers[0]
     exit_name, trunc_name = f'exit{first}', f'parent_trunc{first}'
     gen = torch.Generator().manual_seed(seed + batch)
-    x = torch.randn(batch, model.in_chans, *model.patch_embed.img_size, generator=gen)
+    x = torch.randn(batch, *input_shape(model), generator=gen)
     trunc = truncated_parent(parent, first)
     budget = model.exit_costs[0]
     run_parent, run_trunc, run_model = (

@@ -34,6 +34,7 @@ import timm
 
 from .benchmark import build_models, mixed_setup, oracle_forward, time_interleaved, truncated_parent
 from .export import _export_graph, export_onnx
+from .models.adapters import input_shape
 
 __all__ = ['benchmark_onnx', 'main']
 
@@ -73,7 +74,7 @@ def benchmark_onnx(
     from .runtime import ExitSession
     parent, model = build_models(name)
     first = model.exit_layers[0]
-    size = (model.in_chans, *model.patch_embed.img_size)
+    size = input_shape(model)
     example = torch.randn(2, *size)
     run_parent = _session(parent, example, workdir / f'{name}.onnx', providers)
     run_trunc = _session(truncated_parent(parent, first), example, workdir / f'{name}_trunc.onnx', providers)

@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from timm.data import create_transform
 
+from .models.adapters import any_input_size, input_shape
+
 __all__ = [
     'CROP_MODES', 'DATA_CONFIG_KEYS', 'NO_LABEL', 'TORCHVISION_DATASETS', 'CountingDataset', 'DataConfig',
     'DigitsCountDataset', 'DigitsDataset', 'ImageFiles', 'add_data_config_args', 'available_cpus', 'build_transform',
@@ -173,7 +175,7 @@ def recorded_data_config(recorded: Optional[Mapping[str, Any]]) -> Tuple[Dict[st
 
 
 def _model_input_size(model: nn.Module) -> Tuple[int, int, int]:
-    return (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    return input_shape(model)
 
 
 def resolve_data_cfg(
@@ -208,7 +210,7 @@ def resolve_data_cfg(
             values[key], sources[key] = value, where
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     own = _model_input_size(model)
-    dynamic = getattr(model.patch_embed, 'dynamic_img_size', False)
+    dynamic = any_input_size(model)
     if 'input_size' in values and tuple(values['input_size']) != own and not dynamic:
         where = 'the command line (--img-size / --input-size)' if sources['input_size'] == SOURCE_FLAG else \
             sources['input_size']

@@ -14,6 +14,7 @@ import torch
 import timm
 
 from .models.multi_exit_vit import MultiExitVisionTransformer
+from .models.adapters import input_shape
 
 
 def _spread(model: MultiExitVisionTransformer) -> None:
@@ -34,7 +35,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parent = timm.create_model(args.model.replace('_mexit', '')).eval()
     parent.load_state_dict({k: v for k, v in model.state_dict().items() if k in parent.state_dict()})
     _spread(model)
-    x = torch.randn(args.batch_size, 3, *model.patch_embed.img_size)
+    x = torch.randn(args.batch_size, *input_shape(model))
 
     print(f'{args.model}: exits after blocks {model.exit_layers} ({model.exit_head_types[0]} heads)')
     print('exit cost (share of the full model, torch flop counter):')

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 import timm
 
 from .models._base import count_flops
+from .models.adapters import input_shape
 from .models.life_regress_vit import LifeRegressMixin
 from .models.multi_exit_vit import MultiExitMixin
 
@@ -244,8 +245,7 @@ def choose_threshold(
 def _full_flops(model: nn.Module) -> int:
     """FLOPs of one image through a plain model (no exits, no slimming), torch's flop counter."""
     ref = next(model.parameters())
-    x = torch.zeros(1, model.patch_embed.proj.in_channels, *model.patch_embed.img_size, device=ref.device,
-                    dtype=ref.dtype)
+    x = torch.zeros(1, *input_shape(model), device=ref.device, dtype=ref.dtype)
     was_training = model.training
     model.eval()
     flops = count_flops(model, x)[0]
@@ -291,8 +291,7 @@ def evaluate(
     accs = accuracies(correct)
     result: Dict[str, Any] = {'model': model_name, 'dataset': dataset_name, 'num_images': int(correct.shape[1])}
     ref = next(model.parameters())
-    x = torch.randn(max(latency_batch, 1), model.patch_embed.proj.in_channels, *model.patch_embed.img_size,
-                    device=ref.device, dtype=ref.dtype)
+    x = torch.randn(max(latency_batch, 1), *input_shape(model), device=ref.device, dtype=ref.dtype)
     was_training = model.training
     model.eval()
     try:

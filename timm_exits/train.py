@@ -69,6 +69,7 @@ from ._files import atomic_write, write_json
 from .data import _is_int, _is_number, create_dataset, make_loader, resolve_data_cfg
 from .evaluation import accuracies, collect_outputs, collect_regression_outputs, evaluate, regression_errors
 from .models._checkpoint import layout_args
+from .models.adapters import input_shape
 from .plots import plot_tradeoff
 from .tasks import TASKS, create_task, in_parts
 
@@ -958,7 +959,7 @@ def step_cost(model: str = 'deit_tiny_patch16_224', batch_size: int = 32, rounds
     from .benchmark import time_interleaved
     torch.manual_seed(0)
     parent = timm.create_model(model, num_classes=num_classes)
-    x = torch.randn(batch_size, 3, *parent.patch_embed.img_size)
+    x = torch.randn(batch_size, *input_shape(parent))
     y = torch.randint(0, num_classes, (batch_size,))
     criterion = nn.CrossEntropyLoss()
     tasks = {'plain': ClassificationTask(parent, criterion, verbose=False)}

@@ -16,6 +16,7 @@ from huggingface_hub import ModelCardData
 import timm
 
 from ..models._checkpoint import layout_args
+from ..models.adapters import input_shape
 from ..models._pretrained import hub_org, recipe_of
 
 __all__ = ['CARDS_DIR', 'PLOT_NAME', 'card_metadata', 'render_card']
@@ -204,7 +205,7 @@ def render_card(
     if paper_ids:
         paper += ''.join(f' ([{p}](https://arxiv.org/abs/{p[6:]}))' if p.startswith('arXiv:') else f' ({p})'
                          for p in ([paper_ids] if isinstance(paper_ids, str) else paper_ids))
-    size = model.patch_embed.img_size
+    size = input_shape(model)[1:]
     fields = dict(
         front_matter=meta.to_yaml(),
         repo_id=repo_id,

@@ -12,7 +12,7 @@ from .life_regress_vit import LifeRegression, LifeRegressEva, LifeRegressMixin, 
 from .mexit_liferegress import (
     MultiExitLifeRegressEva, MultiExitLifeRegressMixin, MultiExitLifeRegressVisionTransformer,
 )
-from .adapters import adapted_class
+from .adapters import adapted_class, any_input_size, input_shape
 
 FAMILIES = {'mexit': MultiExitMixin, 'liferegress': LifeRegressMixin, 'mexit_liferegress': MultiExitLifeRegressMixin}
 

@@ -40,6 +40,7 @@ import torch.nn as nn
 from ..data import _model_input_size
 from ..models._base import check_fraction
 from ..models.walker import WalkState, WalkStep
+from ..models.adapters import any_input_size
 from ..runtime import ExitSession, SessionWalker
 
 __all__ = ['POLICIES', 'Answer', 'ExitScheduler', 'SchedulerClosed', 'SchedulerFull']
@@ -102,7 +103,7 @@ class _TorchBackend:
         self.model = model
         self.exits = hasattr(self.module, 'exit_walker')
         self.shape = tuple(_model_input_size(self.module))
-        self.dynamic = bool(getattr(self.module.patch_embed, 'dynamic_img_size', False))
+        self.dynamic = any_input_size(self.module)
         first = next(self.module.parameters())
         self.device, self.dtype = first.device, first.dtype
 

@@ -3,6 +3,8 @@
 Supporting another timm model class means one new adapter module (see ``_base.ParentAdapter``) added to ``ADAPTERS``.
 """
 import sys
+
+import torch.nn as nn
 from typing import Dict, List, Sequence, Tuple, Type
 
 from ._base import FeatureMapAdapter, ParentAdapter, eval_mode
@@ -12,7 +14,7 @@ from .vit import VitAdapter
 
 __all__ = [
     'ADAPTERS', 'EvaAdapter', 'FeatureMapAdapter', 'ParentAdapter', 'ResNetAdapter', 'VitAdapter', 'adapted_class',
-    'adapter_for', 'eval_mode', 'parent_modules', 'register_adapted', 'supported_parents',
+    'adapter_for', 'any_input_size', 'eval_mode', 'input_shape', 'parent_modules', 'register_adapted', 'supported_parents',
 ]
 
 ADAPTERS: List[Type[ParentAdapter]] = [VitAdapter, EvaAdapter, ResNetAdapter]
@@ -71,3 +73,24 @@ def register_adapted(cls: type) -> type:
             f'{cls.__name__}: {parent.__name__} takes {adapter_for(parent).__name__}, not {adapter.__name__}')
     _CLASSES[(mechanism, parent)] = cls
     return cls
+
+
+def input_shape(model: nn.Module) -> Tuple[int, int, int]:
+    """(C, H, W) a model is built for: a family model's own, a plain timm ViT's patch embedding's, else its pretrained
+    cfg's input size (a CNN takes other sizes too: ``any_input_size``)."""
+    if hasattr(model, 'input_shape'):
+        return tuple(model.input_shape)
+    embed = getattr(model, 'patch_embed', None)
+    if embed is not None and hasattr(embed, 'img_size') and hasattr(getattr(embed, 'proj', None), 'in_channels'):
+        return (embed.proj.in_channels, *embed.img_size)
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return tuple(cfg.get('input_size') or (3, 224, 224))
+
+
+def any_input_size(model: nn.Module) -> bool:
+    """Whether ``model`` runs images of any size (a ViT with ``dynamic_img_size``, a CNN without fixed windows)."""
+    embed = getattr(model, 'patch_embed', None)
+    if getattr(model, 'state_kind', 'tokens') == 'tokens' and embed is not None and hasattr(embed, 'img_size'):
+        return bool(getattr(embed, 'dynamic_img_size', False) or getattr(model, 'dynamic_img_size', False))
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return not (getattr(model, 'fixed_input_size', False) or cfg.get('fixed_input_size', False))

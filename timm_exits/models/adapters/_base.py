@@ -78,6 +78,11 @@ class ParentAdapter:
         """Input channels of the images."""
         return self.patch_embed.proj.in_channels
 
+    @property
+    def input_shape(self) -> Tuple[int, int, int]:
+        """(C, H, W) of the images the model is built for (what its costs are counted at)."""
+        return (self._in_chans(), *self._input_size())
+
     def _grid_at(self, img_size: Tuple[int, int]) -> Optional[Tuple[int, int]]:
         """Patch grid of images of ``img_size`` when it may differ from the model's (``dynamic_img_size``), else None."""
         return self.patch_embed.dynamic_feat_size(img_size) if self.dynamic_img_size else None
