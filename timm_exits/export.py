@@ -81,7 +81,7 @@ class _Segment(nn.Module):
                 kept: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
         if self.start == 0:
             x = self.model._embed(x)[0]
-        out = self.model._segment(x, lives, kept, list(self.model.blocks)[self.start:self.stop], self.ropes,
+        out = self.model._segment(x, lives, kept, list(self.model._exit_blocks())[self.start:self.stop], self.ropes,
                                   self.counts, self.life_at, self.mu, self.sigma, None, None, None, None, None,
                                   with_head=False)[:3]
         return tuple(t for t in out if t is not None)

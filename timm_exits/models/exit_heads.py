@@ -259,9 +259,25 @@ class SdnExit(_MapExit):
 
     def forward_features(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         x = self._nchw(x)
-        mixed = self.alpha * nn.functional.adaptive_max_pool2d(x, self.out_size) + \
-            (1 - self.alpha) * nn.functional.adaptive_avg_pool2d(x, self.out_size)
-        return self.drop(mixed.flatten(1))
+        mx, avg = _adaptive_pools(x, self.out_size)
+        return self.drop((self.alpha * mx + (1 - self.alpha) * avg).flatten(1))
+
+
+def _adaptive_pools(x: torch.Tensor, out: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive max and average pooling of x (B, C, H, W) to ``out``: plain pooling where the size divides, else
+    adaptive pooling, written out window by window (the same windows) for an ONNX export, which has no adaptive max."""
+    (h, w), (oh, ow) = x.shape[-2:], out
+    if h % oh == 0 and w % ow == 0:
+        kernel = (h // oh, w // ow)
+        return nn.functional.max_pool2d(x, kernel), nn.functional.avg_pool2d(x, kernel)
+    if not (torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()):
+        return nn.functional.adaptive_max_pool2d(x, out), nn.functional.adaptive_avg_pool2d(x, out)
+    rows = [(i * h // oh, -(-(i + 1) * h // oh)) for i in range(oh)]
+    cols = [(j * w // ow, -(-(j + 1) * w // ow)) for j in range(ow)]
+    windows = [x[:, :, r0:r1, c0:c1] for r0, r1 in rows for c0, c1 in cols]
+    shape = (x.shape[0], x.shape[1], oh, ow)
+    return (torch.stack([t.amax((2, 3)) for t in windows], -1).reshape(shape),
+            torch.stack([t.mean((2, 3)) for t in windows], -1).reshape(shape))
 
 
 class PoolLinearExit(_MapExit):
