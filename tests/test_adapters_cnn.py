@@ -26,6 +26,17 @@ _MODULES: Dict[str, Tuple[str, ...]] = {
     'efficientnet': None,
     'mobilenetv3': None,
     'regnet': None,
+    'senet': None,
+    'dla': None,
+    'dpn': None,
+    'densenet': None,
+    'vgg': None,
+    'vovnet': None,
+    'ghostnet': None,
+    'rexnet': None,
+    'hgnet': None,
+    'repghost': None,
+    'repvit': None,
 }
 # adapters of other modules this group checks on more timm modules
 _SHARED: List[Tuple[Type[FeatureMapAdapter], Tuple[str, ...]]] = [(ResNetAdapter, ('resnest', 'res2net', 'sknet'))]
@@ -94,6 +105,7 @@ def chain(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def check_parent(adapter: Type[FeatureMapAdapter], arch: str) -> int:
     """Build ``arch`` small and random, check the adapter chain against the parent; the number of units."""
+    torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         model = timm.create_model(arch, pretrained=False, num_classes=5, **_KWARGS.get(arch, {})).eval()
@@ -106,7 +118,8 @@ def check_parent(adapter: Type[FeatureMapAdapter], arch: str) -> int:
         want = model.forward_head(model.forward_features(x))
         got = chain(model, x)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-        torch.testing.assert_close(chain(model, x[1:3]), got[1:3], rtol=0, atol=1e-5)
+        scale = max(1., got.abs().max().item())  # random deep parents can reach large logits: float noise scales
+        torch.testing.assert_close(chain(model, x[1:3]), got[1:3], rtol=1e-5, atol=1e-5 * scale)
     return len(model._units())
 
 
