@@ -37,6 +37,15 @@ _MODULES: Dict[str, Tuple[str, ...]] = {
     'hgnet': None,
     'repghost': None,
     'repvit': None,
+    'fasternet': None,
+    'starnet': None,
+    'selecsls': None,
+    'xception_aligned': None,
+    'tresnet': None,
+    'lcnetv2': None,
+    'mobilenetv5': None,
+    'cspnext': None,
+    'efficientvit_msra': None,
 }
 # adapters of other modules this group checks on more timm modules
 _SHARED: List[Tuple[Type[FeatureMapAdapter], Tuple[str, ...]]] = [(ResNetAdapter, ('resnest', 'res2net', 'sknet'))]
