@@ -51,7 +51,7 @@ _MODULES: Dict[str, Tuple[str, ...]] = {
 _SHARED: List[Tuple[Type[FeatureMapAdapter], Tuple[str, ...]]] = [(ResNetAdapter, ('resnest', 'res2net', 'sknet'))]
 # archs that do not run at 64 px (input size to use) and small-size kwargs of the entry points
 _SIZE: Dict[str, int] = {}
-_KWARGS: Dict[str, dict] = {}
+_KWARGS: Dict[str, dict] = {a: {'channel_multiplier': 0.25} for a in ('mobilenetv5_base', 'mobilenetv5_300m')}
 _SMALL = re.compile(r'test_|_0[0-9]{2}|_b0|lite0|tiny|small|nano|pico|femto|micro|_xs|_t$|_s$|_a$|_m0|_m1|18|21|34')
 _ALL = os.environ.get('TIMM_EXITS_ALL_PARENTS') == '1'
 
@@ -79,6 +79,15 @@ def _model_cls(arch: str) -> type:
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         return parent_build(arch, False, {})['model_cls']
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """Small models on a shared machine: one thread is faster than contending ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize('modules', sorted({m for _, ms in CASES for m in ms}))
