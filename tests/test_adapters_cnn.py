@@ -46,12 +46,31 @@ _MODULES: Dict[str, Tuple[str, ...]] = {
     'mobilenetv5': None,
     'cspnext': None,
     'efficientvit_msra': None,
+    'hrnet': None,
+    'cpubone': None,
+    'inception_v3': None,
+    'inception_v4': None,
+    'inception_resnet_v2': None,
+    'xception': None,
+    'convmixer': None,
+    'csatv2': None,
+    'shvit': None,
+    'swiftformer': None,
+    'visformer': None,
+    'nasnet': ('nasnet', 'pnasnet'),  # refused only
 }
 # adapters of other modules this group checks on more timm modules
 _SHARED: List[Tuple[Type[FeatureMapAdapter], Tuple[str, ...]]] = [(ResNetAdapter, ('resnest', 'res2net', 'sknet'))]
 # archs that do not run at 64 px (input size to use) and small-size kwargs of the entry points
-_SIZE: Dict[str, int] = {}
-_KWARGS: Dict[str, dict] = {a: {'channel_multiplier': 0.25} for a in ('mobilenetv5_base', 'mobilenetv5_300m')}
+_SIZE: Dict[str, int] = {
+    **{a: 128 for a, m in _model_to_module.items() if m in ('inception_v3', 'inception_v4', 'inception_resnet_v2')},
+    **{a: 64 for a in timm.list_models('visformer*')},
+}
+_KWARGS: Dict[str, dict] = {
+    **{a: {'channel_multiplier': 0.25} for a in ('mobilenetv5_base', 'mobilenetv5_300m')},
+    **{a: {'mlp_ratio': 0.0625} for a in timm.list_models('vgg*')},  # a 256-wide ConvMlp, not 4096
+    **{a: {'img_size': 64} for a in timm.list_models('visformer*')},
+}
 _SMALL = re.compile(r'test_|_0[0-9]{2}|_b0|lite0|tiny|small|nano|pico|femto|micro|_xs|_t$|_s$|_a$|_m0|_m1|18|21|34')
 _ALL = os.environ.get('TIMM_EXITS_ALL_PARENTS') == '1'
 
@@ -61,6 +80,8 @@ def _cases() -> Tuple[List[Tuple[Type[FeatureMapAdapter], Tuple[str, ...]]], Dic
     for name, modules in _MODULES.items():
         mod = importlib.import_module(f'timm_exits.models.adapters.{name}')
         refused.update(getattr(mod, 'REFUSED', {}))
+        if not any(inspect.isclass(getattr(mod, n)) for n in mod.__all__):
+            cases.append((FeatureMapAdapter, modules))  # parent_classes (): every arch must be refused
         for adapter in (getattr(mod, n) for n in mod.__all__):
             if inspect.isclass(adapter) and issubclass(adapter, FeatureMapAdapter):
                 cases.append((adapter, modules or adapter.timm_modules))
