@@ -57,6 +57,7 @@ _MODULES: Dict[str, Tuple[str, ...]] = {
     'shvit': None,
     'swiftformer': None,
     'visformer': None,
+    'sequencer': None,
     'nasnet': ('nasnet', 'pnasnet'),  # refused only
 }
 # adapters of other modules this group checks on more timm modules
