@@ -11,8 +11,8 @@ __all__ = ['EfficientVitMsraAdapter']
 
 
 class EfficientVitMsraAdapter(FeatureMapAdapter):
-    """``EfficientVitMsra`` (EfficientViT, MSRA). stem (patch_embed), then the MLP blocks of every stage (a stage's patch merging with its first
-    block); global pool and conv_head are in ``forward_head``."""
+    """``EfficientVitMsra``: stem (patch_embed), then the EfficientViT blocks of every stage (a stage's downsample, patch
+    merging between residual blocks, with its first block); window attention pads, so any input size runs."""
     parent_classes = (EfficientVitMsra,)
     timm_modules = ('efficientvit_msra',)
 
