@@ -14,7 +14,7 @@ class ResNetAdapter(FeatureMapAdapter):
     """``ResNet``: stem (conv1, bn1, act1, maxpool), then the blocks of layer1..layer4 (stride and downsample in each
     layer's first block), global pool and fc in ``forward_head``."""
     parent_classes = (ResNet,)
-    timm_modules = ('resnet',)
+    timm_modules = ('resnet', 'resnest', 'res2net', 'sknet')
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self.maxpool(self.act1(self.bn1(self.conv1(x)))), None
