@@ -11,7 +11,7 @@ import logging
 import math
 import warnings
 from numbers import Real
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -126,6 +126,17 @@ def tracing_tool() -> Optional[str]:
     return None
 
 
+def _tags(parent: str) -> List[str]:
+    """timm's pretrained tags of ``parent`` (``list_pretrained(f'{parent}.*')``, one pass over the registry for all)."""
+    if not _TAGS:
+        for tagged in list_pretrained():
+            _TAGS.setdefault(tagged.split('.', 1)[0], []).append(tagged)
+    return _TAGS.get(parent, [])
+
+
+_TAGS: Dict[str, List[str]] = {}
+
+
 def parent_cfgs(
         parent: str,
         name: str,
@@ -138,15 +149,16 @@ def parent_cfgs(
     Returns:
         ``{'name.tag': cfg_fn(**cfg)}`` for ``generate_default_cfgs``.
     """
-    default = f'{parent}.{get_pretrained_cfg(parent).tag}'
+    tag = get_pretrained_cfg(parent).tag
+    default = f'{parent}.{tag}' if tag else parent  # an architecture without weights has one untagged cfg
     out = {}
-    for tagged in [default] + [n for n in list_pretrained(f'{parent}.*') if n != default]:
+    for tagged in [default] + [n for n in _tags(parent) if n != default]:
         cfg = get_pretrained_cfg(tagged).to_dict()
         drop = ('architecture', 'tag', 'custom_load')
         drop += ('url',) if cfg.get('hf_hub_id') or cfg.get('custom_load') else ()
         for key in drop:  # a url is kept where it is the only source (and a plain torch checkpoint)
             cfg.pop(key, None)
-        out[f'{name}.{tagged.split(".", 1)[1]}'] = cfg_fn(**{**cfg, **overrides})
+        out[f'{name}.{tagged.split(".", 1)[1]}' if '.' in tagged else name] = cfg_fn(**{**cfg, **overrides})
     return out
 
 

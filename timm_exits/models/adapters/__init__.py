@@ -2,6 +2,7 @@
 
 Supporting another timm model class means one new adapter module (see ``_base.ParentAdapter``) added to ``ADAPTERS``.
 """
+import importlib
 import sys
 
 import torch.nn as nn
@@ -12,16 +13,30 @@ from .eva import EvaAdapter
 from .resnet import ResNetAdapter
 from .vit import VitAdapter
 
+# one module per timm model class (or module); each holds its adapter class(es) and may list REFUSED classes
+_MODULES = (
+    'vit', 'eva', 'resnet', 'convmixer', 'cpubone', 'csatv2', 'cspnext', 'densenet', 'dla', 'dpn', 'efficientnet',
+    'efficientvit_msra', 'fasternet', 'ghostnet', 'hgnet', 'hrnet', 'inception_resnet_v2', 'inception_v3',
+    'inception_v4', 'lcnetv2', 'mobilenetv3', 'mobilenetv5', 'nasnet', 'regnet', 'repghost', 'repvit', 'rexnet',
+    'selecsls', 'senet', 'sequencer', 'shvit', 'starnet', 'swiftformer', 'tresnet', 'vgg', 'visformer', 'vovnet',
+    'xception', 'xception_aligned',
+)
+
 __all__ = [
     'ADAPTERS', 'EvaAdapter', 'FeatureMapAdapter', 'ParentAdapter', 'ResNetAdapter', 'VitAdapter', 'adapted_class',
     'adapter_for', 'any_input_size', 'eval_mode', 'input_shape', 'parent_modules', 'register_adapted', 'supported_parents',
 ]
 
-ADAPTERS: List[Type[ParentAdapter]] = [VitAdapter, EvaAdapter, ResNetAdapter]
+ADAPTERS: List[Type[ParentAdapter]] = []
+REFUSED: Dict[str, str] = {}  # timm classes no adapter serves, with the reason
+for _name in _MODULES:
+    _module = importlib.import_module(f'{__name__}.{_name}')
+    ADAPTERS += [v for v in vars(_module).values() if isinstance(v, type) and issubclass(v, ParentAdapter)
+                 and v.parent_classes and v.__module__ == _module.__name__]
+    REFUSED.update(getattr(_module, 'REFUSED', {}))
 # what each family needs of a parent's state: life slimming drops patch tokens, so it needs a ViT's tokens
 FAMILY_STATES = {'mexit': ('tokens', 'map'), 'liferegress': ('tokens',), 'mexit_liferegress': ('tokens',)}
 _CLASSES: Dict[Tuple[type, type], type] = {}
-REFUSED: Dict[str, str] = {}  # timm classes no adapter serves, with the reason
 
 
 def supported_parents(states: Sequence[str] = ('tokens', 'map')) -> List[str]:
