@@ -3,7 +3,6 @@ class token. """
 from typing import Callable, List, Optional, Tuple
 
 import torch
-import torch.nn as nn
 from timm.models.convit import ConVit
 
 from ._base import FeatureMapAdapter
