@@ -15,11 +15,12 @@ from .vit import VitAdapter
 
 # one module per timm model class (or module); each holds its adapter class(es) and may list REFUSED classes
 _MODULES = (
-    'vit', 'eva', 'resnet', 'convmixer', 'cpubone', 'csatv2', 'cspnext', 'densenet', 'dla', 'dpn', 'efficientnet',
-    'efficientvit_msra', 'fasternet', 'ghostnet', 'hgnet', 'hrnet', 'inception_resnet_v2', 'inception_v3',
-    'inception_v4', 'lcnetv2', 'mobilenetv3', 'mobilenetv5', 'nasnet', 'regnet', 'repghost', 'repvit', 'rexnet',
-    'selecsls', 'senet', 'sequencer', 'shvit', 'starnet', 'swiftformer', 'tresnet', 'vgg', 'visformer', 'vovnet',
-    'xception', 'xception_aligned',
+    'vit', 'eva', 'resnet', 'beit', 'cait', 'coat', 'convit', 'convmixer', 'cpubone', 'csatv2', 'cspnext', 'densenet',
+    'dla', 'dpn', 'efficientnet', 'efficientvit_msra', 'fasternet', 'ghostnet', 'hgnet', 'hrnet', 'inception_resnet_v2',
+    'inception_v3', 'inception_v4', 'lcnetv2', 'levit', 'mlp_mixer', 'mobilenetv3', 'mobilenetv5', 'naflexvit',
+    'nasnet', 'nest', 'pit', 'pvt_v2', 'refused_tokens', 'regnet', 'repghost', 'repvit', 'rexnet', 'selecsls', 'senet',
+    'sequencer', 'shvit', 'starnet', 'swiftformer', 'tresnet', 'twins', 'vgg', 'visformer', 'vision_transformer_relpos',
+    'vision_transformer_sam', 'volo', 'vovnet', 'xception', 'xception_aligned', 'xcit'
 )
 
 __all__ = [
