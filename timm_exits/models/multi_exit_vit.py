@@ -186,7 +186,9 @@ class MultiExitMixin(NewPartsMixin):
         self._flops: Dict[Any, Any] = {}
         maps = self.state_kind == 'map'
         if maps:
-            self.exit_input_size = _check_size(exit_input_size if exit_input_size is not None else (224, 224))
+            if exit_input_size is None:  # a built model (convert) knows its pretrained input size
+                exit_input_size = (getattr(self, 'pretrained_cfg', None) or {}).get('input_size') or (224, 224)
+            self.exit_input_size = _check_size(tuple(exit_input_size))
         elif exit_input_size is not None:
             raise ValueError(f'exit_input_size applies to feature-map parents; {type(self).__name__} is sized by its '
                              f'img_size (got exit_input_size={exit_input_size!r})')
