@@ -125,5 +125,5 @@ def test_chain_equals_the_parent_bit_for_bit(adapter, arch):
 
 def test_coat_with_parallel_blocks_is_refused():
     model = _adapted(CoaTAdapter, 'coat_tiny', dict(img_size=64))
-    with pytest.raises(NotImplementedError, match='parallel blocks'):
+    with pytest.raises(ValueError, match='parallel blocks'):
         model._embed(torch.randn(1, 3, 64, 64))

@@ -28,7 +28,7 @@ class CoaTAdapter(FeatureMapAdapter):
     first block), then each serial block; the state is the scale's tokens (B, 1 + H * W, C), the class token first.
     The tail is ``norm4``. The blocks take the grid the patch embeds were built for, so the model runs only at that
     size. CoaT's parallel blocks mix all four scales at once (four token tensors of two widths), so a model with
-    them (coat_tiny, coat_mini, coat_small) is refused (NotImplementedError)."""
+    them (coat_tiny, coat_mini, coat_small) is refused (ValueError)."""
     parent_classes = (CoaT,)
     timm_modules = ('coat',)
     state_layout = 'NLC'
@@ -36,7 +36,7 @@ class CoaTAdapter(FeatureMapAdapter):
 
     def _check_serial(self) -> None:
         if self.parallel_blocks is not None or self.return_interm_layers:
-            raise NotImplementedError(
+            raise ValueError(
                 f'{type(self).__name__}: CoaT with parallel blocks (or intermediate outputs) is not served: the '
                 f'parallel blocks mix the four scales at once, which no single token state carries')
 

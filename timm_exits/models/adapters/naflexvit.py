@@ -22,12 +22,12 @@ class NaFlexVitAdapter(FeatureMapAdapter):
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.rope is not None:
-            raise NotImplementedError(
+            raise ValueError(
                 f'{type(self).__name__}: a NaFlexVit with rotary position embedding is not served (its rope follows '
                 f'the patch grid, which the token state does not carry)')
         embeds = self._forward_embeds(x, patch_coord=None, patch_valid=None, attn_mask=None)
         if embeds['attn_mask'] is not None:
-            raise NotImplementedError(f'{type(self).__name__}: an attention mask from image input is not served')
+            raise ValueError(f'{type(self).__name__}: an attention mask from image input is not served')
         return embeds['patches'], None
 
     def _units(self) -> List[Tuple[nn.Module, ...]]:
