@@ -39,7 +39,8 @@ SMALL: Dict[Tuple[str, str], List[Union[str, Tuple[str, Dict[str, Any]]]]] = {
                                                                 ('swinv2_cr_tiny_ns_224', SWIN_TINY)],
     ('focalnet', 'FocalNetAdapter'): ['focalnet_tiny_srf'],
     ('mambaout', 'MambaOutAdapter'): ['test_mambaout', 'mambaout_femto'],
-    ('davit', 'DaVitAdapter'): [('davit_tiny', dict(embed_dims=(32, 64, 128, 256), depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)))],
+    ('davit', 'DaVitAdapter'): [
+        ('davit_tiny', dict(embed_dims=(32, 64, 128, 256), depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)))],
     ('fastvit', 'FastVitAdapter'): ['fastvit_t8', 'fastvit_sa12'],
     ('inception_next', 'MetaNeXtAdapter'): [('inception_next_atto', dict(depths=(1, 1, 2, 1)))],
     ('edgenext', 'EdgeNeXtAdapter'): [('edgenext_xx_small', dict(depths=(1, 1, 2, 1)))],
