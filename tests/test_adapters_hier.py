@@ -142,3 +142,16 @@ def test_adapter_chain_equals_parent(adapter_name: str, arch: str, extra: Dict[s
             model.double()
             full = _chain(model, x.double())
             torch.testing.assert_close(_chain(model, x.double()[1:3]), full[1:3], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize('arch', ['swin_tiny_patch4_window7_224', 'swinv2_tiny_window8_256', 'swinv2_cr_tiny_224'])
+def test_swin_dynamic_size(arch: str) -> None:
+    """A Swin made with ``dynamic_img_size=True`` is not fixed size, and its chain holds at another size."""
+    model, _ = _build(arch, dict(SWIN_TINY, dynamic_img_size=True))
+    adapter = next(a for a in ADAPTERS.values() if issubclass(type(model), a.parent_classes))
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        ref = model.forward_head(model.forward_features(x))
+        model.__class__ = type('T', (adapter, type(model)), {})
+        assert model.fixed_input_size is False
+        torch.testing.assert_close(_chain(model, x), ref, rtol=0, atol=0)
