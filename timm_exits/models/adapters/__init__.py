@@ -15,12 +15,16 @@ from .vit import VitAdapter
 
 # one module per timm model class (or module); each holds its adapter class(es) and may list REFUSED classes
 _MODULES = (
-    'vit', 'eva', 'resnet', 'beit', 'cait', 'coat', 'convit', 'convmixer', 'cpubone', 'csatv2', 'cspnext', 'densenet',
-    'dla', 'dpn', 'efficientnet', 'efficientvit_msra', 'fasternet', 'ghostnet', 'hgnet', 'hrnet', 'inception_resnet_v2',
-    'inception_v3', 'inception_v4', 'lcnetv2', 'levit', 'mlp_mixer', 'mobilenetv3', 'mobilenetv5', 'naflexvit',
-    'nasnet', 'nest', 'pit', 'pvt_v2', 'refused_tokens', 'regnet', 'repghost', 'repvit', 'rexnet', 'selecsls', 'senet',
-    'sequencer', 'shvit', 'starnet', 'swiftformer', 'tresnet', 'twins', 'vgg', 'visformer', 'vision_transformer_relpos',
-    'vision_transformer_sam', 'volo', 'vovnet', 'xception', 'xception_aligned', 'xcit'
+    'vit', 'eva', 'resnet', 'beit', 'byobnet', 'cait', 'coat', 'convit', 'convmixer', 'convnext', 'cpubone', 'csatv2',
+    'cspnet', 'cspnext', 'davit', 'densenet', 'dla', 'dpn', 'edgenext', 'efficientformer', 'efficientformer_v2',
+    'efficientnet', 'efficientvim', 'efficientvit_mit', 'efficientvit_msra', 'fasternet', 'fastvit', 'focalnet',
+    'gcvit', 'ghostnet', 'hgnet', 'hiera', 'hieradet_sam2', 'hrnet', 'iformer', 'inception_next', 'inception_resnet_v2',
+    'inception_v3', 'inception_v4', 'lcnetv2', 'levit', 'lowformer', 'mambaout', 'maxxvit', 'metaformer', 'mlp_mixer',
+    'mobilenetv3', 'mobilenetv5', 'mvitv2', 'naflexvit', 'nasnet', 'nest', 'nextvit', 'nfnet', 'pit', 'pvt_v2', 'rdnet',
+    'refused_tokens', 'regnet', 'repghost', 'repvit', 'resnetv2', 'rexnet', 'selecsls', 'senet', 'sequencer', 'shvit',
+    'starnet', 'swiftformer', 'swin_transformer', 'swin_transformer_v2', 'swin_transformer_v2_cr', 'tiny_vit',
+    'tresnet', 'twins', 'vgg', 'visformer', 'vision_transformer_relpos', 'vision_transformer_sam', 'volo', 'vovnet',
+    'xception', 'xception_aligned', 'xcit'
 )
 
 __all__ = [

@@ -1,0 +1,28 @@
+""" Adapter for timm's ``MetaNeXt`` (InceptionNeXt). """
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.models.inception_next import MetaNeXt
+
+from ._base import FeatureMapAdapter
+
+__all__ = ['MetaNeXtAdapter']
+
+
+class MetaNeXtAdapter(FeatureMapAdapter):
+    """``MetaNeXt``: stem, then the blocks of each stage (the stage's downsample goes with its first block); the
+    norm is in the head."""
+    parent_classes = (MetaNeXt,)
+    timm_modules = ('inception_next',)
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.stem(x), None
+
+    def _units(self) -> List[Tuple[nn.Module, ...]]:
+        units = []
+        for stage in self.stages:
+            blocks = list(stage.blocks)
+            units.append((stage.downsample, blocks[0]))
+            units.extend((blk,) for blk in blocks[1:])
+        return units

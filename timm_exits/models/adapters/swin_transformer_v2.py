@@ -1,0 +1,37 @@
+""" Adapter for timm's ``SwinTransformerV2`` (Swin-V2 T/S/B/L, window 8..24, 192..384 px). """
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+from ._base import FeatureMapAdapter
+
+__all__ = ['SwinTransformerV2Adapter']
+
+
+class SwinTransformerV2Adapter(FeatureMapAdapter):
+    """``SwinTransformerV2``: patch embedding, then the blocks of each stage (the stage's patch merging goes with its
+    first block) on (B, H, W, C) maps, the final norm in ``_tail``. The attention masks are built for the input size
+    unless the model was made with ``strict_img_size=False`` / ``dynamic_img_size=True``."""
+    parent_classes = (SwinTransformerV2,)
+    timm_modules = ('swin_transformer_v2',)
+    state_layout = 'NHWC'
+
+    @property
+    def fixed_input_size(self) -> bool:
+        return not getattr(self, 'dynamic_img_size', False)
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.patch_embed(x), None
+
+    def _units(self) -> List[Tuple[nn.Module, ...]]:
+        units = []
+        for stage in self.layers:
+            blocks = list(stage.blocks)
+            units.append((stage.downsample, blocks[0]))
+            units.extend((blk,) for blk in blocks[1:])
+        return units
+
+    def _tail(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
