@@ -44,32 +44,13 @@ HIDDEN_LAYOUT = ('exit_criterion', 'life_layer', 'prune_layers', 'U', 'keep_rate
 
 
 def layout_args(model: nn.Module) -> Dict[str, Any]:
-    """Constructor arguments fixing the exit / life layout of a timm-exits model, JSON-ready (timm's ``model_args``)."""
-    from .life_regress_vit import LifeRegressMixin
-    from .multi_exit_vit import MultiExitMixin
-    if isinstance(model, MultiExitMixin):
-        heads = model.exit_head_types
-        args = dict(
-            exit_layers=list(model.exit_layers[:-1]),
-            exit_head=heads[0] if len(set(heads)) == 1 else list(heads),
-            exit_criterion=model.exit_criterion,
-            threshold=model.threshold,
-            budget=model.budget,
-        )
-        if model.task != 'classification':  # recorded where it differs from the default (older records have none)
-            args.update(task=model.task, exit_patience=model.exit_patience)
-        if getattr(model, 'life', None) is not None:  # exits and slimming in one model (mexit_liferegress)
-            args.update(life_layer=model.life_layer, prune_layers=list(model.prune_layers), keep_rate=model.keep_rate,
-                        train_keep_rate=model.train_keep_rate, min_keep_rate=model.min_keep_rate, U=model.U)
-    elif isinstance(model, LifeRegressMixin):
-        args = dict(
-            life_layer=model.life_layer, prune_layers=list(model.prune_layers), keep_rate=model.keep_rate, U=model.U,
-            budget=model.budget)
-    else:
+    """Constructor arguments fixing the exit / life layout of a timm-exits model, JSON-ready (timm's ``model_args``):
+    the family's own ``layout_args()``."""
+    if not callable(getattr(model, 'layout_args', None)):
         raise ValueError(
-            f'{type(model).__name__} is not a timm-exits model (MultiExitVisionTransformer or '
-            f'LifeRegressVisionTransformer); publish it with timm.models.push_to_hf_hub')
-    return {k: v for k, v in args.items() if v is not None}
+            f'{type(model).__name__} is not a timm-exits model (a <parent>_mexit, _liferegress or _mexit_liferegress '
+            f'model); publish it with timm.models.push_to_hf_hub')
+    return {k: v for k, v in model.layout_args().items() if v is not None}
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:
@@ -268,11 +249,9 @@ def apply_calibration(model: nn.Module, calibration: Optional[Dict[str, Any]]) -
     if not isinstance(calibration, dict):
         raise ValueError(f'calibration must be a dict (timm_exits.calibrate\'s result), got '
                          f'{type(calibration).__name__}')
-    from .life_regress_vit import LifeRegressMixin
-    from .multi_exit_vit import MultiExitMixin
     threshold, keep_rate = calibration.get('threshold'), calibration.get('keep_rate')
-    exits = isinstance(model, MultiExitMixin)
-    slims = isinstance(model, LifeRegressMixin) or getattr(model, 'life', None) is not None
+    exits = hasattr(model, 'exit_layers')
+    slims = getattr(model, 'life', None) is not None
     if threshold is not None and not exits:
         raise ValueError(f'the calibration chose threshold={threshold!r}, but {type(model).__name__} has no exits')
     if keep_rate is not None and not slims:

@@ -198,6 +198,13 @@ class LifeRegressMixin(NewPartsMixin):
     # --- timm API -------------------------------------------------------------------------------------------------
 
     @torch.jit.ignore
+    def layout_args(self) -> Dict[str, Any]:
+        """Constructor arguments fixing the life layout, JSON-ready (timm's ``model_args``), as checkpoints record
+        them."""
+        return dict(life_layer=self.life_layer, prune_layers=list(self.prune_layers), keep_rate=self.keep_rate,
+                    U=self.U, budget=self.budget)
+
+    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
         """Parent groups; the life module joins the group of block ``life_layer``, the block it follows."""
         return add_block_group(super().group_matcher(coarse), (r'^life\.', (self.life_layer - 1,)))

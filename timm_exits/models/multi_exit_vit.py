@@ -91,6 +91,22 @@ def _check_size(size: Any) -> Tuple[int, int]:
     return tuple(size[-2:])
 
 
+def _check_criterion(task: str, exit_criterion: Optional[str]) -> str:
+    """The criterion of ``task`` (default: 'confidence' for classification, 'patience' for regression), checked."""
+    if task not in TASKS:
+        raise ValueError(f'task must be one of {list(TASKS)}, got {task!r}')
+    if exit_criterion is None:
+        exit_criterion = 'confidence' if task == 'classification' else 'patience'
+    if exit_criterion not in criteria_for(task):
+        other = next((t for t in TASKS if t != task and exit_criterion in criteria_for(t)), None)
+        why = f' (a criterion of {other} models)' if other else ''
+        reason = {'regression': ': a softmax over real-valued outputs measures nothing',
+                  'classification': ': it compares real-valued outputs in target units'}[task] if other else ''
+        raise ValueError(f'exit_criterion={exit_criterion!r} is not a criterion of task={task!r}{why}{reason}; '
+                         f'allowed: {list(criteria_for(task))}')
+    return exit_criterion
+
+
 def _check_hook_args(weight: Any, num_sampled: Any, grad_scale: Any) -> Tuple[float, Optional[int], float]:
     """Validate the train-mode hook's ``exit_weight``, ``exit_num_sampled`` and ``exit_grad_scale``."""
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
@@ -172,37 +188,64 @@ class MultiExitMixin(NewPartsMixin):
             exit_input_size: Feature-map parents: the (H, W) the exit heads are sized and the costs counted at
                 (default: the parent's pretrained input size; a ViT's is its ``img_size``).
         """
-        if task not in TASKS:
-            raise ValueError(f'task must be one of {list(TASKS)}, got {task!r}')
-        if exit_criterion is None:
-            exit_criterion = 'confidence' if task == 'classification' else 'patience'
-        if exit_criterion not in criteria_for(task):
-            other = next((t for t in TASKS if t != task and exit_criterion in criteria_for(t)), None)
-            why = f' (a criterion of {other} models)' if other else ''
-            reason = {'regression': ': a softmax over real-valued outputs measures nothing',
-                      'classification': ': it compares real-valued outputs in target units'}[task] if other else ''
-            raise ValueError(f'exit_criterion={exit_criterion!r} is not a criterion of task={task!r}{why}{reason}; '
-                             f'allowed: {list(criteria_for(task))}')
+        exit_criterion = _check_criterion(task, exit_criterion)
+        depth = len(self._exit_blocks())
+        layers = self._exit_sites(exit_layers, exit_input_size)
+        heads = self._exit_head_types(layers, exit_head)
+        exit_drop_rate = check_fraction('exit_drop_rate', exit_drop_rate, high_open=True, allow_none=False)
+        self.exit_weight, self.exit_num_sampled, self.exit_grad_scale = _check_hook_args(
+            exit_weight, exit_num_sampled, exit_grad_scale)
+        ref = next(self.parameters())
+        dd = dict(device=ref.device, dtype=ref.dtype)
+        self.depth = depth
+        self.exit_layers = (*layers, depth)
+        self.exit_head_types = tuple(heads)
+        criterion(exit_criterion, task, exit_patience)  # a bad patience fails now, naming it
+        self.task = task
+        self.exit_patience = exit_patience
+        self.exit_criterion = exit_criterion
+        self.threshold = None if threshold is None else self._check_threshold(threshold)
+        self.budget = None if budget is None else check_fraction('budget', budget, low_open=True)
+        self.exits = nn.ModuleDict({
+            str(layer): create_exit_head(
+                name, num_classes=self.num_classes, drop=exit_drop_rate,
+                **self._exit_head_args(layer, self._exit_pool()), **dd)
+            for layer, name in zip(layers, heads)
+        })
+        self.uncertainty = nn.ModuleDict({
+            str(layer): self._make_uncertainty(layer, **dd) for layer in self.exit_layers})
+        self._init_exits()
+        self.train(self.training)  # a converted model's new parts follow its mode
+        self._flops = {}
+        if self.budget is not None:  # a default budget no exit fits fails now, not at the first forward
+            self._stop_layer(self.budget)
+
+    def _exit_sites(self, exit_layers: Optional[Sequence[int]], exit_input_size: Optional[Sequence[int]]
+                    ) -> Tuple[int, ...]:
+        """The intermediate exits (checked); on a feature map the input size the heads are sized at is set first,
+        and the default exits follow the parent's FLOPs (Shallow-Deep Networks' placement)."""
         self._flops: Dict[Any, Any] = {}
-        maps = self.state_kind == 'map'
-        if maps:
+        if self.state_kind == 'map':
             if exit_input_size is None:  # a built model (convert) knows its pretrained input size
                 exit_input_size = (getattr(self, 'pretrained_cfg', None) or {}).get('input_size') or (224, 224)
             self.exit_input_size = _check_size(tuple(exit_input_size))
+            if exit_layers is None:
+                exit_layers = cost_placement(self, self._input_size())
         elif exit_input_size is not None:
             raise ValueError(f'exit_input_size applies to feature-map parents; {type(self).__name__} is sized by its '
                              f'img_size (got exit_input_size={exit_input_size!r})')
-        depth = len(self._exit_blocks())
-        if exit_layers is None and maps:
-            exit_layers = cost_placement(self, self._input_size())
-        layers = _exit_layout(depth, exit_layers)
+        return _exit_layout(len(self._exit_blocks()), exit_layers)
+
+    def _exit_head_types(self, layers: Sequence[int], exit_head: Optional[Union[str, Sequence[str]]]
+                         ) -> List[str]:
+        """One checked head name per intermediate exit: the heads must read the parent's state (tokens or a map)."""
+        maps = self.state_kind == 'map'
         exit_head = ('sdn' if maps else 'linear') if exit_head is None else exit_head
         heads = [exit_head] * len(layers) if isinstance(exit_head, str) else list(exit_head)
         if len(heads) != len(layers):
             raise ValueError(
                 f'exit_head must be one name or one per intermediate exit ({len(layers)} for exit_layers={layers}), '
                 f'got {len(heads)}: {heads}')
-        exit_drop_rate = check_fraction('exit_drop_rate', exit_drop_rate, high_open=True, allow_none=False)
         wrong = sorted({h for h in heads if EXIT_HEADS.get(h) is not None and EXIT_HEADS[h].state != self.state_kind})
         if wrong:
             what = 'a feature map' if maps else 'ViT tokens'
@@ -222,32 +265,25 @@ class MultiExitMixin(NewPartsMixin):
                     f'exit_head {needs_cls} combines the [CLS] token with the patches, and this parent has no class '
                     f'token (class_token=False); allowed without one: {sorted(set(EXIT_HEADS) - set(_CLS_HEADS))} '
                     f'(their [CLS] reading becomes the mean of the patch tokens)')
-        self.exit_weight, self.exit_num_sampled, self.exit_grad_scale = _check_hook_args(
-            exit_weight, exit_num_sampled, exit_grad_scale)
-        ref = next(self.parameters())
-        dd = dict(device=ref.device, dtype=ref.dtype)
-        self.depth = depth
-        self.exit_layers = (*layers, depth)
-        self.exit_head_types = tuple(heads)
-        criterion(exit_criterion, task, exit_patience)  # a bad patience fails now, naming it
-        self.task = task
-        self.exit_patience = exit_patience
-        self.exit_criterion = exit_criterion
-        self.threshold = None if threshold is None else self._check_threshold(threshold)
-        self.budget = None if budget is None else check_fraction('budget', budget, low_open=True)
-        self.exits = nn.ModuleDict({
-            str(layer): create_exit_head(
-                name, num_classes=self.num_classes, drop=exit_drop_rate, **self._exit_head_args(layer, self._exit_pool()),
-                **dd)
-            for layer, name in zip(layers, heads)
-        })
-        self.uncertainty = nn.ModuleDict({
-            str(layer): self._make_uncertainty(layer, **dd) for layer in self.exit_layers})
-        self._init_exits()
-        self.train(self.training)  # a converted model's new parts follow its mode
-        self._flops = {}
-        if self.budget is not None:  # a default budget no exit fits fails now, not at the first forward
-            self._stop_layer(self.budget)
+        return heads
+
+    def layout_args(self) -> Dict[str, Any]:
+        """Constructor arguments fixing the exit (and, with slimming, life) layout, JSON-ready (timm's
+        ``model_args``), as checkpoints record them."""
+        heads = self.exit_head_types
+        args = dict(
+            exit_layers=list(self.exit_layers[:-1]),
+            exit_head=heads[0] if len(set(heads)) == 1 else list(heads),
+            exit_criterion=self.exit_criterion,
+            threshold=self.threshold,
+            budget=self.budget,
+        )
+        if self.task != 'classification':  # recorded where it differs from the default (older records have none)
+            args.update(task=self.task, exit_patience=self.exit_patience)
+        if getattr(self, 'life', None) is not None:  # exits and slimming in one model (mexit_liferegress)
+            args.update(life_layer=self.life_layer, prune_layers=list(self.prune_layers), keep_rate=self.keep_rate,
+                        train_keep_rate=self.train_keep_rate, min_keep_rate=self.min_keep_rate, U=self.U)
+        return args
 
     # --- construction helpers -------------------------------------------------------------------------------------
 
