@@ -747,7 +747,8 @@ class _Run:
             layout = layout_args(self.model)
         except ValueError:  # a plain timm model (the backbone alone)
             layout = {}
-        fixed = {k: layout[k] for k in ('exit_criterion', 'life_layer', 'prune_layers', 'U', 'task') if k in layout}
+        keys = ('exit_criterion', 'life_layer', 'prune_layers', 'U', 'task', 'exit_input_size')
+        fixed = {k: layout[k] for k in keys if k in layout}
         return {**fixed, **self.recipe.model_kwargs}
 
     def metadata(self, key: Tuple[int, int]) -> Dict[str, str]:

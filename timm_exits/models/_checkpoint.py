@@ -40,7 +40,8 @@ __all__ = [
 
 METADATA_KEY = 'timm_exits'
 CALIBRATION_KEY = 'calibration'  # inside the METADATA_KEY object: the result of timm_exits.calibrate
-HIDDEN_LAYOUT = ('exit_criterion', 'life_layer', 'prune_layers', 'U', 'keep_rate', 'task')  # not visible in the weights
+HIDDEN_LAYOUT = ('exit_criterion', 'life_layer', 'prune_layers', 'U', 'keep_rate', 'task',
+                 'exit_input_size')  # not visible in the weights (a CNN's exit heads and costs are sized at the last)
 
 
 def layout_args(model: nn.Module) -> Dict[str, Any]:
@@ -56,6 +57,8 @@ def layout_args(model: nn.Module) -> Dict[str, Any]:
             threshold=model.threshold,
             budget=model.budget,
         )
+        if getattr(model, 'state_kind', 'tokens') == 'map':  # feature-map exit heads are sized at this input size
+            args.update(exit_input_size=list(model.exit_input_size))
         if model.task != 'classification':  # recorded where it differs from the default (older records have none)
             args.update(task=model.task, exit_patience=model.exit_patience)
         if getattr(model, 'life', None) is not None:  # exits and slimming in one model (mexit_liferegress)

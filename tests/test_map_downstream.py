@@ -1,0 +1,165 @@
+"""Every downstream tool on feature-map (CNN) twins: fit (frozen backbone and BatchNorm statistics bit-identical, the
+cache of what SDN / pool-linear heads read), calibrate, the validate CLI on fit's checkpoint, the SDN IC-only recipe,
+the serving scheduler, torch.compile, and a Hub round trip. ``resnet18_mexit`` at 32 px, digits, 10 classes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+import timm
+import timm_exits
+from timm_exits import fit as fit_module
+from timm_exits.data import DigitsDataset
+from timm_exits.fit import FitModule
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = (32, 32)
+KW = dict(num_classes=10, exit_input_size=SIZE)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _digits(split: str, n: int) -> DigitsDataset:
+    ds = DigitsDataset(split, 32)
+    ds.images, ds.targets = ds.images[:n], ds.targets[:n]
+    return ds
+
+
+def _teacher(name: str = 'resnet18_mexit', **kwargs) -> torch.nn.Module:
+    """A CNN twin whose final head answers confidently (a stand-in for pretrained weights: a random head is near
+    uniform, its argmax noise)."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, **{**KW, **kwargs})
+    with torch.no_grad():
+        model.get_classifier().weight.mul_(30)
+    return model
+
+
+def _agreement(model, images) -> list:
+    model.eval()
+    with torch.no_grad():
+        outs = model.forward_exits(images)
+    return [float((z.argmax(-1) == outs[-1].argmax(-1)).float().mean()) for z in outs[:-1]]
+
+
+def _frozen_state(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(model.new_prefixes)}
+
+
+# --- 1. fit ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name,cache', [('resnet18_mexit', False), ('mobilenetv3_small_050_mexit', True)])
+def test_fit_trains_the_exits_and_leaves_backbone_and_batchnorm_statistics_alone(name, cache):
+    """MobileNetV3's BatchNorm is timm's BatchNormAct2d (a module with children): its statistics must not move."""
+    model = _teacher(name)
+    assert any(k.endswith('num_batches_tracked') for k in _frozen_state(model))
+    val = _digits('val', 96).images
+    before_agree = _agreement(model, val)
+    frozen = _frozen_state(model)
+    new = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(model.new_prefixes)}
+    loader = DataLoader(_digits('train', 128), batch_size=32, shuffle=True)
+    rows = timm_exits.fit(model, loader, epochs=4, lr=1e-2, cache=cache)
+    after = model.state_dict()
+    assert [k for k in frozen if not torch.equal(frozen[k], after[k])] == []  # weights, running_*, num_batches_*
+    assert {k.split('.')[0] for k, v in new.items() if not torch.equal(v, after[k])} == {'exits', 'uncertainty'}
+    assert rows[-1]['loss'] < rows[0]['loss'] and [r['cached'] for r in rows] == [False] + [cache] * 3
+    after_agree = _agreement(model, val)
+    assert np.mean(after_agree) > np.mean(before_agree) + 0.2, (before_agree, after_agree)
+
+
+@pytest.mark.parametrize('head', ['sdn', 'pool_linear'])
+def test_fit_cache_keeps_what_feature_map_heads_read(head):
+    """The cache keeps each head's parameter-free reading (SDN: max and average pooling side by side; pool-linear: the
+    global average): the heads' logits from it equal theirs on the map, and alpha still trains."""
+    model = _teacher(exit_head=head).eval()
+    x = _digits('val', 6).images
+    readings, final = FitModule(model).cache_entry(x)
+    with torch.no_grad():
+        outs = model.forward_exits(x)
+    assert len(readings) == len(model.exits) and len({r.shape[1] for r in readings}) > 1  # widths differ by block
+    for h, r, z in zip(model.exits.values(), readings, outs):
+        torch.testing.assert_close(fit_module._head_from_summary(h, r), z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, outs[-1], rtol=0, atol=0)
+    if head == 'sdn':
+        alpha = model.exits[str(model.exit_layers[0])].alpha.clone()
+        timm_exits.fit(model, DataLoader(_digits('train', 32), batch_size=16), epochs=2, lr=1e-2, cache=True)
+        assert not torch.equal(alpha, model.exits[str(model.exit_layers[0])].alpha)
+
+
+# --- fitted checkpoint through the CLI: validate, calibrate, serving, compile, hub -------------------------------------
+
+@pytest.fixture(scope='module')
+def fitted(tmp_path_factory):
+    """``python -m timm_exits.fit`` on 64 digit PNGs from a plain resnet18 checkpoint (its head spread)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    root = tmp_path_factory.mktemp('cnn')
+    d = load_digits()
+    (root / 'fit').mkdir()
+    for i in range(64):
+        Image.fromarray((d.images[i] * 16).clip(0, 255).astype(np.uint8)).resize(SIZE).convert('RGB').save(
+            root / 'fit' / f'{i}.png')
+    torch.manual_seed(0)
+    plain = timm.create_model('resnet18', num_classes=10)
+    with torch.no_grad():
+        plain.fc.weight.mul_(30)
+    save_file(plain.state_dict(), str(root / 'resnet18.safetensors'))
+    fit_module.main(['--model', 'resnet18_mexit', '--checkpoint', str(root / 'resnet18.safetensors'),
+                     '--model-kwargs', 'num_classes=10', 'exit_input_size=(32,32)', '--data-dir', str(root / 'fit'),
+                     '--output', str(root / 'run'), '--epochs', '3', '--lr', '1e-2', '--cache', '--workers', '0',
+                     '--no-progress', '--batch-size', '32'])
+    ck = root / 'run' / 'model.safetensors'
+    model = timm.create_model('resnet18_mexit', **KW, checkpoint_path=str(ck)).eval()
+    return dict(root=root, ck=ck, model=model, plain=plain.eval())
+
+
+def test_fit_checkpoint_records_the_layout_and_loads_bit_identical_backbone(fitted):
+    from safetensors import safe_open
+    with safe_open(str(fitted['ck']), 'pt') as f:
+        meta = json.loads(f.metadata()['timm_exits'])
+    assert meta['model'] == 'resnet18_mexit' and meta['model_kwargs']['exit_input_size'] == [32, 32]
+    assert meta['model_kwargs']['exit_head'] == 'sdn'
+    model, plain = fitted['model'], fitted['plain']
+    sd = model.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in plain.state_dict().items())
+    x = _digits('val', 8).images
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r'trained with exit_input_size=\[32, 32\]'):
+        timm.create_model('resnet18_mexit', num_classes=10, exit_head='pool_linear', exit_layers=model.exit_layers[:-1],
+                          checkpoint_path=str(fitted['ck']))
+
+
+def test_validate_cli_on_a_cnn_checkpoint(fitted, tmp_path):
+    from timm_exits import validate
+    result = validate.main(['--checkpoint', str(fitted['ck']), '--dataset', 'digits', '--split', 'val', '--workers',
+                            '0', '--no-progress', '--batch-size', '200', '--output', str(tmp_path / 'eval')])
+    model = fitted['model']
+    assert [e['layer'] for e in result['exits']] == list(model.exit_layers)
+    assert result['exits'][-1]['cost'] == 1.0 and result['num_images'] > 300
+    assert [e['cost'] for e in result['exits']] == pytest.approx(list(model.exit_costs), rel=1e-6)
+    assert json.loads((tmp_path / 'eval' / 'eval.json').read_text())['exits'] == result['exits']
+
+
+def test_calibrate_a_fitted_cnn(fitted):
+    model = timm.create_model('resnet18_mexit', **KW, checkpoint_path=str(fitted['ck'])).eval()
+    loader = DataLoader(_digits('test', 200), batch_size=100)
+    result = timm_exits.calibrate(model, loader, epsilon=0.2, delta=0.1)
+    assert result['n'] == 200 and result['threshold'] is not None and result['mean_cost'] < 1.
+    assert result['empirical_risk'] <= 0.2 and model.threshold == result['threshold']
+    x = _digits('val', 16).images
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x, threshold=result['threshold']), rtol=0, atol=0)
