@@ -163,3 +163,59 @@ def test_calibrate_a_fitted_cnn(fitted):
     x = _digits('val', 16).images
     with torch.no_grad():
         torch.testing.assert_close(model(x), model(x, threshold=result['threshold']), rtol=0, atol=0)
+
+
+# --- 4. SDN's IC-only recipe -------------------------------------------------------------------------------------------
+
+def _recipe():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('recipe_sdn_ic_only', ROOT / 'train_recipes' / 'sdn_ic_only.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.RECIPE
+
+
+def test_sdn_ic_only_schedule_is_adam_1e3_times_01_at_15():
+    from timm_exits.train import _build_scheduler, build_optimizer
+    stage = _recipe().stages[0]
+    assert (stage.task, stage.epochs, stage.opt, stage.lr) == ('classifier_wise', 25, 'adam', 1e-3)
+    model = timm.create_model('resnet18_mexit', **KW)
+    optimizer = build_optimizer(model, stage)
+    assert type(optimizer).__name__ == 'Adam'
+    scheduler = _build_scheduler(optimizer, stage, 1)
+    lrs = []
+    for epoch in (0, 14, 15, 24):
+        scheduler.step(epoch)
+        lrs.append(optimizer.param_groups[0]['lr'])
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+
+
+def test_sdn_ic_only_recipe_trains_the_exits_on_a_frozen_cnn(fitted, tmp_path, monkeypatch):
+    """One epoch of the recipe's stage on a few digits from a plain resnet18 checkpoint: the backbone, the final head and
+    every BatchNorm statistic come out bit-identical; only the exit heads move."""
+    import dataclasses
+    from safetensors.torch import load_file
+    from timm.utils import random_seed
+    from timm_exits.train import build_model, train
+    init = DigitsDataset.__init__
+
+    def few(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.images, self.targets = self.images[::12], self.targets[::12]
+    monkeypatch.setattr(DigitsDataset, '__init__', few)
+    recipe = _recipe()
+    recipe = dataclasses.replace(
+        recipe, model='resnet18_mexit', pretrained=False, init_checkpoint=str(fitted['root'] / 'resnet18.safetensors'),
+        model_kwargs={**recipe.model_kwargs, 'exit_input_size': SIZE}, num_classes=10, dataset='digits',
+        batch_size=32, eval_batch_size=256, workers=0, log_interval=1000,
+        stages=[dataclasses.replace(recipe.stages[0], epochs=1)])
+    random_seed(recipe.seed, 0)
+    before = build_model(recipe).state_dict()  # the backbone from the file (timm drops a 1000-class head: new fc)
+    result = train(recipe, str(tmp_path / 'run'))
+    weights = load_file(str(tmp_path / 'run' / 'model.safetensors'))
+    plain = load_file(str(fitted['root'] / 'resnet18.safetensors'))
+    assert all(torch.equal(v, before[k]) for k, v in plain.items() if not k.startswith('fc.'))
+    assert [k for k, v in before.items() if not torch.equal(v, weights[k])
+            and not k.startswith('exits.')] == []  # backbone, fc, running_*, num_batches_*, uncertainty units
+    assert any(not torch.equal(before[k], weights[k]) for k in weights if k.startswith('exits.'))
+    assert [e['layer'] for e in result['exits']] == list(timm.create_model('resnet18_mexit', **KW).exit_layers)
