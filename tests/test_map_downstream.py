@@ -219,3 +219,55 @@ def test_sdn_ic_only_recipe_trains_the_exits_on_a_frozen_cnn(fitted, tmp_path, m
             and not k.startswith('exits.')] == []  # backbone, fc, running_*, num_batches_*, uncertainty units
     assert any(not torch.equal(before[k], weights[k]) for k in weights if k.startswith('exits.'))
     assert [e['layer'] for e in result['exits']] == list(timm.create_model('resnet18_mexit', **KW).exit_layers)
+
+
+# --- 5. serving and torch.compile --------------------------------------------------------------------------------------
+
+def _split_threshold(model, x) -> float:
+    """A threshold between two images' first-exit scores (half the images leave there, none sits on it)."""
+    with torch.no_grad():
+        first = model.exit_scores(model.exit_layers[0], model.forward_exits(x)[0]).sort().values
+    k = len(first) // 2
+    return float(first[k - 1:k + 1].mean())
+
+
+def test_exit_scheduler_answers_a_cnn_twin_as_forward_dynamic(fitted):
+    from timm_exits.serving import ExitScheduler
+    model = fitted['model']
+    x = _digits('val', 12).images
+    threshold = _split_threshold(model, x)
+    budget = model.exit_costs[2]
+    settings = [(threshold, None), (threshold, budget), (None, budget), (None, None)] * 3
+    with ExitScheduler(model, max_batch_size=4, max_wait_ms=1) as scheduler:
+        futures = [scheduler.submit(image, *setting) for image, setting in zip(x, settings)]
+        answers = [f.result(timeout=120) for f in futures]
+    with torch.no_grad():
+        for image, (t, b), answer in zip(x, settings, answers):
+            ref = model.forward_dynamic(image[None], threshold=t, budget=b)
+            assert answer.exit_layer == int(ref.exit_layer[0]) and abs(answer.cost - float(ref.cost[0])) < 1e-6
+            torch.testing.assert_close(torch.as_tensor(answer.logits), ref.logits[0], atol=1e-4, rtol=1e-4)
+    assert len({a.exit_layer for a in answers}) > 2
+    with ExitScheduler(fitted['plain'], max_batch_size=2) as scheduler:  # a plain CNN: its depth in units
+        answer = scheduler.submit(x[0]).result(timeout=60)
+        bad = scheduler.submit(torch.randn(1, 3, 32, 32))  # a batch, not one image: this request fails alone
+        with pytest.raises(ValueError, match=r'one image of shape \(3, H, W\)'):
+            bad.result(timeout=60)
+    assert answer.exit_layer == len(model._exit_blocks()) == 8
+
+
+def test_torch_compile_of_a_cnn_twin_matches_eager():
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    model = _teacher(exit_layers=(2,)).eval()
+    x = _digits('val', 8).images
+    threshold = _split_threshold(model, x)
+    compiled = torch.compile(model, backend='aot_eager')
+    try:
+        with torch.no_grad():
+            for batch in (8, 3):
+                torch.testing.assert_close(compiled(x[:batch], threshold=threshold),
+                                           model(x[:batch], threshold=threshold), atol=1e-5, rtol=1e-5)
+            out = model.forward_dynamic(x, threshold=threshold)
+    finally:
+        dynamo.reset()
+    assert set(out.exit_layer.tolist()) == {2, 8}
