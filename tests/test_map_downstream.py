@@ -271,3 +271,56 @@ def test_torch_compile_of_a_cnn_twin_matches_eager():
     finally:
         dynamo.reset()
     assert set(out.exit_layer.tolist()) == {2, 8}
+
+
+# --- 6. Hub push and card, hf-hub: round trip --------------------------------------------------------------------------
+
+HUB_ROUND_TRIP = r"""
+import json, sys, torch, timm, timm_exits
+from timm_exits import hub
+ck, x_path, out, threshold = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+folder, url = hub.push(ck, 'resnet18_mexit', 'fake-org/resnet18-sdn', local_dir=out,
+                       model_kwargs={'num_classes': 10, 'exit_input_size': (32, 32)})
+model = timm.create_model('hf-hub:fake-org/resnet18-sdn', pretrained=True).eval()
+x = torch.load(x_path)
+with torch.no_grad():
+    dyn = model.forward_dynamic(x, threshold=threshold)
+    print(json.dumps(dict(logits=model(x).tolist(), dynamic=dyn.logits.tolist(), exits=dyn.exit_layer.tolist(),
+                          url=url, layout=[list(model.exit_layers), list(model.exit_input_size),
+                                           list(model.exit_head_types)])))
+"""
+
+
+def test_hub_push_and_hf_hub_round_trip_of_a_cnn(fitted, tmp_path):
+    from timm_exits import hub
+    from ._hub_server import FakeHub
+    model = fitted['model']
+    x = _digits('val', 8).images
+    threshold = _split_threshold(model, x)
+    with torch.no_grad():
+        ref = model(x), model.forward_dynamic(x, threshold=threshold)
+    with pytest.raises(ValueError, match=r'trained with exit_input_size=\[32, 32\].*--model-kwargs exit_input_size='):
+        hub.push(fitted['ck'], 'resnet18_mexit', 'me/x', local_dir=tmp_path / 'refused', upload=False,
+                 model_kwargs={'num_classes': 10})
+    torch.save(x, tmp_path / 'x.pt')
+    env = {k: v for k, v in os.environ.items()
+           if not k.upper().startswith(('HF_', 'HUGGINGFACE_')) and not k.lower().endswith('_proxy')}
+    with FakeHub() as server:
+        env.update(HF_ENDPOINT=server.url, HF_HUB_CACHE=str(tmp_path / 'cache'), HF_HOME=str(tmp_path / 'hf_home'),
+                   HF_TOKEN='hf_fake', HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_DISABLE_XET='1', HF_HUB_OFFLINE='0',
+                   HF_HUB_DISABLE_PROGRESS_BARS='1', NO_PROXY='127.0.0.1,localhost', PYTHONPATH=str(ROOT))
+        proc = subprocess.run([sys.executable, '-c', HUB_ROUND_TRIP, str(fitted['ck']), str(tmp_path / 'x.pt'),
+                               str(tmp_path / 'export'), str(threshold)], env=env, capture_output=True, text=True,
+                              timeout=300, cwd=str(tmp_path))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        files = set(server.repos['fake-org/resnet18-sdn'])
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {'config.json', 'model.safetensors', 'README.md', 'training_args.json'} <= files
+    assert got['layout'] == [list(model.exit_layers), [32, 32], ['sdn'] * (len(model.exit_layers) - 1)]
+    torch.testing.assert_close(torch.tensor(got['logits']), ref[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(got['dynamic']), ref[1].logits, rtol=0, atol=1e-6)
+    assert got['exits'] == ref[1].exit_layer.tolist()
+    config = json.loads((tmp_path / 'export' / 'config.json').read_text())
+    assert config['architecture'] == 'resnet18_mexit' and config['model_args']['exit_input_size'] == [32, 32]
+    card = (tmp_path / 'export' / 'README.md').read_text()
+    assert 'library_name: timm' in card and 'import timm_exits' in card and '`sdn`' in card
