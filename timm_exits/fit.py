@@ -14,9 +14,11 @@ the final logits):
   output with the soft weights of eqs. (6)-(7) (and, with exits, to every exit on those tokens).
 
 Multi-exit models: one backbone pass per batch, without gradient, serves the final logits and every exit's tokens
-(captured at the exits' inputs); only the heads run with gradient. ``cache=True`` keeps what the heads read (the
-[CLS] token, or the mean patch token, of each exit: ``linear`` and ``mlp`` heads) with the final logits, so epochs after
-the first skip the backbone. With slimming the tokens depend on the life predictor being fitted: one pass with
+(captured at the exits' inputs); only the heads run with gradient. ``cache=True`` keeps what each head reads before
+any of its parameters acts (``ExitHead.reading``: the [CLS] token or the mean patch token of ``linear`` and ``mlp``
+heads; on a feature map the max and average pooling of ``sdn`` and the global average of ``pool_linear``) with the
+final logits, so epochs after the first skip the backbone. Frozen modules run in eval mode, composite ones included
+(timm's ``BatchNormAct2d``): a CNN's BatchNorm statistics stay bit-identical too. With slimming the tokens depend on the life predictor being fitted: one pass with
 gradient (soft weights) plus one without (the parent's output, the teacher) per batch, and no cache.
 
 The command line runs like the recipes (``timm_exits.train``): every file atomic, ``last.pth.tar`` after every epoch
@@ -46,14 +48,15 @@ from .data import available_cpus
 from .models._base import UntrainedWeightsWarning, new_parts_filter
 from .models._checkpoint import METADATA_KEY, layout_args, load_checkpoint_into, read_checkpoint
 from .models.multi_exit_vit import MultiExitMixin
-from .tasks import in_parts
+from .models.exit_heads import CACHEABLE_EXIT_HEADS
+from .tasks import freeze_modes, in_parts
 from .validate import _int_at_least, callable_module, run_command
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ['CACHEABLE_HEADS', 'FitModule', 'distill_loss', 'fit', 'fit_parts', 'main', 'run', 'uncertainty_target']
 
-CACHEABLE_HEADS = ('linear', 'mlp')  # heads that read one (B, D) token: what the cache keeps
+CACHEABLE_HEADS = CACHEABLE_EXIT_HEADS  # heads whose reading (ExitHead.reading) comes before any parameter
 CHECKPOINT, LOG, WEIGHTS, SUMMARY = 'last.pth.tar', 'log.jsonl', 'model.safetensors', 'fit.json'
 PRODUCTS = (SUMMARY, WEIGHTS)
 METADATA_FORMAT = 1
@@ -102,14 +105,13 @@ def distill_loss(
 
 
 def _summary(head: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    return head._summary(tokens)
+    """What exit ``head`` reads of its input before any of its parameters acts, (B, R) (``ExitHead.reading``)."""
+    return head.reading(tokens)
 
 
 def _head_from_summary(head: nn.Module, summary: torch.Tensor) -> torch.Tensor:
-    """Logits of a ``linear`` / ``mlp`` exit from the (B, D) token it reads (its forward after ``_summary``)."""
-    if hasattr(head, 'mlp'):
-        return head.head(head.mlp(head.norm(summary)))
-    return head.head(head.drop(head.norm(summary)))
+    """Logits of a cacheable exit from its reading (its forward after ``_summary``)."""
+    return head.from_reading(summary)
 
 
 class FitModule(nn.Module):
@@ -132,13 +134,12 @@ class FitModule(nn.Module):
 
     def freeze(self) -> None:
         """Only the new parts need gradient; train mode on the model (the soft weights of the slimming families) with
-        every frozen leaf module in eval mode (no dropout or drop-path in the backbone: the features of inference)."""
+        every frozen module in eval mode (``tasks.freeze_modes``: no dropout or drop-path in the backbone, BatchNorm
+        on its running statistics, which stay untouched: the features of inference)."""
         for name, p in self.model.named_parameters():
             p.requires_grad_(in_parts(name, self.parts))
         self.train()
-        for name, module in self.model.named_modules():
-            if name and next(module.children(), None) is None and not in_parts(name, self.parts):
-                module.eval()
+        freeze_modes(self.model, lambda name: in_parts(name, self.parts))
 
     def trainable_parameters(self) -> List[nn.Parameter]:
         return [p for n, p in self.model.named_parameters() if in_parts(n, self.parts)]
@@ -167,11 +168,12 @@ class FitModule(nn.Module):
             raise RuntimeError(f'exits {missing} were not called by forward_exits; cannot capture their inputs')
         return [captured[k][0] for k in keys], [captured[k][1] for k in keys], final
 
-    def cache_entry(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """What the cache keeps of images x: (B, E, D) each exit's token and (B, C) final logits."""
+    def cache_entry(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """What the cache keeps of images x: each exit's reading (B, R_i) (its width depends on the exit: a CNN's
+        maps differ from block to block) and the (B, C) final logits."""
         tokens, _, final = self.exit_inputs(x)
         with torch.no_grad():
-            summaries = torch.stack([_summary(h, t) for h, t in zip(self.model.exits.values(), tokens)], 1)
+            summaries = [_summary(h, t).detach() for h, t in zip(self.model.exits.values(), tokens)]
         return summaries, final
 
     def _exit_losses(self, logits: Sequence[torch.Tensor], final: torch.Tensor, labels: Optional[torch.Tensor],
@@ -197,10 +199,10 @@ class FitModule(nn.Module):
                 summaries: Optional[torch.Tensor] = None, final: Optional[torch.Tensor] = None
                 ) -> Dict[str, torch.Tensor]:
         """``{'loss' (mean over the batch), 'agree' (E',) images whose exit answer equals the final one}``: from
-        images ``x``, or (multi-exit, cached) from ``summaries`` (B, E, D) and ``final`` (B, C)."""
+        images ``x``, or (multi-exit, cached) from ``summaries`` (each exit's (B, R_i) reading) and ``final`` (B, C)."""
         model = self.model
         if summaries is not None:
-            logits = [_head_from_summary(h, summaries[:, i]) for i, h in enumerate(model.exits.values())]
+            logits = [_head_from_summary(h, r) for h, r in zip(model.exits.values(), summaries)]
             total, agree = self._exit_losses(logits, final, labels, None)
         elif self.exits_only:
             tokens, kwargs, final = self.exit_inputs(x)
@@ -245,8 +247,8 @@ def _check_cache(model: nn.Module) -> None:
                          'predictor learns, so it is only for multi-exit models (*_mexit)')
     heads = sorted(set(model.exit_head_types) - set(CACHEABLE_HEADS))
     if heads:
-        raise ValueError(f'cache=True: exit heads {heads} read every token, not one; cacheable heads: '
-                         f'{list(CACHEABLE_HEADS)}')
+        raise ValueError(f'cache=True: exit heads {heads} read every token, not one fixed reading (their parameters act '
+                         f'on the whole state, so there is nothing to keep); cacheable heads: {list(CACHEABLE_HEADS)}')
 
 
 def _batches(loader: Iterator, device: torch.device) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -282,8 +284,8 @@ def fit(
         label_weight: Weight of the cross-entropy on labelled images (0: labels unused).
         uncertainty_weight: Weight of the uncertainty MSE.
         weight_decay: AdamW weight decay (timm's groups: none on norms and biases).
-        cache: Keep each exit's token and the final logits of the first epoch; later epochs read them (multi-exit
-            models with ``linear`` / ``mlp`` heads). The loader's first epoch is then what every epoch sees.
+        cache: Keep each exit's reading and the final logits of the first epoch; later epochs read them (multi-exit
+            models with cacheable heads, ``CACHEABLE_HEADS``: linear, mlp, sdn, pool_linear). The loader's first epoch is then what every epoch sees.
         device: Where the model and the batches go (default: the model's device).
         progress: Show a progress bar (batches) on stderr.
         state: A checkpoint of an earlier call (``on_epoch``'s argument): continue after its epoch.
@@ -330,7 +332,7 @@ def fit(
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
         first, rows = state['epoch'] + 1, list(state['log'])
-    store: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    store: Optional[Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]] = None
     for epoch in range(first, epochs):
         random_seed(seed + epoch, rank)
         if isinstance(getattr(loader, 'sampler', None), DistributedSampler):
@@ -342,11 +344,11 @@ def fit(
         if cached:
             order = torch.randperm(len(store[2]))
             size = loader.batch_size or 1
-            batches = ((store[0][order[i:i + size]], store[1][order[i:i + size]], store[2][order[i:i + size]])
-                       for i in range(0, len(order), size))
+            batches = (([r[order[i:i + size]] for r in store[0]], store[1][order[i:i + size]],
+                        store[2][order[i:i + size]]) for i in range(0, len(order), size))
         else:
             batches = _batches(loader, device)
-            kept: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+            kept: List[Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]] = []
         bar = tqdm(batches, total=steps, desc=f'fit {epoch + 1}/{epochs}' + (' (cached)' if cached else ''),
                    unit='batch', disable=not progress or rank != 0, dynamic_ncols=True)
         for i, batch in enumerate(bar):
@@ -370,7 +372,8 @@ def fit(
             agree = out['agree'] if agree is None else agree + out['agree']
             bar.set_postfix(loss=f'{total / count:.4f}')
         if cache and not cached:
-            store = tuple(torch.cat(parts) for parts in zip(*kept))
+            readings, finals, ys = zip(*kept)
+            store = ([torch.cat(r) for r in zip(*readings)], torch.cat(finals), torch.cat(ys))
         if distributed:
             sums = torch.tensor([total, count, *agree.tolist()], device=device, dtype=torch.float64)
             dist.all_reduce(sums)
@@ -421,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--label-weight', type=float, default=0., help='weight of the cross-entropy where labels exist')
     parser.add_argument('--uncertainty-weight', type=float, default=1.)
     parser.add_argument('--cache', action='store_true', help='keep what the exit heads read after the first epoch '
-                        '(linear / mlp heads; implies --no-augment)')
+                        '(linear, mlp, sdn, pool_linear heads; implies --no-augment)')
     parser.add_argument('--no-augment', action='store_true', help="the eval transform (default: timm's training "
                         'augmentation)')
     parser.add_argument('--seed', type=_int_at_least(0), default=0)
@@ -474,8 +477,8 @@ def _create(args: argparse.Namespace) -> Tuple[nn.Module, Optional[Dict[str, Any
 
 def _recorded_kwargs(model: nn.Module, given: Dict[str, Any]) -> Dict[str, Any]:
     layout = layout_args(model)
-    fixed = {k: layout[k] for k in ('exit_layers', 'exit_head', 'exit_criterion', 'life_layer', 'prune_layers', 'U')
-             if k in layout}
+    keys = ('exit_layers', 'exit_head', 'exit_criterion', 'life_layer', 'prune_layers', 'U', 'exit_input_size')
+    fixed = {k: layout[k] for k in keys if k in layout}
     return json.loads(json.dumps({**fixed, **given}, default=str))
 
 

@@ -47,8 +47,8 @@ __all__ = [
     'BackboneTask', 'ClassifierWiseTask', 'EndToEndTask', 'ExitsForward', 'LIFE_STAGES', 'LifeRegressTask',
     'MEViTLifeRegressTask', 'MEViTTask', 'RegressionBackboneTask', 'RegressionClassifierWiseTask',
     'RegressionEndToEndTask', 'RegressionExitsForward', 'RegressionMEViTTask', 'RegressionTask', 'regression_target',
-    'MultiExitTask', 'TASKS', 'check_bool', 'check_weight', 'create_task', 'freeze_parts', 'in_parts', 'sample_exits',
-    'target_distribution',
+    'MultiExitTask', 'TASKS', 'check_bool', 'check_weight', 'create_task', 'freeze_modes', 'freeze_parts', 'in_parts',
+    'sample_exits', 'target_distribution',
 ]
 
 LIFE_STAGES = ('predictor', 'backbone', 'joint')
@@ -82,6 +82,21 @@ def freeze_parts(model: nn.Module, trainable: Callable[[str], bool]) -> None:
     """Set ``requires_grad`` of every parameter from ``trainable(name)``."""
     for name, param in model.named_parameters():
         param.requires_grad_(trainable(name))
+
+
+def freeze_modes(model: nn.Module, trainable: Callable[[str], bool]) -> None:
+    """Eval mode on every module of ``model`` that is frozen (``trainable(name)`` false) and holds no trainable module:
+    a frozen part computes the features of inference (no dropout, no drop-path) and its BatchNorm layers read their
+    running statistics without updating them, composite ones too (timm's ``BatchNormAct2d`` has children, so a rule
+    on leaf modules alone would leave it updating its statistics). Modules holding a trainable part keep their mode."""
+    holders = set()
+    for name, _ in model.named_modules():
+        if name and trainable(name):
+            parts = name.split('.')
+            holders.update('.'.join(parts[:i]) for i in range(len(parts)))
+    for name, module in model.named_modules():
+        if name and not trainable(name) and name not in holders:
+            module.eval()
 
 
 def _check_model_task(owner: str, model: nn.Module, task: str) -> None:
@@ -162,8 +177,9 @@ class _WrappedModelTask(TrainingTask):
         wrapper: ``ExitsForward`` or ``_FinalForward`` around the model.
         criterion: timm criterion (default: ``create_classification_loss(**criterion_kwargs)``).
         trainable_parts: Module names (and their sub-modules) that train; None: all but ``frozen_parts``.
-        frozen_parts: Module names frozen. Frozen parameters get ``requires_grad=False``; frozen leaf modules
-            (dropout, drop-path) run in eval mode, so a frozen part computes the features it computes at inference.
+        frozen_parts: Module names frozen. Frozen parameters get ``requires_grad=False``; frozen modules (dropout,
+            drop-path, BatchNorm: ``freeze_modes``) run in eval mode, so a frozen part computes the features it
+            computes at inference and its BatchNorm statistics stay untouched.
     """
 
     def __init__(
@@ -197,9 +213,7 @@ class _WrappedModelTask(TrainingTask):
     def train(self, mode: bool = True) -> '_WrappedModelTask':
         super().train(mode)
         if mode and (self.trainable_parts is not None or self.frozen_parts):
-            for name, module in self.model.named_modules():
-                if name and next(module.children(), None) is None and not self.is_trainable(name):
-                    module.eval()
+            freeze_modes(self.model, self.is_trainable)
         return self
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> '_WrappedModelTask':

@@ -86,7 +86,7 @@ PRODUCTS = (EVAL, PLOT, WEIGHTS)  # removal order: the evaluation never outlives
 RUN_FILES = (CHECKPOINT, LOG) + PRODUCTS
 METADATA_KEY = 'timm_exits'
 METADATA_FORMAT = 1
-SCHEDULES = ('cosine', 'plateau', 'none')
+SCHEDULES = ('cosine', 'step', 'plateau', 'none')
 # Recipe fields that do not change the trained weights or the evaluation (not compared when a run resumes)
 UNCOMPARED_FIELDS = ('name', 'workers', 'log_interval', 'eval_batch_size')
 
@@ -127,9 +127,14 @@ class Stage:
         lr: Learning rate.
         momentum: SGD momentum.
         weight_decay: Weight decay (not on biases, norms, embeddings: timm's param groups).
-        sched: 'cosine' (per update, timm), 'plateau' (torch ``ReduceLROnPlateau`` on the validation metric) or 'none'.
+        sched: 'cosine' (per update, timm), 'step' (timm's multistep: lr x ``decay_rate`` at each epoch of
+            ``decay_epochs``, 0-based, e.g. SDN's x0.1 at 15), 'plateau' (torch ``ReduceLROnPlateau`` on the
+            validation metric) or 'none'.
         warmup_epochs: Linear warm-up epochs of the cosine schedule.
         min_lr: Floor of the cosine schedule.
+        decay_epochs: Epochs (0-based) from which the 'step' schedule multiplies the lr by ``decay_rate`` once more
+            (torch ``MultiStepLR`` milestones: ``(15,)`` runs epochs 0-14 at lr, 15 on at lr x decay_rate).
+        decay_rate: LR factor of the 'step' schedule.
         plateau_factor: LR factor on a plateau.
         plateau_patience: Epochs without improvement before the factor applies.
         early_stop: Stop the stage after this many epochs without improvement (None: never).
@@ -146,6 +151,8 @@ class Stage:
     sched: str = 'cosine'
     warmup_epochs: int = 0
     min_lr: float = 0.
+    decay_epochs: Tuple[int, ...] = ()
+    decay_rate: float = 0.1
     plateau_factor: float = 0.6
     plateau_patience: int = 2
     early_stop: Optional[int] = None
@@ -165,6 +172,14 @@ class Stage:
         _require_number('Stage', 'weight_decay', self.weight_decay, 0.)
         _require_int('Stage', 'warmup_epochs', self.warmup_epochs, 0)
         _require_number('Stage', 'min_lr', self.min_lr, 0.)
+        _require('Stage', 'decay_epochs', self.decay_epochs, isinstance(self.decay_epochs, (list, tuple)) and all(
+            _is_int(e) and e >= 1 for e in self.decay_epochs) and list(self.decay_epochs) == sorted(
+                set(self.decay_epochs)), 'increasing epoch numbers >= 1 (0-based epochs of the lr decay)')
+        _require('Stage', 'decay_epochs', self.decay_epochs, self.sched == 'step' or not self.decay_epochs,
+                 "empty unless sched='step'")
+        _require('Stage', 'decay_epochs', self.decay_epochs, self.sched != 'step' or bool(self.decay_epochs),
+                 "at least one epoch with sched='step'")
+        _require_number('Stage', 'decay_rate', self.decay_rate, 0., 1., low_open=True)
         _require_number('Stage', 'plateau_factor', self.plateau_factor, 0., 1., low_open=True)
         _require_int('Stage', 'plateau_patience', self.plateau_patience, 0)
         _require_int('Stage', 'early_stop', self.early_stop, 1, optional=True)
@@ -284,9 +299,10 @@ _FAMILY_MODULES = {'multi_exit_vit': 'mexit', 'life_regress_vit': 'liferegress'}
 
 
 def family_model(name: str, like: str) -> str:
-    """``name`` as a model of ``like``'s family: a model of that family as it is, a timm parent (any ViT or Eva
-    architecture, tag kept) as its twin: ``vit_base_patch14_reg4_dinov2.lvd142m`` ->
-    ``vit_base_patch14_reg4_dinov2_mexit.lvd142m`` for a multi-exit recipe."""
+    """``name`` as a model of ``like``'s family: a model of that family as it is, a timm parent (any architecture an
+    adapter serves for that family, tag kept: ViTs and Eva, and for exits CNNs too) as its twin:
+    ``vit_base_patch14_reg4_dinov2.lvd142m`` -> ``vit_base_patch14_reg4_dinov2_mexit.lvd142m``, ``resnet50.a1_in1k``
+    -> ``resnet50_mexit.a1_in1k`` for a multi-exit recipe."""
     modules = timm.models._registry._model_to_module
     family = _FAMILY_MODULES.get(modules.get(timm.models.get_arch_name(like), ''))
     arch, tag = timm.models.split_model_name_tag(name)
@@ -297,8 +313,9 @@ def family_model(name: str, like: str) -> str:
         return name
     twin = f'{arch}_{family}'
     if twin not in modules:
-        raise ValueError(f'--model: {name!r} is neither a {family} model nor a timm parent of one (any '
-                         f'VisionTransformer or Eva architecture, e.g. vit_base_patch14_reg4_dinov2 -> '
+        from .models.adapters import FAMILY_STATES, supported_parents
+        raise ValueError(f'--model: {name!r} is neither a {family} model nor a timm parent of one (an architecture '
+                         f'built on {supported_parents(FAMILY_STATES[family])}, e.g. vit_base_patch14_reg4_dinov2 -> '
                          f'vit_base_patch14_reg4_dinov2_{family})')
     return f'{twin}.{tag}' if tag else twin
 
@@ -324,6 +341,11 @@ def _build_scheduler(optimizer: torch.optim.Optimizer, stage: Stage, updates_per
         return create_scheduler_v2(
             optimizer, 'cosine', num_epochs=stage.epochs, warmup_epochs=stage.warmup_epochs, min_lr=stage.min_lr,
             step_on_epochs=False, updates_per_epoch=updates_per_epoch)[0]
+    if stage.sched == 'step':  # timm's milestone m applies from epoch m - 1: shifted, the decay starts at the epoch named
+        return create_scheduler_v2(
+            optimizer, 'multistep', num_epochs=stage.epochs, decay_milestones=[e + 1 for e in stage.decay_epochs],
+            decay_rate=stage.decay_rate, warmup_epochs=stage.warmup_epochs, min_lr=stage.min_lr,
+            step_on_epochs=True)[0]
     if stage.sched == 'plateau':
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode='max', factor=stage.plateau_factor, patience=stage.plateau_patience)
@@ -352,6 +374,10 @@ def _fingerprint(recipe: Dict[str, Any], data_dir: str) -> Dict[str, Any]:
     fp = {k: v for k, v in _jsonable(recipe).items() if k not in UNCOMPARED_FIELDS}
     if not fp.get('data_config'):  # runs recorded before the field existed compare equal
         fp.pop('data_config', None)
+    for stage in fp.get('stages') or []:  # runs recorded before the step schedule existed compare equal
+        if isinstance(stage, dict) and not stage.get('decay_epochs') and stage.get('decay_rate', .1) == .1:
+            stage.pop('decay_epochs', None)
+            stage.pop('decay_rate', None)
     if fp.get('dataset') != 'digits':
         fp['data_dir'] = data_dir
     return fp
@@ -704,6 +730,8 @@ class _Run:
                 first_epoch, best, bad = state['epoch'] + 1, state['best'], state['bad_epochs']
             if stage.sched == 'cosine':
                 scheduler.step_update(first_epoch * self.updates_per_epoch)
+            elif stage.sched == 'step':
+                scheduler.step(first_epoch)
             self.log(f'stage {si + 1}/{len(recipe.stages)} [{stage.name}]: {stage.epochs} epochs, '
                      f'{sum(p.numel() for p in task.model.parameters() if p.requires_grad)} trainable parameters')
             for epoch in range(first_epoch, stage.epochs):
@@ -716,6 +744,8 @@ class _Run:
                 accs, metric = self.validate()
                 if stage.sched == 'plateau':
                     scheduler.step(metric)
+                elif stage.sched == 'step':
+                    scheduler.step(epoch + 1)
                 best, bad = (metric, 0) if best is None or metric > best + 1e-9 else (best, bad + 1)
                 done = epoch + 1 == stage.epochs or (stage.early_stop is not None and bad >= stage.early_stop)
                 rows.append({'stage': stage.name, 'epoch': epoch + 1, 'train_loss': loss,
@@ -747,7 +777,8 @@ class _Run:
             layout = layout_args(self.model)
         except ValueError:  # a plain timm model (the backbone alone)
             layout = {}
-        fixed = {k: layout[k] for k in ('exit_criterion', 'life_layer', 'prune_layers', 'U', 'task') if k in layout}
+        keys = ('exit_criterion', 'life_layer', 'prune_layers', 'U', 'task', 'exit_input_size')
+        fixed = {k: layout[k] for k in keys if k in layout}
         return {**fixed, **self.recipe.model_kwargs}
 
     def metadata(self, key: Tuple[int, int]) -> Dict[str, str]:

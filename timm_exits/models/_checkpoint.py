@@ -40,7 +40,8 @@ __all__ = [
 
 METADATA_KEY = 'timm_exits'
 CALIBRATION_KEY = 'calibration'  # inside the METADATA_KEY object: the result of timm_exits.calibrate
-HIDDEN_LAYOUT = ('exit_criterion', 'life_layer', 'prune_layers', 'U', 'keep_rate', 'task')  # not visible in the weights
+HIDDEN_LAYOUT = ('exit_criterion', 'life_layer', 'prune_layers', 'U', 'keep_rate', 'task',
+                 'exit_input_size')  # not visible in the weights (a CNN's exit heads and costs are sized at the last)
 
 
 def layout_args(model: nn.Module) -> Dict[str, Any]:

@@ -34,12 +34,13 @@ import torch.nn as nn
 from timm.models.mlp_mixer import Affine, MixerBlock, ResBlock
 from timm.models.vision_transformer import Block
 
-__all__ = ['EXIT_HEADS', 'MAP_EXIT_HEADS', 'TOKEN_EXIT_HEADS', 'ExitHead', 'create_exit_head']
+__all__ = ['CACHEABLE_EXIT_HEADS', 'EXIT_HEADS', 'MAP_EXIT_HEADS', 'TOKEN_EXIT_HEADS', 'ExitHead', 'create_exit_head']
 
 
 class ExitHead(nn.Module):
     """Base of every branch: a subclass's ``forward_features`` makes a (B, F) vector, ``head`` maps it to logits."""
     fixed_grid: bool = False  # True: only runs at the patch grid it was built with
+    cacheable: bool = False  # True: ``reading`` (no parameter of the branch in it) and ``from_reading`` split forward
     state: str = 'tokens'  # what it reads: a ViT's tokens ('tokens') or a feature map / plain token state ('map')
 
     def __init__(
@@ -67,6 +68,17 @@ class ExitHead(nn.Module):
     def _summary(self, x: torch.Tensor) -> torch.Tensor:
         """The (B, D) token a branch classifies: [CLS] (``pool='token'``) or the mean of the patch tokens."""
         return x[:, 0] if self.pool == 'token' else x[:, self.num_prefix_tokens:].mean(1)
+
+    def reading(self, x: torch.Tensor) -> torch.Tensor:
+        """What the branch reads of its input before any of its parameters acts, (B, R): ``from_reading`` of it is the
+        branch's output, so a frozen backbone's readings can be kept and the branch trained on them (``cacheable``
+        branches only)."""
+        raise NotImplementedError(f'{type(self).__name__} uses its parameters on every token: it has no reading to '
+                                  f'keep (cacheable branches: those with cacheable=True)')
+
+    def from_reading(self, r: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits (or features with ``pre_logits``) from ``reading``'s (B, R) output; equals ``forward``."""
+        raise NotImplementedError(f'{type(self).__name__} has no reading to start from')
 
     def _make_head(self, num_classes: int, device=None, dtype=None) -> nn.Module:
         return nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) if num_classes > 0 \
@@ -107,8 +119,17 @@ class LinearExit(ExitHead):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6, device=device, dtype=dtype)
         self.drop = nn.Dropout(drop)
 
+    cacheable = True
+
     def forward_features(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         return self.drop(self.norm(self._summary(x)))
+
+    def reading(self, x: torch.Tensor) -> torch.Tensor:
+        return self._summary(x)
+
+    def from_reading(self, r: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        r = self.drop(self.norm(r))
+        return r if pre_logits else self.head(r)
 
 
 class MlpExit(ExitHead):
@@ -120,8 +141,17 @@ class MlpExit(ExitHead):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6, **dd)
         self.mlp = _pre_logits_mlp(embed_dim, embed_dim, drop, dd)
 
+    cacheable = True
+
     def forward_features(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         return self.mlp(self.norm(self._summary(x)))
+
+    def reading(self, x: torch.Tensor) -> torch.Tensor:
+        return self._summary(x)
+
+    def from_reading(self, r: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        r = self.mlp(self.norm(r))
+        return r if pre_logits else self.head(r)
 
 
 class CnnExit(ExitHead):
@@ -257,10 +287,22 @@ class SdnExit(_MapExit):
         self.alpha = nn.Parameter(torch.full((1,), .5, device=device, dtype=dtype))
         self.drop = nn.Dropout(drop)
 
+    cacheable = True
+
     def forward_features(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         x = self._nchw(x)
         mx, avg = _adaptive_pools(x, self.out_size)
         return self.drop((self.alpha * mx + (1 - self.alpha) * avg).flatten(1))
+
+    def reading(self, x: torch.Tensor) -> torch.Tensor:
+        """The max and the average pooling, flattened side by side (B, 2F): alpha mixes them afterwards."""
+        mx, avg = _adaptive_pools(self._nchw(x), self.out_size)
+        return torch.cat([mx.flatten(1), avg.flatten(1)], 1)
+
+    def from_reading(self, r: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        mx, avg = r.chunk(2, dim=1)
+        r = self.drop(self.alpha * mx + (1 - self.alpha) * avg)
+        return r if pre_logits else self.head(r)
 
 
 def _adaptive_pools(x: torch.Tensor, out: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -289,8 +331,17 @@ class PoolLinearExit(_MapExit):
                          dtype=dtype)
         self.drop = nn.Dropout(drop)
 
+    cacheable = True
+
     def forward_features(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         return self.drop(self._nchw(x).mean((2, 3)))
+
+    def reading(self, x: torch.Tensor) -> torch.Tensor:
+        return self._nchw(x).mean((2, 3))
+
+    def from_reading(self, r: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        r = self.drop(r)
+        return r if pre_logits else self.head(r)
 
 
 EXIT_HEADS: Dict[str, Type[ExitHead]] = {
@@ -307,6 +358,7 @@ EXIT_HEADS: Dict[str, Type[ExitHead]] = {
 }
 TOKEN_EXIT_HEADS = tuple(k for k, v in EXIT_HEADS.items() if v.state == 'tokens')  # heads of a ViT's tokens
 MAP_EXIT_HEADS = tuple(k for k, v in EXIT_HEADS.items() if v.state == 'map')  # heads of a feature map
+CACHEABLE_EXIT_HEADS = tuple(k for k, v in EXIT_HEADS.items() if v.cacheable)  # a parameter-free reading comes first
 
 
 def create_exit_head(

@@ -278,6 +278,8 @@ class MultiExitMixin(NewPartsMixin):
             threshold=self.threshold,
             budget=self.budget,
         )
+        if self.state_kind == 'map':  # feature-map exit heads are sized at this input size
+            args.update(exit_input_size=list(self.exit_input_size))
         if self.task != 'classification':  # recorded where it differs from the default (older records have none)
             args.update(task=self.task, exit_patience=self.exit_patience)
         if getattr(self, 'life', None) is not None:  # exits and slimming in one model (mexit_liferegress)

@@ -40,7 +40,7 @@ import torch.nn as nn
 from ..data import _model_input_size
 from ..models._base import check_fraction
 from ..models.walker import WalkState, WalkStep
-from ..models.adapters import any_input_size
+from ..models.adapters import FeatureMapAdapter, adapter_for, any_input_size
 from ..runtime import ExitSession, SessionWalker
 
 __all__ = ['POLICIES', 'Answer', 'ExitScheduler', 'SchedulerClosed', 'SchedulerFull']
@@ -85,6 +85,20 @@ class _WholeModel:
     def step(self, state: WalkState) -> WalkStep:
         logits = self.model(state.tokens)
         return WalkStep(self.depth, state.rows, logits, torch.ones_like(state.rows, dtype=torch.bool), 1., None)
+
+
+def _depth(model: nn.Module) -> int:
+    """Blocks of a model without exits (the depth its answers are reported at): its adapter's blocks, a ViT's
+    ``blocks``, a CNN's units (``FeatureMapAdapter._units``); 0 for a model no adapter serves."""
+    if hasattr(model, '_exit_blocks'):
+        return len(model._exit_blocks())
+    try:
+        adapter = adapter_for(type(model))
+    except ValueError:
+        return len(getattr(model, 'blocks', ()))
+    if issubclass(adapter, FeatureMapAdapter):
+        return len(adapter._units(model))
+    return len(getattr(model, 'blocks', ()))
 
 
 class _TorchBackend:
@@ -134,7 +148,7 @@ class _TorchBackend:
         if not self.exits:
             if threshold is not None or budget is not None:
                 raise ValueError(f'{type(self.module).__name__} has no exits: threshold and budget must be None')
-            return _WholeModel(self.model, len(getattr(self.module, 'blocks', ())))
+            return _WholeModel(self.model, _depth(self.module))
         walker = self.module.exit_walker(threshold=threshold, budget=budget,
                                          img_size=size[1:] if self.dynamic else None)
         if self.compiled:  # the segments compiled with the model's own torch.compile settings
