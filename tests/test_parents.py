@@ -95,8 +95,10 @@ def test_convert_refuses_with_the_reason():
     assert type(model).__name__ == 'VisionTransformer' and not hasattr(model, 'exits')  # left as it was
     with pytest.raises(ValueError, match='already a MultiExitVisionTransformer'):
         convert(convert(model, 'mexit'), 'liferegress')
-    with pytest.raises(ValueError, match=r"ResNet is not a parent timm-exits supports.*\['VisionTransformer', 'Eva'\]"):
-        convert(timm.create_model('resnet10t'), 'mexit')
+    with pytest.raises(ValueError, match=r"TNT is not a parent timm-exits supports \(.*two tensors.*\).*'ResNet'"):
+        convert(timm.create_model('tnt_s_legacy_patch16_224', img_size=32, depth=1), 'mexit')
+    with pytest.raises(ValueError, match=r"ResNet passes a map between its blocks, and the liferegress family needs"):
+        convert(timm.create_model('resnet10t'), 'liferegress')
 
 
 def test_no_class_token_parents_pool_patches_and_refuse_cls_heads():

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 import timm
 from timm_exits.hub import export
+from timm_exits.models.adapters import parent_modules
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
 SMALL = dict(embed_dim=192, num_heads=3)
@@ -26,6 +27,13 @@ SMALL = dict(embed_dim=192, num_heads=3)
 
 def python_blocks() -> List[str]:
     return re.findall(r'^```python\n(.*?)^```', README.read_text(), flags=re.S | re.M)
+
+
+def _small(name: str) -> Dict[str, Any]:
+    """``SMALL`` (a tiny ViT) for the ViT / Eva models and this package's named ones; a CNN's own arguments stay."""
+    base = re.sub(r'_(mexit_liferegress|mexit|liferegress)$', '', name.split('.', 1)[0])
+    module = timm.models._registry._model_to_module.get(base)
+    return {} if module in set(parent_modules('mexit')) - set(parent_modules('liferegress')) else SMALL
 
 
 class StandIns:
@@ -53,7 +61,7 @@ class StandIns:
         self.calls.append(name)
         if name.startswith(('hf-hub:', 'local-dir:')):
             return self.real(f'local-dir:{self.exported()}', pretrained=pretrained, **kwargs)
-        kwargs = {**SMALL, **kwargs}
+        kwargs = {**_small(name), **kwargs}
         if pretrained:
             hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id or ''
             parent = hub_id.split('/', 1)[1].split('.', 1)[0] if hub_id.startswith('timm/') else None

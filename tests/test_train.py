@@ -156,8 +156,8 @@ def test_recipe_model_flag_takes_any_parent(tmp_path):
     assert family_model('eva02_tiny_patch14_224', 'deit_small_liferegress') == 'eva02_tiny_patch14_224_liferegress'
     assert family_model('vit_small_patch16_224_mexit', TINY.model) == 'vit_small_patch16_224_mexit'
     assert family_model('resnet50.a1_in1k', TINY.model) == 'resnet50_mexit.a1_in1k'  # a CNN parent takes exits
-    with pytest.raises(ValueError, match="'convnext_atto' is neither a mexit model nor a timm parent"):
-        family_model('convnext_atto', TINY.model)
+    with pytest.raises(ValueError, match="'tnt_s_legacy_patch16_224' is neither a mexit model nor a timm parent"):
+        family_model('tnt_s_legacy_patch16_224', TINY.model)
     with pytest.raises(ValueError, match="'resnet50' is neither a liferegress model nor a timm parent"):
         family_model('resnet50', 'deit_small_liferegress')
     with pytest.raises(ValueError, match="'test_vit_liferegress' is a liferegress model; this recipe trains mexit"):
@@ -170,7 +170,7 @@ def test_recipe_model_flag_takes_any_parent(tmp_path):
     meta = json.loads(load_file_metadata(tmp_path / 'run' / 'model.safetensors'))
     assert meta['model'] == 'eva02_tiny_patch14_224_mexit'
     with pytest.raises(SystemExit) as e:
-        main(recipe, ['--output', str(tmp_path / 'other'), '--model', 'convnext_atto'])
+        main(recipe, ['--output', str(tmp_path / 'other'), '--model', 'tnt_s_legacy_patch16_224'])
     assert e.value.code == 2
 
 

@@ -325,7 +325,8 @@ def test_cli_output_errors(capsys, tmp_path, monkeypatch):
 @pytest.mark.parametrize('args, message', [
     (['--rounds', '0'], 'argument --rounds: 0 is not allowed: an integer >= 1'),
     (['--batch-size', '0'], 'argument --batch-size: 0 is not allowed: an integer >= 1'),
-    (['--model', 'resnet18'], "argument --model: 'resnet18' has no multi-exit variant 'resnet18_mexit'"),
+    (['--model', 'tnt_s_legacy_patch16_224'],
+     "argument --model: 'tnt_s_legacy_patch16_224' has no multi-exit variant 'tnt_s_legacy_patch16_224_mexit'"),
 ])
 def test_step_cost_cli_errors(capsys, args, message):
     with pytest.raises(SystemExit) as e:

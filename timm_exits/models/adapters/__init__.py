@@ -62,7 +62,7 @@ def adapter_for(parent_cls: type, states: Sequence[str] = ('tokens', 'map'), wha
     why = REFUSED.get(parent_cls.__name__)
     raise ValueError(
         f'{parent_cls.__module__}.{parent_cls.__name__} is not a parent timm-exits supports'
-        f'{f" ({why})" if why else ""}: {what} apply to subclasses of {supported_parents(states)} (one adapter per '
+        f'{f" ({why})" if why else ""}: {what} applies to subclasses of {supported_parents(states)} (one adapter per '
         f'class, timm_exits.models.adapters)')
 
 
