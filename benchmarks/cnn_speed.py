@@ -210,8 +210,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the benchmark, print the markdown table, optionally write JSON; return {'config', 'results', 'skipped',
     'table'}."""
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # a caller's (a test's) process keeps its thread count
+
+
+def _run(args: argparse.Namespace) -> Dict[str, Any]:
     torch.manual_seed(args.seed)
     rows, skipped = [], {}
     with torch.inference_mode():
