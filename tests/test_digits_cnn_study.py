@@ -1,5 +1,5 @@
 """Smoke test of ``benchmarks/digits_cnn_study.py``: its main with ``--quick`` (1 epoch each, a few digits) writes the
-JSON with every field the README table reads (not the accuracies: one epoch on 32 images learns nothing)."""
+JSON with every field the README table reads (not the accuracies: one epoch on 16 images learns nothing)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -26,7 +26,7 @@ def test_quick_run_writes_every_field(tmp_path):
     data = json.loads((tmp_path / 'study.json').read_text())
     assert data['table'] == summary['table'] and data['quick'] is True and data['seed'] == 3
     assert data['epsilons'] == [0.01, 0.02, 0.05] and data['delta'] == 0.1
-    assert (data['train_images'], data['calibration_images'], data['test_images']) == (32, 60, 60)
+    assert (data['train_images'], data['calibration_images'], data['test_images']) == (16, 40, 40)
     assert set(data['models']) == {'resnet18', 'convnext_atto'}
     for name, r in data['models'].items():
         assert r['plain']['epochs'] == 1 and 0 <= r['plain']['test_accuracy'] <= 100
