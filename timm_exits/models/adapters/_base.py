@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ['FeatureMapAdapter', 'ParentAdapter', 'eval_mode']
+__all__ = ['FeatureMapAdapter', 'ParentAdapter', 'eval_mode', 'stage_units']
 
 
 class ParentAdapter:
@@ -203,3 +203,14 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def stage_units(stages: Sequence[nn.Module]) -> List[Tuple[nn.Module, ...]]:
+    """The units of stages that each run ``downsample`` then ``blocks`` (ConvNeXt-like): the downsampling goes with
+    the stage's first block, every other block is a unit of its own."""
+    units: List[Tuple[nn.Module, ...]] = []
+    for stage in stages:
+        blocks = list(stage.blocks)
+        units.append((stage.downsample, blocks[0]))
+        units.extend((blk,) for blk in blocks[1:])
+    return units

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from timm.models.convnext import ConvNeXt
 
-from ._base import FeatureMapAdapter
+from ._base import FeatureMapAdapter, stage_units
 
 __all__ = ['ConvNeXtAdapter']
 
@@ -20,12 +20,7 @@ class ConvNeXtAdapter(FeatureMapAdapter):
         return self.stem(x), None
 
     def _units(self) -> List[Tuple[nn.Module, ...]]:
-        units = []
-        for stage in self.stages:
-            blocks = list(stage.blocks)
-            units.append((stage.downsample, blocks[0]))
-            units.extend((blk,) for blk in blocks[1:])
-        return units
+        return stage_units(self.stages)
 
     def _tail(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm_pre(x)

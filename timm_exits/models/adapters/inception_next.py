@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from timm.models.inception_next import MetaNeXt
 
-from ._base import FeatureMapAdapter
+from ._base import FeatureMapAdapter, stage_units
 
 __all__ = ['MetaNeXtAdapter']
 
@@ -20,9 +20,4 @@ class MetaNeXtAdapter(FeatureMapAdapter):
         return self.stem(x), None
 
     def _units(self) -> List[Tuple[nn.Module, ...]]:
-        units = []
-        for stage in self.stages:
-            blocks = list(stage.blocks)
-            units.append((stage.downsample, blocks[0]))
-            units.extend((blk,) for blk in blocks[1:])
-        return units
+        return stage_units(self.stages)

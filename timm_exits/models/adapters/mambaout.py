@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from timm.models.mambaout import MambaOut
 
-from ._base import FeatureMapAdapter
+from ._base import FeatureMapAdapter, stage_units
 
 __all__ = ['MambaOutAdapter']
 
@@ -21,9 +21,4 @@ class MambaOutAdapter(FeatureMapAdapter):
         return self.stem(x), None
 
     def _units(self) -> List[Tuple[nn.Module, ...]]:
-        units = []
-        for stage in self.stages:
-            blocks = list(stage.blocks)
-            units.append((stage.downsample, blocks[0]))
-            units.extend((blk,) for blk in blocks[1:])
-        return units
+        return stage_units(self.stages)

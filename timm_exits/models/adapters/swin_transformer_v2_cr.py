@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr, bchw_to_bhwc, bhwc_to_bchw
 
-from ._base import FeatureMapAdapter
+from ._base import FeatureMapAdapter, stage_units
 
 __all__ = ['SwinTransformerV2CrAdapter']
 
@@ -28,12 +28,7 @@ class SwinTransformerV2CrAdapter(FeatureMapAdapter):
         return bchw_to_bhwc(self.patch_embed(x)), None
 
     def _units(self) -> List[Tuple[nn.Module, ...]]:
-        units = []
-        for stage in self.stages:
-            blocks = list(stage.blocks)
-            units.append((stage.downsample, blocks[0]))
-            units.extend((blk,) for blk in blocks[1:])
-        return units
+        return stage_units(self.stages)
 
     def _tail(self, x: torch.Tensor) -> torch.Tensor:
         return bhwc_to_bchw(x)
