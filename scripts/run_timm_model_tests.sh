@@ -5,7 +5,8 @@
 #
 # MODELS="test_vit or named_tiny" narrows the run to models matching that -k expression. Default: the package's own
 # named and tiny models, one ViT twin per kind of parent (registers, no [CLS], LayerScale, distilled, rotary cat /
-# mixed) and five feature-map twins (MAPS); MODELS="mexit or liferegress" runs every twin (about 1,300 timm architectures, many hours on a CPU).
+# mixed) and five feature-map twins (MAPS); MODELS="mexit or liferegress" runs every twin (about 1,300 timm
+# architectures, many hours on a CPU).
 #
 # The plugin is loaded with `-p timm_exits` (importing it registers the models). Only the tests that download
 # weights are deselected: test_model_inference (timm's reference outputs of test_* models), test_model_load_pretrained
