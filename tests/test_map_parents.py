@@ -148,6 +148,42 @@ def test_forward_intermediates_and_features_only_as_the_parent():
         assert all(torch.equal(u, v) for u, v in zip(feats(x), plain(x)))
 
 
+def test_features_only_of_a_parent_with_a_feature_class():
+    """EfficientNet / MobileNetV3 build features_only as their own class: the twin gives that extractor (exits, like
+    the head, are not part of a feature extractor), the parent's maps."""
+    x = torch.randn(1, 3, 64, 64)
+    for parent in ('efficientnet_b0', 'mobilenetv3_small_050'):
+        feats = _quiet(f'{parent}_mexit', features_only=True, exit_layers=(2,)).eval()
+        plain = _quiet(parent, features_only=True).eval()
+        assert type(feats) is type(plain) and feats.feature_info.channels() == plain.feature_info.channels()
+        feats.load_state_dict(plain.state_dict())
+        with torch.no_grad():
+            assert all(torch.equal(u, v) for u, v in zip(feats(x), plain(x)))
+
+
+def test_torchscript_and_fx_of_a_map_twin():
+    """timm's test_models contracts: torch.jit.script compiles every exit head (full depth answers); torchvision's fx
+    feature extractor with timm's leaf functions traces the train-mode forward (exit losses attached, every parameter
+    reached) and the eval one (the parent's answer)."""
+    from timm.layers import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    ref, model = _pair('resnet18')
+    x = torch.randn(2, 3, 64, 64)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), ref(x), rtol=1e-5, atol=1e-5)
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    fx_model = create_feature_extractor(
+        model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(fx_model(x)[eval_nodes[-1]], ref(x), rtol=0, atol=0)
+    fx_model.train()
+    fx_model(x)[train_nodes[-1]].mean().backward()
+    missing = [n for n, p in fx_model.named_parameters() if p.grad is None]
+    assert not missing, f'no gradient reached {missing}'
+
+
 def test_convert_a_built_resnet():
     torch.manual_seed(0)
     ref = _quiet('resnet18', num_classes=5).eval()

@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from timm.models import resolve_pretrained_cfg
 
-from ._base import check_weights_reachable, new_parts_filter, parent_cfgs
+from ._base import check_weights_reachable, new_parts_filter, parent_cfgs, pop_kwargs
 from .adapters import adapted_class, parent_modules
 
 __all__ = ['build_family', 'parent_build', 'register_twins']
@@ -82,8 +82,10 @@ def build_family(
                                      pretrained_filter_fn=vit_checkpoint_filter_fn, **kwargs).arguments)
     else:
         build = parent_build(parent, pretrained, kwargs)
-    build['model_cls'] = adapted_class(mechanism, build['model_cls'])
     model_kwargs = build.pop('kwargs', {})
+    if kwargs.get('features_only') and not _adaptable(mechanism, build['model_cls']):
+        return _parent_features(mechanism, variant, pretrained, build, model_kwargs)
+    build['model_cls'] = adapted_class(mechanism, build['model_cls'])
     overlay = dict(build.get('pretrained_cfg_overlay') or {})
     maps = build['model_cls'].state_kind == 'map'
     if classifier_fn is not None and not maps:  # a feature-map parent keeps its own classifier's name
@@ -100,6 +102,44 @@ def build_family(
         check_weights_reachable(variant, pretrained_cfg=build.get('pretrained_cfg'), pretrained_cfg_overlay=overlay)
     build.update(variant=variant, pretrained=pretrained,
                  pretrained_filter_fn=partial(new_parts_filter, parent_filter=build.get('pretrained_filter_fn')))
+    return build_model_with_cfg(**build, **model_kwargs)
+
+
+def _adaptable(mechanism: type, parent_cls: type) -> bool:
+    try:
+        adapted_class(mechanism, parent_cls)
+    except ValueError:
+        return False
+    return True
+
+
+def _parent_features(
+        mechanism: type,
+        variant: str,
+        pretrained: bool,
+        build: Dict[str, Any],
+        model_kwargs: Dict[str, Any],
+) -> nn.Module:
+    """``features_only=True`` on a parent whose entry point builds a dedicated feature-extractor class instead
+    (EfficientNet's ``EfficientNetFeatures``, MobileNetV3's ``MobileNetV3Features``, ...): that class, as the parent
+    builds it. A feature extractor has no classifier, and the exits are classifiers, so like the head they are not
+    part of it (a twin wrapped by timm's ``FeatureListNet`` drops them the same way): the backbone is the twin's, its
+    feature maps the parent's. The mechanism's own arguments are dropped; a twin checkpoint's exit parameters are
+    dropped from the load."""
+    pop_kwargs(mechanism, model_kwargs)
+    parent_filter = build.get('pretrained_filter_fn')
+    prefixes = tuple(getattr(mechanism, 'new_prefixes', ()))
+
+    def features_filter(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+        state_dict = state_dict.get('model', state_dict)
+        state_dict = state_dict.get('state_dict', state_dict)
+        state_dict = {k: v for k, v in state_dict.items() if not (prefixes and k.startswith(prefixes))}
+        return parent_filter(state_dict, model) if parent_filter is not None else state_dict
+
+    if pretrained:
+        check_weights_reachable(variant, pretrained_cfg=build.get('pretrained_cfg'),
+                                pretrained_cfg_overlay=build.get('pretrained_cfg_overlay'))
+    build.update(variant=variant, pretrained=pretrained, pretrained_filter_fn=features_filter)
     return build_model_with_cfg(**build, **model_kwargs)
 
 

@@ -34,6 +34,8 @@ import torch.nn as nn
 from timm.models.mlp_mixer import Affine, MixerBlock, ResBlock
 from timm.models.vision_transformer import Block
 
+from ._base import is_fx_tracing
+
 __all__ = ['CACHEABLE_EXIT_HEADS', 'EXIT_HEADS', 'MAP_EXIT_HEADS', 'TOKEN_EXIT_HEADS', 'ExitHead', 'create_exit_head']
 
 
@@ -307,7 +309,18 @@ class SdnExit(_MapExit):
 
 def _adaptive_pools(x: torch.Tensor, out: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Adaptive max and average pooling of x (B, C, H, W) to ``out``: plain pooling where the size divides, else
-    adaptive pooling, written out window by window (the same windows) for an ONNX export, which has no adaptive max."""
+    adaptive pooling, written out window by window (the same windows) for an ONNX export, which has no adaptive max.
+    Under ``torch.jit.script`` and ``torch.fx`` tracing (where the spatial size is not a Python int to branch on)
+    adaptive pooling, which takes the same windows."""
+    if torch.jit.is_scripting():
+        return nn.functional.adaptive_max_pool2d(x, out), nn.functional.adaptive_avg_pool2d(x, out)
+    return _eager_pools(x, out)
+
+
+@torch.jit.unused
+def _eager_pools(x: torch.Tensor, out: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    if is_fx_tracing():
+        return nn.functional.adaptive_max_pool2d(x, out), nn.functional.adaptive_avg_pool2d(x, out)
     (h, w), (oh, ow) = x.shape[-2:], out
     if h % oh == 0 and w % ow == 0:
         kernel = (h // oh, w // ow)

@@ -79,6 +79,7 @@ class ParentAdapter:
         return self.patch_embed.proj.in_channels
 
     @property
+    @torch.jit.unused  # Python-side: a scripted model compiles its forward only
     def input_shape(self) -> Tuple[int, int, int]:
         """(C, H, W) of the images the model is built for (what its costs are counted at)."""
         return (self._in_chans(), *self._input_size())

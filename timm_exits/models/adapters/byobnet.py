@@ -19,6 +19,7 @@ class ByobNetAdapter(FeatureMapAdapter):
     timm_modules = ('byobnet', 'byoanet', 'mobilevit')
 
     @property
+    @torch.jit.unused  # Python-side: a scripted model compiles its forward only
     def fixed_input_size(self) -> bool:
         return bool((getattr(self, 'pretrained_cfg', None) or {}).get('fixed_input_size', False))
 

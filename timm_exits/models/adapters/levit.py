@@ -20,6 +20,7 @@ class LevitAdapter(FeatureMapAdapter):
     fixed_input_size = True
 
     @property
+    @torch.jit.unused  # Python-side: a scripted model compiles its forward only
     def state_layout(self) -> str:  # type: ignore[override]
         return 'NCHW' if self.use_conv else 'NLC'
 

@@ -19,6 +19,7 @@ class SwinTransformerAdapter(FeatureMapAdapter):
     state_layout = 'NHWC'
 
     @property
+    @torch.jit.unused  # Python-side: a scripted model compiles its forward only
     def fixed_input_size(self) -> bool:
         return not getattr(self, 'dynamic_img_size', False)
 
