@@ -9,6 +9,7 @@ import random
 import re
 import warnings
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -235,3 +236,26 @@ def test_fuzz_exits_heads_criteria_thresholds_budgets(seed):
             torch.testing.assert_close(alone.logits, out.logits[b:b + 1], rtol=1e-4, atol=1e-4)
     assert budget is None or float(out.cost.max()) <= budget + 1e-9
     assert float(out.cost.max()) <= max(costs) + 1e-6  # float32 costs
+
+
+def test_staged_onnx_export_of_a_cnn_twin_exits_as_eager(tmp_path):
+    """The staged export of a feature-map twin (segments between exits, SDN heads with their pooling windows written
+    out) run by ExitSession: the same exits, logits and costs as eager forward_dynamic."""
+    pytest.importorskip('onnxruntime', reason='the deploy extra is not installed')
+    pytest.importorskip('onnxscript', reason='the deploy extra is not installed')
+    from timm_exits.export import export_onnx
+    from timm_exits.runtime import ExitSession
+    _, model = _pair('resnet10t', exit_layers=(1, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        folder = export_onnx(model, tmp_path / 'onnx', data_config=dict(input_size=(3, 64, 64)))
+    session = ExitSession(folder)
+    x = torch.randn(6, 3, 64, 64)
+    with torch.no_grad():
+        scores = model.exit_scores(1, model.forward_exits(x)[0]).sort().values
+        tau = float(scores[2:4].mean())  # between two images' scores: about half leave at the first exit
+        eager = model.forward_dynamic(x, threshold=tau)
+    out = session(x.numpy(), threshold=tau)
+    assert out.exit_layer.tolist() == eager.exit_layer.tolist() and len(set(out.exit_layer.tolist())) > 1
+    np.testing.assert_allclose(out.logits, eager.logits.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out.cost, eager.cost.numpy(), rtol=1e-5)

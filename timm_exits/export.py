@@ -213,8 +213,9 @@ def export_onnx(
                 keep_rate = model.resolve_keep_rate(keep_rate, budget)
                 cost, layer = model.flops_ratio(keep_rate), None
             else:
-                rate, layer = model._plan_budget(budget, keep_rate)
-                cost = model._count_flops(None, rate)['costs'][model.exit_layers.index(layer)]
+                size = model._img_size(example)  # costs at the exported size (a CNN's may differ from its own)
+                rate, layer = model._plan_budget(budget, keep_rate, False, size)
+                cost = model._count_flops(size, rate)['costs'][model.exit_layers.index(layer)]
                 keep_rate = rate if both else None
             _export_graph(_Static(model, keep_rate, budget if not life else None), example, tmp / 'model.onnx',
                           ['logits'], export_id)
@@ -235,7 +236,7 @@ def export_onnx(
                                      'outputs': outputs})
                     heads.append({'file': f'exit_{layer}.onnx', 'layer': layer})
                     x, names, start = passed, ['input', 'lives', 'kept'][:len(passed)], layer
-            flops = model._count_flops(None, keep_rate)
+            flops = model._count_flops(model._img_size(example), keep_rate)  # at the exported size
             manifest.update(
                 mode='staged', exit_layers=layers, exit_costs=list(flops['costs']),
                 threshold_costs=list(flops['threshold_costs']), criterion=model.exit_criterion,
