@@ -14,10 +14,10 @@ from functools import partial
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch.nn as nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, list_models, model_entrypoint, register_model
+from timm.models import (
+    build_model_with_cfg, generate_default_cfgs, list_models, model_entrypoint, register_model, resolve_pretrained_cfg,
+)
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as vit_checkpoint_filter_fn
-
-from timm.models import resolve_pretrained_cfg
 
 from ._base import check_weights_reachable, new_parts_filter, parent_cfgs, pop_kwargs
 from .adapters import adapted_class, parent_modules
