@@ -6,8 +6,8 @@ loader, epsilon=, delta=)`` chooses a threshold / keep rate with a guarantee (bo
 """
 from .losses import attach_exit_losses, mevit_exit_loss, uncertainty_target
 from .models import (
-    EXIT_CRITERIA, EXIT_HEADS, MAP_EXIT_HEADS, TOKEN_EXIT_HEADS, AnytimeStep, ExitHead, ExitOutput, MultiExitVisionTransformer,
-    UntrainedWeightsWarning, create_exit_head,
+    EXIT_CRITERIA, EXIT_HEADS, MAP_EXIT_HEADS, TOKEN_EXIT_HEADS, AnytimeStep, ExitHead, ExitOutput,
+    MultiExitVisionTransformer, UntrainedWeightsWarning, create_exit_head,
 )
 from .models import LifeRegression, LifeRegressVisionTransformer
 from .models import FAMILIES, LifeRegressEva, LifeRegressMixin, MultiExitEva, MultiExitMixin, convert

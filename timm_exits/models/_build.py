@@ -92,7 +92,8 @@ def build_family(
         overlay.setdefault('classifier', classifier_fn(model_kwargs))  # also checks the layout, before building
     build['pretrained_cfg_overlay'] = overlay
     if maps and model_kwargs.get('exit_input_size') is None:  # exits sized at the input the weights expect
-        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=build.get('pretrained_cfg'), pretrained_cfg_overlay=overlay)
+        cfg = resolve_pretrained_cfg(
+            variant, pretrained_cfg=build.get('pretrained_cfg'), pretrained_cfg_overlay=overlay)
         size = model_kwargs.get('img_size') or (cfg.input_size if cfg else (3, 224, 224))
         model_kwargs['exit_input_size'] = (size, size) if isinstance(size, int) else tuple(size)[-2:]
     file = overlay.get('file')
@@ -144,7 +145,8 @@ def _parent_features(
 
 
 def twin_parents(family: str = 'mexit') -> Tuple[str, ...]:
-    """Every timm architecture built on a class an adapter of ``family``'s parents serves (``adapters.parent_modules``)."""
+    """Every timm architecture built on a class an adapter of ``family``'s parents serves
+    (``adapters.parent_modules``)."""
     return tuple(list_models(module=list(parent_modules(family))))
 
 

@@ -29,7 +29,8 @@ _MODULES = (
 
 __all__ = [
     'ADAPTERS', 'EvaAdapter', 'FeatureMapAdapter', 'ParentAdapter', 'ResNetAdapter', 'VitAdapter', 'adapted_class',
-    'adapter_for', 'any_input_size', 'eval_mode', 'input_shape', 'parent_modules', 'register_adapted', 'supported_parents',
+    'adapter_for', 'any_input_size', 'eval_mode', 'input_shape', 'parent_modules', 'register_adapted',
+    'supported_parents',
 ]
 
 ADAPTERS: List[Type[ParentAdapter]] = []
@@ -49,7 +50,8 @@ def supported_parents(states: Sequence[str] = ('tokens', 'map')) -> List[str]:
     return [c.__name__ for a in ADAPTERS if a.state_kind in states for c in a.parent_classes]
 
 
-def adapter_for(parent_cls: type, states: Sequence[str] = ('tokens', 'map'), what: str = 'exits') -> Type[ParentAdapter]:
+def adapter_for(parent_cls: type, states: Sequence[str] = ('tokens', 'map'),
+                what: str = 'exits') -> Type[ParentAdapter]:
     """The adapter of ``parent_cls`` (a subclass of a served class) whose blocks pass one of ``states``, else a
     ValueError naming the reason and what is supported for ``what``."""
     for adapter in ADAPTERS:

@@ -85,7 +85,8 @@ class ParentAdapter:
         return (self._in_chans(), *self._input_size())
 
     def _grid_at(self, img_size: Tuple[int, int]) -> Optional[Tuple[int, int]]:
-        """Patch grid of images of ``img_size`` when it may differ from the model's (``dynamic_img_size``), else None."""
+        """Patch grid of images of ``img_size`` when it may differ from the model's (``dynamic_img_size``), else
+        None."""
         return self.patch_embed.dynamic_feat_size(img_size) if self.dynamic_img_size else None
 
     def _patches_at(self, img_size: Tuple[int, int]) -> int:
@@ -111,7 +112,8 @@ class ParentAdapter:
 
 class FeatureMapAdapter(ParentAdapter):
     """Interface of an adapter for a parent whose blocks pass a feature map, (B, C, H, W) or (B, H, W, C) (Swin), or
-    tokens (B, N, C) of a parent that is not a timm ViT (``state_layout``). The parent's ``forward_features(x)`` is ``_tail(u_n(...u_1(_embed(x)[0])))`` where
+    tokens (B, N, C) of a parent that is not a timm ViT (``state_layout``). The parent's ``forward_features(x)`` is
+    ``_tail(u_n(...u_1(_embed(x)[0])))`` where
     u_1..u_n are ``_units()`` (each a tuple of modules run in order: a stage's downsampling goes with its first
     block), bit for bit; the final answer is ``forward_head(forward_features(x))``. Exits follow units, numbered
     1..n. An adapter defines ``_embed``, ``_units`` and, where ``forward_features`` does more after the last block
@@ -122,11 +124,13 @@ class FeatureMapAdapter(ParentAdapter):
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Images to the map the first unit sees, exactly as the parent's ``forward_features`` (the stem); no rope."""
-        raise NotImplementedError(f'{type(self).__name__}: every feature-map adapter defines _embed (see ResNetAdapter)')
+        raise NotImplementedError(
+            f'{type(self).__name__}: every feature-map adapter defines _embed (see ResNetAdapter)')
 
     def _units(self) -> List[Tuple[nn.Module, ...]]:
         """The blocks in the order ``forward_features`` runs them, each a tuple of modules applied in turn."""
-        raise NotImplementedError(f'{type(self).__name__}: every feature-map adapter defines _units (see ResNetAdapter)')
+        raise NotImplementedError(
+            f'{type(self).__name__}: every feature-map adapter defines _units (see ResNetAdapter)')
 
     def _tail(self, x: torch.Tensor) -> torch.Tensor:
         """What ``forward_features`` does after the last unit (nothing by default)."""
