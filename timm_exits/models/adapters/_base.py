@@ -113,9 +113,8 @@ class ParentAdapter:
 class FeatureMapAdapter(ParentAdapter):
     """Interface of an adapter for a parent whose blocks pass a feature map, (B, C, H, W) or (B, H, W, C) (Swin), or
     tokens (B, N, C) of a parent that is not a timm ViT (``state_layout``). The parent's ``forward_features(x)`` is
-    ``_tail(u_n(...u_1(_embed(x)[0])))`` where
-    u_1..u_n are ``_units()`` (each a tuple of modules run in order: a stage's downsampling goes with its first
-    block), bit for bit; the final answer is ``forward_head(forward_features(x))``. Exits follow units, numbered
+    ``_tail(u_n(...u_1(_embed(x)[0])))`` where u_1..u_n are ``_units()`` (each a tuple of modules run in order: a
+    stage's downsampling goes with its first block), bit for bit; the final answer is ``forward_head(forward_features(x))``. Exits follow units, numbered
     1..n. An adapter defines ``_embed``, ``_units`` and, where ``forward_features`` does more after the last block
     (a final norm or 1x1 convolution), ``_tail``."""
     state_kind = 'map'
