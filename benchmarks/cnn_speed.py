@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import timm_exits  # noqa: E402,F401  (registers the models)
-from timm_exits.benchmark import mixed_setup, time_interleaved  # noqa: E402
+from timm_exits.benchmark import _cell as benchmark_cell, mixed_setup, time_interleaved  # noqa: E402
 from timm_exits.models.adapters import input_shape  # noqa: E402
 from timm_exits.models.multi_exit_vit import MultiExitMixin, _key  # noqa: E402
 
@@ -141,12 +141,8 @@ def benchmark_model(name: str, parent: nn.Module, model: MultiExitMixin, batch: 
 
 
 def _cell(value: Optional[float], key: str = '', fmt: str = '.3f') -> str:
-    """Formatted number, marked with '!' when it misses the target of ``key``."""
-    if value is None:
-        return '-'
-    op, target = TARGETS.get(key, (None, None))
-    miss = op is not None and not (value >= target if op == '>=' else value <= target)
-    return f'{value:{fmt}}' + (' !' if miss else '')
+    """``timm_exits.benchmark``'s cell, against this benchmark's ``TARGETS``."""
+    return benchmark_cell(value, key, fmt, TARGETS)
 
 
 TABLE_HEAD = ['model', 'mid exit k (cost)', 'trunc/exit', 'ms parent', 'ms trunc', 'ms exit', 'mixed exit fractions',

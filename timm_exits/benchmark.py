@@ -157,11 +157,13 @@ def benchmark_model(
     return row
 
 
-def _cell(value: Optional[float], key: str = '', fmt: str = '.3f') -> str:
-    """Formatted number, marked with '!' when it misses the target of ``key``."""
+def _cell(value: Optional[float], key: str = '', fmt: str = '.3f',
+          targets: Optional[Dict[str, Tuple[str, float]]] = None) -> str:
+    """Formatted number, marked with '!' when it misses the target of ``key`` (in ``targets``, default this
+    benchmark's ``TARGETS``)."""
     if value is None:
         return '-'
-    op, target = TARGETS.get(key, (None, None))
+    op, target = (TARGETS if targets is None else targets).get(key, (None, None))
     miss = op is not None and not (value >= target if op == '>=' else value <= target)
     return f'{value:{fmt}}' + (' !' if miss else '')
 

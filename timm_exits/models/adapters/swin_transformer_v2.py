@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 
-from ._base import FeatureMapAdapter
+from ._base import FeatureMapAdapter, stage_units
 
 __all__ = ['SwinTransformerV2Adapter']
 
@@ -27,12 +27,7 @@ class SwinTransformerV2Adapter(FeatureMapAdapter):
         return self.patch_embed(x), None
 
     def _units(self) -> List[Tuple[nn.Module, ...]]:
-        units = []
-        for stage in self.layers:
-            blocks = list(stage.blocks)
-            units.append((stage.downsample, blocks[0]))
-            units.extend((blk,) for blk in blocks[1:])
-        return units
+        return stage_units(self.layers)
 
     def _tail(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
