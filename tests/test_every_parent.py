@@ -1,6 +1,10 @@
-"""Every registered ``_mexit``, ``_liferegress`` and ``_mexit_liferegress`` architecture at a tiny size (timm's entry
-points accept depth, width and head overrides): the parent's output at full depth / keep rate 1 on the same weights,
-one threshold call, one keep-rate call, batch invariance, and a backward that reaches every parameter."""
+"""Every registered ``_mexit``, ``_liferegress`` and ``_mexit_liferegress`` architecture on a ViT / Eva parent at a
+tiny size (timm's entry points accept depth, width and head overrides): the parent's output at full depth / keep rate 1
+on the same weights, one threshold call, one keep-rate call, batch invariance, and a backward that reaches every
+parameter. Hybrid parents (a CNN backbone as patch embedding: ``vision_transformer_hybrid``, ``vitamin``) keep their
+backbone's width, so a seeded sample of them runs (``TIMM_EXITS_ALL_PARENTS=1``: every one)."""
+import os
+import random
 import warnings
 
 import pytest
@@ -14,7 +18,10 @@ from timm_exits.models.mexit_liferegress import MultiExitLifeRegressMixin
 from timm_exits.models.multi_exit_vit import MultiExitMixin
 
 TINY = dict(depth=4, embed_dim=48, num_heads=2, num_classes=5)
-PARENTS = [p for p in twin_parents('liferegress') if p != 'test_vit']  # the ViT / Eva parents
+HYBRID = set(timm.list_models(module=['vision_transformer_hybrid', 'vitamin']))
+_PLAIN = [p for p in twin_parents('liferegress') if p != 'test_vit' and p not in HYBRID]  # the ViT / Eva parents
+PARENTS = _PLAIN + sorted(HYBRID if os.environ.get('TIMM_EXITS_ALL_PARENTS') else random.Random(0).sample(
+    sorted(HYBRID), 3))
 
 
 def tiny_kwargs(parent: str) -> dict:
@@ -24,6 +31,8 @@ def tiny_kwargs(parent: str) -> dict:
     patch = args.get('patch_size', 16)
     patch = patch if isinstance(patch, int) else patch[0]
     kwargs = dict(TINY, img_size=4 * patch)
+    if parent in HYBRID:  # the backbone strides 16 or 32 and sets the width (vitamin's tokens are its features)
+        kwargs = dict(depth=TINY['depth'], num_classes=TINY['num_classes'], img_size=64)
     for key, value in args.items():
         if isinstance(value, (list, tuple)) and len(value) == args.get('depth', 12):
             kwargs[key] = type(value)(value[:TINY['depth']])

@@ -26,7 +26,8 @@ def test_families_cover_every_vit_and_eva_architecture():
     assert {'vit_base_patch14_reg4_dinov2', 'vit_base_patch16_siglip_224', 'eva02_base_patch14_224',
             'deit3_base_patch16_224', 'vit_base_patch16_clip_224', 'deit_base_distilled_patch16_224',
             'vit_large_patch16_dinov3'} <= parents
-    assert set(timm.list_models(module=['vision_transformer', 'deit', 'eva'])) == parents
+    token_modules = ['vision_transformer', 'deit', 'eva', 'vision_transformer_hybrid', 'vitamin']
+    assert set(timm.list_models(module=token_modules)) == parents
     for family in ('mexit', 'liferegress'):
         registered = set(timm.list_models(f'*_{family}'))
         assert {f'{p}_{family}' for p in parents} <= registered

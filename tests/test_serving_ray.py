@@ -65,10 +65,10 @@ def server(tmp_path_factory):
         ray.shutdown()
 
 
-def _request(port, method='POST', body=b'', query=''):
+def _request(port, method='POST', body=b'', query='', route='/'):
     conn = http.client.HTTPConnection('127.0.0.1', port, timeout=TIMEOUT)
     try:
-        conn.request(method, '/' + (f'?{query}' if query else ''), body=body,
+        conn.request(method, route + (f'?{query}' if query else ''), body=body,
                      headers={'Content-Type': 'application/octet-stream'})
         response = conn.getresponse()
         body = response.read()
@@ -80,8 +80,8 @@ def _request(port, method='POST', body=b'', query=''):
         conn.close()
 
 
-def _library(checkpoint, bodies, threshold):
-    model, recorded = load_model('test_vit_mexit', checkpoint)
+def _library(checkpoint, bodies, threshold, name='test_vit_mexit', model_kwargs=None):
+    model, recorded = load_model(name, checkpoint, model_kwargs=model_kwargs)
     preprocess = Preprocessor(model, None, recorded)
     out = []
     for body in bodies:
@@ -93,17 +93,17 @@ def _library(checkpoint, bodies, threshold):
     return out
 
 
-def _threshold(checkpoint, bodies):
+def _threshold(checkpoint, bodies, **model):
     """A threshold at which these images leave at different exits."""
     for threshold in (0.5, 0.3, 0.7, 0.2, 0.8, 0.1, 0.9):
-        if len({a['exit_layer'] for a in _library(checkpoint, bodies, threshold)}) > 1:
+        if len({a['exit_layer'] for a in _library(checkpoint, bodies, threshold, **model)}) > 1:
             return threshold
     pytest.fail('no threshold splits the images between exits')
 
 
-def _post_many(port, bodies, query):
+def _post_many(port, bodies, query, route='/'):
     with ThreadPoolExecutor(len(bodies)) as pool:
-        return list(pool.map(lambda b: _request(port, body=b, query=query), bodies))
+        return list(pool.map(lambda b: _request(port, body=b, query=query, route=route), bodies))
 
 
 def _same(got, want):
@@ -126,6 +126,34 @@ def test_answers_equal_the_library(server):
     assert len({a['exit_layer'] for _, a in answers}) > 1
     status, info = _request(port, 'GET')
     assert status == 200 and info['model'] == 'test_vit_mexit' and info['input_size'] == [3, 32, 32]
+
+
+def test_a_cnn_twin_answers_as_the_library(server, tmp_path):
+    """A feature-map parent (ResNet-10t) served as a second application: per-image exits through HTTP equal the
+    library's for the same files; the application is deleted afterwards."""
+    from safetensors.torch import save_file
+    port, _ = server
+    model = dict(name='resnet10t_mexit', model_kwargs={'num_classes': 10})
+    torch.manual_seed(0)
+    net = spread_exit_heads(timm.create_model(model['name'], **model['model_kwargs'])).eval()
+    checkpoint = str(tmp_path / 'cnn.safetensors')
+    save_file(net.state_dict(), checkpoint)
+    bodies = [_png(seed) for seed in range(60, 64)]
+    threshold = _threshold(checkpoint, bodies, **model)
+    args = {'model': model['name'], 'checkpoint': checkpoint, 'model_kwargs': json.dumps(model['model_kwargs']),
+            'max_batch_size': '4', 'max_wait_ms': '3000', 'torch_threads': '1', 'top_k': '3'}
+    serve.run(build_app(args), name='cnn', route_prefix='/cnn')
+    try:
+        answers = _post_many(port, bodies, f'threshold={threshold}', route='/cnn')
+        want = _library(checkpoint, bodies, threshold, **model)
+        for (status, got), ref in zip(answers, want):
+            assert status == 200, got
+            _same(got, ref)
+        assert len({a['exit_layer'] for _, a in answers}) > 1
+        status, info = _request(port, 'GET', route='/cnn')
+        assert status == 200 and info['model'] == model['name'] and info['input_size'] == list(net.input_shape)
+    finally:
+        serve.delete('cnn')
 
 
 def test_bad_payloads_get_4xx_and_the_server_keeps_serving(server):

@@ -32,7 +32,14 @@ class _Recorded(Exception):
     """Raised by the recorder to stop the parent's entry point at its ``build_model_with_cfg`` call."""
 
 
+_RECORDING: Dict[str, str] = {}  # the module whose build_model_with_cfg call is recorded ('': the first; under _LOCK)
+
+
 def _recorder(*args: Any, **kwargs: Any) -> nn.Module:
+    """Stops the entry point's own call; a model it builds first in another module (a hybrid's ResNet backbone made
+    by ``create_model``) is built for real."""
+    if _RECORDING['module'] and sys._getframe(1).f_globals.get('__name__') != _RECORDING['module']:
+        return build_model_with_cfg(*args, **kwargs)
     raise _Recorded(args, kwargs)
 
 
@@ -45,6 +52,8 @@ def parent_build(parent: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[
                    if n.startswith('timm.models') and getattr(m, 'build_model_with_cfg', None) is build_model_with_cfg]
         for m in modules:
             m.build_model_with_cfg = _recorder
+        # an entry point that builds in its own module is recorded there (a deprecated name's alias builds elsewhere)
+        _RECORDING['module'] = entry.__module__ if sys.modules.get(entry.__module__) in modules else ''
         try:
             entry(pretrained=pretrained, **kwargs)
         except _Recorded as recorded:

@@ -75,8 +75,9 @@ class ParentAdapter:
         return tuple(self.patch_embed.img_size)
 
     def _in_chans(self) -> int:
-        """Input channels of the images."""
-        return self.patch_embed.proj.in_channels
+        """Input channels of the images: the patch embedding's first convolution's (a hybrid's backbone stem's)."""
+        first = next((m for m in self.patch_embed.modules() if isinstance(m, nn.Conv2d)), None)
+        return first.in_channels if first is not None else self.patch_embed.proj.in_channels
 
     @property
     @torch.jit.unused  # Python-side: a scripted model compiles its forward only

@@ -13,7 +13,7 @@ __all__ = ['VitAdapter']
 class VitAdapter(ParentAdapter):
     """``VisionTransformer``: patch embed, position embedding (and prefix tokens), patch dropout, pre-norm, blocks."""
     parent_classes = (VisionTransformer,)
-    timm_modules = ('vision_transformer', 'deit')
+    timm_modules = ('vision_transformer', 'deit', 'vision_transformer_hybrid', 'vitamin')
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         x = self.patch_embed(x)
