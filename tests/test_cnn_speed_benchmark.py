@@ -33,11 +33,13 @@ def test_quick_run_fields(tmp_path, capsys):
     assert k in row['exit_layers'][:-1] and row['budget'] == row['exit_costs'][row['exit_layers'].index(k)]
     for key in ('parent', 'trunc', 'exit', 'full'):
         assert len(row['times_ms'][key]) == 2 and row['ms'][key] > 0
-    assert set(row['ms_mixed']) == {'parent', 'mixed'}
+    assert set(row['ms_mixed']) == {'parent', 'mixed', 'oracle'}
+    assert row['oracle_max_abs_diff'] < 1e-4  # the time ideal computes the same answers
     mixed = row['mixed']
     assert 0 < mixed['mean_cost'] <= 1 and mixed['ideal_speedup'] == 1 / mixed['mean_cost']
     assert abs(sum(mixed['exit_fractions'].values()) - 1) < 1e-9
-    for key in ('exit_vs_trunc', 'mixed_efficiency', 'full_vs_parent', 'exit_speedup', 'trunc_speedup'):
+    for key in ('exit_vs_trunc', 'mixed_efficiency', 'mixed_vs_oracle', 'full_vs_parent', 'exit_speedup',
+                'trunc_speedup'):
         assert row[key] > 0
     table = result['table']
     assert table in printed
