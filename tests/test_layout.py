@@ -42,6 +42,7 @@ ALLOWED: Dict[str, Set[str]] = {
     'serving': MODELS | {'data', 'runtime'},
     'serving.ray': MODELS | {'data', 'serving', 'timm_exits'},  # the root registers the families in a replica
     'serving.load': MODELS | {'_files', 'benchmark', 'data', 'serving', 'runtime'},
+    'serving.http_load': MODELS | {'_files', 'benchmark', 'data', 'serving', 'serving.load', 'serving.ray', 'runtime'},
     'hub': {'*'},
     'hub.*': {'*'},
     'timm_exits': MODELS | {'hub', 'fit', 'calibrate'},  # fit and calibrate on first use (module __getattr__)

@@ -163,16 +163,19 @@ def walk_overhead(parent: torch.nn.Module, twin: torch.nn.Module, x: torch.Tenso
     return statistics.median(w / p for p, w in zip(times['parent'], times['walk']))
 
 
-def summarise(runs: List[Dict[str, Any]], loads: Sequence[float]) -> Dict[str, Any]:
+def summarise(runs: List[Dict[str, Any]], loads: Sequence[float],
+              configs: Sequence[tuple] = CONFIGS) -> Dict[str, Any]:
     """Per configuration and load: the medians over rounds of each figure and of its ratio to the parent's."""
     out: Dict[str, Any] = {}
     for load in [None, *loads]:
         key = 'saturation' if load is None else f'{load:g}'
         out[key] = {}
-        for config, _ in CONFIGS:
+        for config, _ in configs:
             mine = [r for r in runs if r['config'] == config and r['load'] == load]
             row: Dict[str, Any] = {}
             for figure in ('throughput', 'median_ms', 'p99_ms', 'mean_cost', 'first_exit_share', 'images_per_segment'):
+                if figure not in mine[0]:
+                    continue
                 row[figure] = statistics.median(r[figure] for r in mine)
                 ratios = []
                 for r in mine:
@@ -220,12 +223,12 @@ def plot(result: Dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def table(result: Dict[str, Any], load: float) -> str:
+def table(result: Dict[str, Any], load: float, configs: Sequence[tuple] = CONFIGS) -> str:
     """A markdown table of the ratios to the parent: throughput at saturation, latency at ``load``."""
     sat, at = result['summary']['saturation'], result['summary'][f'{load:g}']
     lines = [f'| serving | throughput at saturation | median latency at {load:g} | p99 latency at {load:g} | '
              f'mean cost | first exit |', '|---|---|---|---|---|---|']
-    for config, _ in CONFIGS:
+    for config, _ in configs:
         lines.append(f'| {config} | {sat[config]["throughput_ratio"]:.2f} ({sat[config]["throughput"]:.0f}/s) | '
                      f'{at[config]["median_ms_ratio"]:.2f} ({at[config]["median_ms"]:.0f} ms) | '
                      f'{at[config]["p99_ms_ratio"]:.2f} ({at[config]["p99_ms"]:.0f} ms) | '

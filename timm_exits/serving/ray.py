@@ -243,10 +243,11 @@ class ExitDeployment:
         return answer, int(top_k)
 
 
-def build_app(args: Dict[str, Any]) -> Any:
+def build_app(args: Dict[str, Any], **options: Any) -> Any:
     """``serve run timm_exits.serving.ray:build_app key=value ...`` (or ``import_path`` of a config file): the
     application of one ``ExitDeployment`` with ``args`` (``ExitDeployment``'s arguments; strings from the command
-    line are read as JSON where they parse: ``threshold=0.8``, ``model_kwargs='{"num_classes": 10}'``)."""
+    line are read as JSON where they parse: ``threshold=0.8``, ``model_kwargs='{"num_classes": 10}'``); ``options``:
+    Ray Serve's deployment options from Python (``num_replicas``, ``ray_actor_options``, ...)."""
     kwargs = {}
     for key, value in dict(args).items():
         if isinstance(value, str):
@@ -259,4 +260,5 @@ def build_app(args: Dict[str, Any]) -> Any:
         kwargs[key] = value
     # as many requests in a replica as its scheduler queues (Ray Serve's default of a few would starve the batches)
     ongoing = int(kwargs.get('max_queue', 1024))
-    return serve.deployment(ExitDeployment, name='ExitDeployment', max_ongoing_requests=ongoing).bind(**kwargs)
+    options = {'name': 'ExitDeployment', 'max_ongoing_requests': ongoing, **options}
+    return serve.deployment(ExitDeployment, **options).bind(**kwargs)
