@@ -135,10 +135,10 @@ def regression_distill_loss(
         return ((v - t).abs() if loss == 'l1' else (v - t).pow(2)).mean(-1)
     out = distance(final.detach())
     if labels is not None and label_weight > 0:
-        y = labels.float().reshape(len(labels), -1)
-        if y.shape[1] != values.shape[-1] and (y.shape[1] != 1 or labels.dim() != 1):
-            raise ValueError(f'labels must be (B,) for one output or (B, {values.shape[-1]}), got {tuple(labels.shape)}')
-        y = y.expand_as(values)
+        k = values.shape[-1]
+        if labels.shape[1:] not in ((() if k == 1 else None), (k,)):
+            raise ValueError(f'labels must be (B,) for one output or (B, {k}), got {tuple(labels.shape)}')
+        y = labels.float().reshape(len(labels), k)
         has = torch.isfinite(y).all(-1)
         term = distance(torch.where(has[:, None], y, values.detach().float()))
         out = out + label_weight * torch.where(has, term, torch.zeros_like(term))
