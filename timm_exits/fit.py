@@ -27,16 +27,17 @@ Multi-exit models: one backbone pass per batch, without gradient, serves the fin
 (captured at the exits' inputs); only the heads run with gradient. ``cache=True`` keeps what each head reads before
 any of its parameters acts (``ExitHead.reading``: the [CLS] token or the mean patch token of ``linear`` and ``mlp``
 heads; on a feature map the max and average pooling of ``sdn`` and the global average of ``pool_linear``) with the
-final logits, so epochs after the first skip the backbone. Frozen modules run in eval mode, composite ones included
-(timm's ``BatchNormAct2d``): a CNN's BatchNorm statistics stay bit-identical too. With slimming the tokens depend on the life predictor being fitted: one pass with
-gradient (soft weights) plus one without (the parent's output, the teacher) per batch, and no cache.
+final logits (regression: the final values), so epochs after the first skip the backbone. Frozen modules run in eval
+mode, composite ones included (timm's ``BatchNormAct2d``): a CNN's BatchNorm statistics stay bit-identical too. With
+slimming the tokens depend on the life predictor being fitted: one pass with gradient (soft weights) plus one without
+(the parent's output, the teacher) per batch, and no cache.
 
 The command line runs like the recipes (``timm_exits.train``): every file atomic, ``last.pth.tar`` after every epoch
 (resumed by rerunning the same command; other arguments are refused, listed), ``log.jsonl``, a progress bar, DDP under
 ``torchrun`` (gloo on CPU), then ``model.safetensors`` (safetensors metadata ``timm_exits``: model, kwargs, classes,
 the fit's arguments) that ``timm.create_model(..., checkpoint_path=)``, ``python -m timm_exits.validate``,
 ``calibrate``, ``export`` and ``hub push`` read, and ``fit.json`` (per epoch: loss, agreement of each exit with the
-final answer on the fitting images, seconds).
+final answer on the fitting images, or for regression each exit's mean distance from the final value, seconds).
 """
 import argparse
 import json
