@@ -223,6 +223,8 @@ def test_fit_cli_on_a_regression_model(folders, tmp_path, capsys):
     (['--model', 'test_vit_mexit', '--model-kwargs', 'num_classes=10', '--loss', 'l1'],
      "error: --loss applies to regression models (task='regression')"),
     (FIT + ['--loss', 'l2'], "argument --loss: invalid choice: 'l2'"),
+    (FIT + ['--dataset', 'digits', '--split', 'train', '--label-weight', '1'],
+     'error: --label-weight 1: the labels of --dataset digits are class indices; a regression model needs values'),
 ])
 def test_fit_cli_refuses_the_other_tasks_options(folders, tmp_path, capsys, argv, message):
     out = tmp_path / 'out'

@@ -605,6 +605,18 @@ def _recorded_kwargs(model: nn.Module, given: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps({**fixed, **given}, default=str))
 
 
+def _check_labels(args: argparse.Namespace, model: nn.Module, ds: Any) -> None:
+    """Refuse ``--label-weight`` where the dataset's labels are of the other task (class indices for a regression
+    model, counts for a classifier)."""
+    counts = args.dataset == 'counting' or args.dataset.startswith('digits_count')
+    regression = getattr(model, 'task', 'classification') == 'regression'
+    if args.label_weight > 0 and getattr(ds, 'labelled', True) and counts != regression:
+        what = ('class indices; a regression model needs values (--dataset counting or digits_count)' if regression
+                else 'counts; a classification model needs class indices')
+        raise ValueError(f'--label-weight {args.label_weight:g}: the labels of --dataset {args.dataset} are {what}; '
+                         'or fit without labels (--label-weight 0)')
+
+
 def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """Fit as the command line asks; bad input raises ValueError naming the flag, before anything is written."""
     from timm.utils.distributed import init_distributed_device_so
@@ -640,6 +652,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
         _check_cache(model)
     augment = not (args.cache or args.no_augment)
     ds, cfg = command_dataset(args, model, recorded, augment)
+    _check_labels(args, model, ds)
     problem = _output_problem(args.output)
     if problem:
         raise ValueError(f'--output: {problem}')
