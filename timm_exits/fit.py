@@ -66,7 +66,7 @@ from .validate import _int_at_least, callable_module, run_command
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ['CACHEABLE_HEADS', 'FIT_LOSSES', 'FitModule', 'distill_loss', 'fit', 'fit_parts', 'main',
+__all__ = ['CACHEABLE_HEADS', 'FIT_LOSSES', 'FitModule', 'distill_loss', 'fit', 'fit_options', 'fit_parts', 'main',
            'regression_distill_loss', 'run', 'uncertainty_target']
 
 CACHEABLE_HEADS = CACHEABLE_EXIT_HEADS  # heads whose reading (ExitHead.reading) comes before any parameter
