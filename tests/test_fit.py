@@ -334,3 +334,11 @@ def test_frozen_parts_fuzzed_over_layouts(seed):
     assert all(torch.equal(before[k], after[k]) for k in before), kwargs
     moved = {k.split('.')[0] for k, v in new_before.items() if not torch.equal(v, after[k])}
     assert moved == {p.rstrip('.') for p in model.new_prefixes}, (kwargs, moved)
+
+
+def test_agreement_is_logged_for_every_output_that_learns():
+    """With slimming the final head's soft-weighted output learns too: its agreement is logged beside the exits'."""
+    model = timm.create_model('test_vit_mexit_liferegress', num_classes=10, exit_layers=(2, 3))
+    rows = timm_exits.fit(model, _loader(16), epochs=1)
+    assert list(rows[0]['agreement']) == ['2', '3', 'final (soft-weighted)']
+    assert all(0 <= v <= 1 for v in rows[0]['agreement'].values())

@@ -78,8 +78,7 @@ def test_fit_and_calibrate_refuse_regression():
     from timm_exits.calibrate import calibrate
     from timm_exits.fit import fit_parts
     model = _regression('patience')
-    with pytest.raises(ValueError, match=r"regression model \(task='regression'\): fit distils class probabilities"):
-        fit_parts(model)
+    assert fit_parts(model) == ('exits', 'uncertainty')  # fit takes regression models (tests/test_fit_regression.py)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32)), batch_size=4)
     with pytest.raises(ValueError, match='calibrate certifies the share of answers that differ from full depth'):
         calibrate(model, loader, epsilon=0.1, delta=0.1)

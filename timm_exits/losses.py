@@ -249,15 +249,21 @@ def regression_loss(values: torch.Tensor, target: torch.Tensor, loss: str = 'l1'
     raise ValueError(f'loss must be one of {list(REGRESSION_LOSSES)}, got {loss!r}')
 
 
-def scale_nll(values: torch.Tensor, scale: torch.Tensor, target: torch.Tensor, nll: str = 'laplace') -> torch.Tensor:
-    """Mean negative log-likelihood of ``target`` under the exit's predicted distribution, centre ``values``, scale
-    ``scale`` (B, K): Laplace log(2 b) + |y - mu| / b, Gaussian log(sigma) + (y - mu)^2 / (2 sigma^2) + log(2 pi) / 2.
+def scale_nll(values: torch.Tensor, scale: torch.Tensor, target: torch.Tensor, nll: str = 'laplace',
+              reduction: str = 'mean') -> torch.Tensor:
+    """Negative log-likelihood of ``target`` under the exit's predicted distribution, centre ``values``, scale
+    ``scale`` (B, K): Laplace log(2 b) + |y - mu| / b, Gaussian log(sigma) + (y - mu)^2 / (2 sigma^2) + log(2 pi) / 2,
+    averaged over the batch and the outputs (``reduction='none'``: per element, (B, K)).
     Minimised at b = |y - mu| (Laplace, sigma^2 = (y - mu)^2 for the Gaussian): the scale learns the exit's error,
     the regression counterpart of MEViT's u_i target (eq. 4, 000_*.txt)."""
+    if reduction not in ('mean', 'none'):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     err = (target.float() - values.float()).abs()
     scale = scale.float()
     if nll == 'laplace':
-        return (torch.log(2 * scale) + err / scale).mean()
-    if nll == 'gaussian':
-        return (torch.log(scale) + err.pow(2) / (2 * scale.pow(2)) + .5 * math.log(2 * math.pi)).mean()
-    raise ValueError(f'nll must be one of {list(SCALE_NLLS)}, got {nll!r}')
+        out = torch.log(2 * scale) + err / scale
+    elif nll == 'gaussian':
+        out = torch.log(scale) + err.pow(2) / (2 * scale.pow(2)) + .5 * math.log(2 * math.pi)
+    else:
+        raise ValueError(f'nll must be one of {list(SCALE_NLLS)}, got {nll!r}')
+    return out.mean() if reduction == 'mean' else out

@@ -79,10 +79,14 @@ def load_evaluation(path: Union[str, Path]) -> Dict[str, Any]:
         raise ValueError(f'evaluation {path} cannot be read as JSON ({e})') from e
     if not isinstance(data, dict):
         raise ValueError(f'evaluation {path} must hold a JSON object, got {type(data).__name__}')
-    for key in ('exits', 'thresholds', 'budgets', 'keep_rates'):
+    regression = data.get('task') == 'regression'  # its sweeps hold one list per criterion
+    for key in ('exits', 'thresholds', 'budgets', 'keep_rates') + (('budgeted_batch',) if regression else ()):
         rows = data.get(key) or []
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise ValueError(f'evaluation {path}: "{key}" must be a list of objects')
+        per_criterion = regression and key in ('thresholds', 'budgeted_batch')
+        groups = list(rows.values()) if per_criterion and isinstance(rows, dict) else [rows]
+        if not all(isinstance(g, list) and all(isinstance(r, dict) for r in g) for g in groups):
+            raise ValueError(f'evaluation {path}: "{key}" must be a list of objects' + (
+                ' or, for a regression model, an object of such lists (one per criterion)' if per_criterion else ''))
         data[key] = rows
     data['_dir'] = str(path.parent)
     return data

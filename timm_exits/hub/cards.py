@@ -2,13 +2,17 @@
 
 ``render_card`` fills ``hub_cards/template.md`` (timm-style YAML front matter, details, usage, results, citation) from
 the card data of a model name (``card_metadata``) and the evaluation JSON of ``python -m timm_exits.validate``.
+A regression model (``task='regression'``) gets a regression card: outputs instead of classes, the card data's
+``regression_usage``, per-exit MAE and RMSE (and per-image MAE and RMSE where the evaluation has them: ``image_mae`` /
+``image_rmse`` in a row), each criterion's threshold sweep, budgets, the calibrated default with its tolerance, and
+MAE against compute in the plot.
 """
 import json
 import logging
 import shutil
 import string
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 from huggingface_hub import ModelCardData
@@ -19,11 +23,12 @@ from ..models._checkpoint import layout_args
 from ..models.adapters import input_shape
 from ..models._pretrained import hub_org, recipe_of
 
-__all__ = ['CARDS_DIR', 'PLOT_NAME', 'card_metadata', 'render_card']
+__all__ = ['CARDS_DIR', 'IMAGE_KEYS', 'PLOT_NAME', 'card_metadata', 'render_card']
 
 PLOT_NAME = 'tradeoff.png'
 CARDS_DIR = Path(__file__).resolve().parents[2] / 'hub_cards'
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+IMAGE_KEYS = ('image_mae', 'image_rmse')  # regression rows: the error of each image's count (the sum over its crops)
 _logger = logging.getLogger(__name__)
 
 
@@ -61,9 +66,60 @@ def _table(rows: Sequence[Dict[str, Any]], columns: Sequence[Tuple[str, str, str
     return '\n'.join(lines + ['| ' + ' | '.join(_fmt(r.get(k), f) for _, k, f in columns) + ' |' for r in rows])
 
 
+def _is_regression(evaluation: Optional[Dict[str, Any]]) -> bool:
+    return (evaluation or {}).get('task') == 'regression'
+
+
+def _curves(evaluation: Dict[str, Any], key: str) -> List[Tuple[str, List[Dict[str, Any]]]]:
+    """``(criterion, rows)`` of a regression sweep (``thresholds``, ``budgeted_batch``: one list per criterion)."""
+    value = evaluation.get(key) or {}
+    return [(k, v) for k, v in value.items() if v] if isinstance(value, dict) else [('', value)] if value else []
+
+
+def _regression_results(evaluation: Dict[str, Any]) -> str:
+    """The results of a regression evaluation: per exit MAE and RMSE (per image too where recorded), each criterion's
+    threshold sweep, budgets and the budgeted-batch protocol."""
+    count = f' ({evaluation["num_images"]} samples)' if evaluation.get('num_images') else ''
+    mean = f'; mean target {evaluation["target_mean"]:.4g}' if evaluation.get('target_mean') is not None else ''
+    parts = [f'Evaluated on {evaluation.get("dataset", "the validation set")}{count} with '
+             f'`python -m timm_exits.validate` (`{evaluation.get("model", "?")}`): mean absolute error (MAE) and root '
+             f'mean square error (RMSE) in target units{mean}.']
+    rows = [r for key in ('exits', 'budgets', 'thresholds', 'budgeted_batch') for _, rs in _curves(evaluation, key)
+            for r in rs]
+    per_image = [('Per-image MAE', 'image_mae', '.4f'), ('Per-image RMSE', 'image_rmse', '.4f')] \
+        if any(r.get(k) is not None for r in rows for k in IMAGE_KEYS) else []
+    if per_image:
+        parts.append('Per-image figures score each image on the sum of its crops\' values against its total count '
+                     '(TransCrowd\'s test protocol); the others score every sample (crop) alone.')
+    err = [('MAE', 'mae', '.4f'), ('RMSE', 'rmse', '.4f'), *per_image]
+    cost = ('Mean share of full FLOPs', 'mean_cost', '.3f')
+    if evaluation.get('exits'):
+        parts.append('Every image leaves at one exit (numbered by the block it follows); cost as a share of the full '
+                     "model's FLOPs; an exit is practical when its MAE is lower than every earlier exit's.\n\n"
+                     + _table(evaluation['exits'], [('Exit (block)', 'layer', 'g'), *err, ('Share of full FLOPs',
+                              'cost', '.3f'), ('GFLOPs', 'gflops', '.2f'), ('Practical', 'practical', '')]))
+    patience = evaluation.get('exit_patience')
+    words = {'patience': f'leave when the last {patience + 1 if patience else "k + 1"} exits agree within the '
+                         'threshold (target units)', 'uncertainty': "leave when the exit's predicted scale is <= the "
+                                                                    'threshold (target units)'}
+    for name, rs in _curves(evaluation, 'thresholds'):
+        parts.append(f'Per-image early exit, criterion `{name}` ({words.get(name, "threshold")}: '
+                     f'`model(x, threshold=t)`).\n\n' + _table(rs, [('Threshold', 'threshold', 'g'), *err, cost]))
+    if evaluation.get('budgets'):
+        parts.append('Compute budgets (`model(x, budget=b)`: the deepest exit that fits).\n\n'
+                     + _table(evaluation['budgets'], [('Budget', 'budget', 'g'), *err, cost]))
+    for name, rs in _curves(evaluation, 'budgeted_batch'):
+        parts.append(f'Budgeted batch, criterion `{name}`: the threshold of lowest MAE whose mean cost fits (chosen on '
+                     f'{evaluation.get("budgeted_batch_chosen_on", "this split")}).\n\n'
+                     + _table(rs, [('Mean budget', 'mean_budget', 'g'), ('Threshold', 'threshold', 'g'), *err, cost]))
+    return '\n\n'.join(parts)
+
+
 def _results(evaluation: Optional[Dict[str, Any]]) -> str:
     if evaluation is None:
         return 'No evaluation was supplied with this upload.'
+    if _is_regression(evaluation):
+        return _regression_results(evaluation)
     count = f' ({evaluation["num_images"]} images)' if evaluation.get('num_images') else ''
     parts = [f'Evaluated on {evaluation.get("dataset", "the validation set")}{count} with '
              f'`python -m timm_exits.validate` (`{evaluation.get("model", "?")}`).']
@@ -89,8 +145,16 @@ def _calibration_text(calibration: Optional[Dict[str, Any]]) -> str:
     if not calibration:
         return ''
     knobs = ', '.join(f'{k} {calibration[k]:g}' for k in ('keep_rate', 'threshold') if calibration.get(k) is not None)
-    what = ('images whose answer differs from the full model\'s' if calibration.get('risk') == 'disagreement' else
-            'images the full model gets right and the early answer wrong')
+    if calibration.get('task') == 'regression' or calibration.get('tolerance') is not None:
+        by = ' + '.join([f'{calibration.get("tolerance") or 0:g}'] + [
+            f'{calibration["tolerance_rel"]:g} x |full value|' for _ in [0] if calibration.get('tolerance_rel')])
+        what = (f'images whose early value differs from the full model\'s by more than {by} (target units)'
+                if calibration.get('risk', 'disagreement') == 'disagreement' else
+                f'images whose absolute error grows by more than {by} (target units) over the full model\'s')
+        knobs += f' ({calibration["criterion"]})' if calibration.get('criterion') else ''
+    else:
+        what = ('images whose answer differs from the full model\'s' if calibration.get('risk') == 'disagreement' else
+                'images the full model gets right and the early answer wrong')
     return (f'\n\n**Calibrated default** (`python -m timm_exits.calibrate`, Learn-then-Test): {knobs or "full depth"}, '
             f'the model\'s default in eval mode. With probability at least 1 - delta = {1 - calibration["delta"]:g} '
             f'over the draw of the {calibration["n"]} calibration images, the share of {what} is at most epsilon = '
@@ -126,15 +190,23 @@ def _allowed_plot(evaluation: Dict[str, Any], allowed_dir: Optional[Union[str, P
 def _plot(evaluation: Optional[Dict[str, Any]], out_dir: Path, allowed_dir: Optional[Union[str, Path]] = None) -> str:
     """Markdown for the trade-off plot: the evaluation's own plot copied when it is a PNG inside ``allowed_dir``
     (``_allowed_plot``), else drawn like Fig. 2 of 000_*.txt (accuracy against mean compute, exits marked, practical
-    exits circled) with matplotlib, if installed."""
+    exits circled) with matplotlib, if installed (regression: MAE against mean compute, a sweep per criterion)."""
     if evaluation is None:
         return ''
+    regression = _is_regression(evaluation)
+    metric, alt = ('mae', 'MAE against compute') if regression else ('accuracy', 'Accuracy against compute')
     src = _allowed_plot(evaluation, allowed_dir)
     if src is not None:
         shutil.copyfile(src, out_dir / PLOT_NAME)
-        return f'![Accuracy against compute]({PLOT_NAME})'
-    exits, curves = evaluation['exits'], [(k, evaluation[k]) for k in ('thresholds', 'budgets') if evaluation[k]]
-    rates = evaluation['keep_rates']
+        return f'![{alt}]({PLOT_NAME})'
+    exits = evaluation['exits']
+    if regression:
+        curves = [(f'{name} threshold sweep', rows, '-') for name, rows in _curves(evaluation, 'thresholds')] + [
+            ('budget sweep', rows, '--') for _, rows in _curves(evaluation, 'budgets')]
+    else:
+        curves = [(f'{k[:-1]} sweep', evaluation[k], '-' if k == 'thresholds' else '--')
+                  for k in ('thresholds', 'budgets') if evaluation[k]]
+    rates = evaluation.get('keep_rates') or []
     if not (exits or curves or rates):
         return ''
     try:
@@ -143,38 +215,44 @@ def _plot(evaluation: Optional[Dict[str, Any]], out_dir: Path, allowed_dir: Opti
         return '_No trade-off plot: matplotlib was not installed where this card was rendered._'
     fig = Figure(figsize=(5.5, 3.8))
     ax = fig.subplots()
-    for key, rows in curves:
-        rows = sorted((r for r in rows if r.get('mean_cost') is not None), key=lambda r: r['mean_cost'])
-        ax.plot([r['mean_cost'] for r in rows], [r['accuracy'] for r in rows], '-' if key == 'thresholds' else '--',
-                marker='.', label=f'{key[:-1]} sweep')
-    points = [r for r in exits if r.get('cost') is not None]
+    for label, rows, style in curves:
+        rows = sorted((r for r in rows if r.get('mean_cost') is not None and r.get(metric) is not None),
+                      key=lambda r: r['mean_cost'])
+        ax.plot([r['mean_cost'] for r in rows], [r[metric] for r in rows], style, marker='.', label=label)
+    points = [r for r in exits if r.get('cost') is not None and r.get(metric) is not None]
     if points:
-        ax.scatter([r['cost'] for r in points], [r['accuracy'] for r in points], marker='s', color='k', label='exit')
+        ax.scatter([r['cost'] for r in points], [r[metric] for r in points], marker='s', color='k', label='exit')
         for r in points:
-            ax.annotate(f'{r.get("layer")}', (r['cost'], r['accuracy']), textcoords='offset points', xytext=(4, -10))
+            ax.annotate(f'{r.get("layer")}', (r['cost'], r[metric]), textcoords='offset points', xytext=(4, -10))
         practical = [r for r in points if r.get('practical')]
-        ax.scatter([r['cost'] for r in practical], [r['accuracy'] for r in practical], s=180, facecolors='none',
+        ax.scatter([r['cost'] for r in practical], [r[metric] for r in practical], s=180, facecolors='none',
                    edgecolors='C3', label='practical exit')
-    rates = [r for r in rates if r.get('flops_ratio') is not None]
+    rates = [r for r in rates if r.get('flops_ratio') is not None and r.get(metric) is not None]
     if rates:
-        ax.plot([r['flops_ratio'] for r in rates], [r['accuracy'] for r in rates], '-o', label='keep rate')
+        ax.plot([r['flops_ratio'] for r in rates], [r[metric] for r in rates], '-o', label='keep rate')
         for r in rates:
-            ax.annotate(f'{r.get("keep_rate")}', (r['flops_ratio'], r['accuracy']), textcoords='offset points',
+            ax.annotate(f'{r.get("keep_rate")}', (r['flops_ratio'], r[metric]), textcoords='offset points',
                         xytext=(4, -10))
     ax.set_xlabel("mean compute (share of the full model's FLOPs)")
-    ax.set_ylabel('top-1 accuracy (%)')
+    ax.set_ylabel('MAE (target units)' if regression else 'top-1 accuracy (%)')
     ax.grid(alpha=.3)
     ax.legend()
     fig.savefig(out_dir / PLOT_NAME, dpi=150, bbox_inches='tight')
-    return f'![Accuracy against compute]({PLOT_NAME})'
+    return f'![{alt}]({PLOT_NAME})'
 
 
 def _layout_text(model: nn.Module) -> str:
     args = layout_args(model)
     if 'exit_layers' in args:
         exits = ', '.join(str(v) for v in args['exit_layers'])
-        return (f'exits after blocks {exits} and the final head (block {model.depth}), `{args["exit_head"]}` exit '
+        text = (f'exits after blocks {exits} and the final head (block {model.depth}), `{args["exit_head"]}` exit '
                 f'heads, `{args["exit_criterion"]}` exit criterion')
+        if args['exit_criterion'] == 'patience' and args.get('exit_patience') is not None:
+            text += f' (patience {args["exit_patience"]})'
+        if 'life_layer' in args:
+            text += (f'; life regression after block {args["life_layer"]}, patches leave after blocks '
+                     f'{", ".join(str(v) for v in args["prune_layers"])}, default keep rate {args.get("keep_rate")}')
+        return text
     return (f'life regression after block {args["life_layer"]}, patches leave after blocks '
             f'{", ".join(str(v) for v in args["prune_layers"])}, default keep rate {args.get("keep_rate")}, '
             f'U = {args["U"]}')
@@ -192,12 +270,16 @@ def render_card(
     """README.md of a published checkpoint: timm-style YAML front matter, details, usage, results and citation, from
     ``hub_cards/template.md`` and the card data of ``name``."""
     data, cfg = card_metadata(name, cards_dir), model.pretrained_cfg
+    regression = getattr(model, 'task', 'classification') == 'regression'
+    tags = [t for t in data['tags'] if not (regression and t == 'image-classification')] + (
+        ['regression'] if regression and 'regression' not in data['tags'] else [])
     parent = cfg.get('hf_hub_id') or ''  # a mirrored tag's (or a converted model's) weights: its parent's repo
     own = parent == repo_id or parent.startswith(f'{hub_org()}/')
     base_model = data.get('base_model') or (parent.split('@')[0] if parent and not own else None)
     meta = ModelCardData(
-        library_name='timm', license=data.get('license') or cfg.get('license'), tags=data['tags'],
-        datasets=data.get('datasets') or None, base_model=base_model, pipeline_tag='image-classification')
+        library_name='timm', license=data.get('license') or cfg.get('license'), tags=tags,
+        datasets=data.get('datasets') or None, base_model=base_model,
+        pipeline_tag=None if regression else 'image-classification')
     recipe = recipe_of(cfg)
     named = recipe is not None and cfg.get('hf_hub_id') == repo_id
     paper = cfg.get('paper_name') or data.get('paper_title', '-')
@@ -215,7 +297,10 @@ def render_card(
         params=f'{sum(p.numel() for p in model.parameters()) / 1e6:.1f}',
         input=(f'{size[0]} x {size[1]}, mean {tuple(cfg["mean"])}, std {tuple(cfg["std"])}, crop_pct '
                f'{cfg.get("crop_pct", 1.):.4g} ({cfg.get("crop_mode", "center")}, {cfg.get("interpolation")})'),
-        classes=f'{model.num_classes}' + (f' ({data["labels_note"]})' if data.get('labels_note') else ''),
+        classes_label='Outputs' if regression else 'Classes',
+        classes=(f'{model.num_classes} real value{"s" if model.num_classes != 1 else ""} per image '
+                 "(task='regression')") if regression else
+        f'{model.num_classes}' + (f' ({data["labels_note"]})' if data.get('labels_note') else ''),
         dataset=data.get('dataset', '-'),
         base_model=f'[{base_model}](https://huggingface.co/{base_model})' if base_model else '-',
         paper=paper,
@@ -223,7 +308,7 @@ def render_card(
         training_args='[training_args.json](training_args.json)' if has_args else '-',
         create_name=name if named else f'hf-hub:{repo_id}',
         hub_name=f'hf-hub:{repo_id}',
-        usage='\n'.join(data.get('usage', [])),
+        usage='\n'.join(data.get('regression_usage' if regression else 'usage') or data.get('usage', [])),
         results=_results(evaluation) + _calibration_text(
             getattr(model, 'calibration', None) or (evaluation or {}).get('calibration')),
         plot=plot,
