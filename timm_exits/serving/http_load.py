@@ -6,13 +6,13 @@ call them (``pip install "timm-exits[serve]"``).
 
 A local Ray instance on 127.0.0.1 serves four applications from the same weights (the models are passed to the
 deployments): the parent and its ``_mexit`` twin (the threshold at which about half of the images leave at the first
-exit), each with one and with two replicas (``ExitDeployment``: the same ``ExitScheduler`` batching for both).
-Clients POST encoded image files (PNG) through Ray Serve's HTTP proxy: open-loop Poisson arrivals from a pool of ``--concurrency``
-client threads (one keep-alive connection each), at shares of the parent's saturation throughput with the same number
-of replicas, plus a burst of every request at once (saturation). The runs are interleaved (the order rotates each
-round) and every figure is reported as its ratio to the parent with as many replicas in the same round, then the
-median over rounds, as ``timm_exits.serving.load`` does in-process. Each replica runs ``--torch-threads`` threads
-(default: the machine's cores shared among the replicas), as a deployment on this machine would.
+exit), each with one and with two replicas (``ExitDeployment``: the same ``ExitScheduler`` batching for both). Clients
+POST encoded image files (PNG) through Ray Serve's HTTP proxy: open-loop Poisson arrivals from a pool of
+``--concurrency`` client threads (one keep-alive connection each), at shares of the parent's saturation throughput with
+the same number of replicas, plus a burst of every request at once (saturation). The runs are interleaved (the order
+rotates each round) and every figure is reported as its ratio to the parent with as many replicas in the same round,
+then the median over rounds, as ``timm_exits.serving.load`` does in-process. Each replica runs ``--torch-threads``
+threads (default: the machine's cores shared among the replicas), as a deployment on this machine would.
 """
 import argparse
 import copy
