@@ -89,8 +89,8 @@ def _calibration_text(calibration: Optional[Dict[str, Any]]) -> str:
     if not calibration:
         return ''
     knobs = ', '.join(f'{k} {calibration[k]:g}' for k in ('keep_rate', 'threshold') if calibration.get(k) is not None)
-    what = ('images whose answer differs from the full model\'s' if calibration.get('risk') == 'disagreement' else
-            'images the full model gets right and the early answer wrong')
+    from ..calibrate import risk_description
+    what = risk_description(calibration)
     return (f'\n\n**Calibrated default** (`python -m timm_exits.calibrate`, Learn-then-Test): {knobs or "full depth"}, '
             f'the model\'s default in eval mode. With probability at least 1 - delta = {1 - calibration["delta"]:g} '
             f'over the draw of the {calibration["n"]} calibration images, the share of {what} is at most epsilon = '
