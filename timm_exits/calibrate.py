@@ -602,7 +602,8 @@ def calibrate_outputs(
     tol = check_tolerance(task, tolerance, tolerance_rel)
     order = _default_order(family) if order is None else order
     fixed, candidates = _paths(model, family, outputs, thresholds, keep_rates)
-    paths = fixed + (candidates if order == 'learned' else [])
+    candidates = candidates if order == 'learned' else []
+    paths = fixed + candidates
     points = list(dict.fromkeys(pt for _, path in paths for pt in path))
     index = {pt: j for j, pt in enumerate(points)}
     criterion = getattr(model, 'exit_criterion', 'confidence')
