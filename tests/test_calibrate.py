@@ -453,3 +453,84 @@ def test_cli_names_the_bad_tolerance(tmp_path, capsys):
                   '--epsilon', '0.1', '--delta', '0.1', '--tolerance', '-2', '--output', str(tmp_path / 'out')])
     assert e.value.code == 2
     assert 'error: --tolerance must be a finite number >= 0 (target units), got -2.0' in capsys.readouterr().err
+
+
+# --- exits + slimming: the order of testing chosen by the data -------------------------------------------------------
+
+def _combined_outputs(n: int = 6000, slim_harm=(0., 0.04, 0.08, 0.15), seed: int = 0):
+    """Fixed outputs of an exits + slimming model at keep rates 1, 0.9, 0.8, 0.7: the exits of ``_fixed_outputs``,
+    slimming changing the final answer of a share ``slim_harm`` of the images (0.9 alone already disagrees on 4 %, as
+    when slimming is poorly fitted); an exit that agreed with the full answer agrees with the slimmed one."""
+    base = _fixed_outputs(n, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    full = base['preds'][0][-1]
+    preds = []
+    for q in slim_harm:
+        wrong = torch.rand(n, generator=g) < q
+        final = torch.where(wrong, (full + 1 + torch.randint(0, 9, (n,), generator=g)) % 10, full)
+        p = torch.where(base['preds'][0] == full, final, base['preds'][0])
+        p[-1] = final
+        preds.append(p)
+    return dict(base, family='mexit_liferegress', task='classification', keep_rates=[1., 0.9, 0.8, 0.7], preds=preds,
+                scores=[base['scores'][0]] * len(slim_harm))
+
+
+def _combined_costs(rate, t):
+    """Exit costs shrinking with the keep rate; with a threshold each exit head passed costs 0.02 more."""
+    base = torch.tensor([0.3, 0.55, 0.8, 1.0], dtype=torch.float64) * (0.3 + 0.7 * (1. if rate is None else rate))
+    return base + (0.02 * torch.arange(1, 5) if t is not None else 0.)
+
+
+def test_the_learned_order_keeps_the_guarantee_and_is_never_dearer_than_a_fixed_path():
+    """Exits + slimming over 200 random calibration (1000) / test (5000) splits: the point certified with the order
+    learned on a split of the calibration images (plus the fixed paths, Bonferroni) exceeds epsilon on the test images
+    in at most delta of the splits; it is never dearer than what each fixed path certifies alone at its share of delta
+    on the same images; and where slimming alone already costs risk it is much cheaper than the fixed pair path at the
+    full delta (the path a fixed order would test)."""
+    from types import SimpleNamespace
+    out = _combined_outputs()
+    eps, delta, n_cal, splits = 0.05, 0.1, 1000, 200
+    model = SimpleNamespace(exit_criterion='confidence', task='classification')
+    grid = cal.threshold_grid('confidence')[::4]
+    fixed, candidates = cal._paths(model, 'mexit_liferegress', out, grid, None)
+    assert [name for name, _ in fixed] == ['pair path', 'thresholds at keep rate 1']
+    points = list(dict.fromkeys(pt for _, path in fixed + candidates for pt in path))
+    index = {pt: j for j, pt in enumerate(points)}
+    fixed = [(name, [index[pt] for pt in path]) for name, path in fixed]
+    candidates = [(name, [index[pt] for pt in path]) for name, path in candidates]
+    losses, costs = cal.point_table(out, points, costs=_combined_costs)
+    n = losses.shape[1]
+    g = torch.Generator().manual_seed(3)
+    bad, learned_costs, pair_costs = 0, [], []
+    for split in range(splits):
+        perm = torch.randperm(n, generator=g)
+        c, t = perm[:n_cal], perm[n_cal:]
+        found = cal.search(losses[:, c], costs[:, c], fixed, candidates, eps, delta, 'learned', seed=split)
+        assert found['order'] == 'learned' and math.isclose(sum(x['delta'] for x in found['tests']), delta)
+        mean = costs[:, c].mean(1)
+        j = min(found['certified'], key=lambda i: (float(mean[i]), -i))
+        bad += bool(losses[j, t].float().mean() > eps)
+        learned_costs.append(float(mean[j]))
+        for (name, path), test in zip(fixed, found['tests']):
+            k, _ = cal.ltt(losses[path][:, c], eps, test['delta'])  # the fixed path alone at its share
+            if k:
+                assert float(mean[j]) <= float(mean[path[:k]].min()) + 1e-12, (split, name)
+        k, _ = cal.ltt(losses[fixed[0][1]][:, c], eps, delta)  # the pair path alone at the full delta
+        pair_costs.append(float(mean[fixed[0][1][:k]].min()))
+    assert bad <= binom.ppf(0.999, splits, delta), bad
+    assert np.mean(learned_costs) < np.mean(pair_costs) - 0.1, (np.mean(learned_costs), np.mean(pair_costs))
+
+
+def test_order_is_recorded_and_fixed_keeps_the_single_path():
+    model = spread_exit_heads(timm.create_model('test_vit_mexit_liferegress', num_classes=10)).eval()
+    outputs = cal.collect_calibration_outputs(model, _loader(), keep_rates=[1., 0.8, 0.6])
+    learned = cal.calibrate_outputs(model, outputs, 0.3, 0.2)
+    assert learned['order'] == 'learned' and learned['learn_share'] == cal.LEARN_SHARE
+    assert [x['path'] for x in learned['tests']][:2] == ['pair path', 'thresholds at keep rate 1']
+    assert learned['tests'][2]['path'].startswith('learned: ') and learned['tests'][2]['n'] == 96 - round(0.3 * 96)
+    fixed = cal.calibrate_outputs(model, outputs, 0.3, 0.2, order='fixed')
+    assert fixed['order'] == 'fixed' and [x['path'] for x in fixed['tests']] == ['pair path']
+    assert fixed['tests'][0]['delta'] == 0.2 and 'learn_share' not in fixed
+    mexit = spread_exit_heads(timm.create_model('test_vit_mexit', num_classes=10)).eval()
+    one = cal.calibrate_outputs(mexit, cal.collect_calibration_outputs(mexit, _loader()), 0.3, 0.2, order='learned')
+    assert one['order'] == 'fixed'  # one path: nothing to learn, the full delta on it
