@@ -442,7 +442,7 @@ def test_regression_arguments_on_a_classifier_are_refused(kwargs, message):
         timm_exits.calibrate(model, None, epsilon=0.1, delta=0.1, **kwargs)
 
 
-def test_cli_names_the_bad_tolerance(tmp_path, capsys):
+def test_cli_names_the_bad_tolerance_and_calibrates_a_counter(tmp_path, capsys):
     from safetensors.torch import save_file
     model = _regression_model()
     meta = {'model': 'test_vit_mexit', 'num_classes': 1, 'format': 1,
@@ -453,6 +453,13 @@ def test_cli_names_the_bad_tolerance(tmp_path, capsys):
                   '--epsilon', '0.1', '--delta', '0.1', '--tolerance', '-2', '--output', str(tmp_path / 'out')])
     assert e.value.code == 2
     assert 'error: --tolerance must be a finite number >= 0 (target units), got -2.0' in capsys.readouterr().err
+    result = cal.main(['--checkpoint', str(tmp_path / 'm.safetensors'), '--dataset', 'digits_count', '--split', 'val',
+                       '--epsilon', '0.2', '--delta', '0.1', '--tolerance', '1', '--risk', 'error_growth', '--workers',
+                       '0', '--no-progress', '--output', str(tmp_path / 'out')])
+    record = json.loads((tmp_path / 'out' / 'calibration.json').read_text())
+    assert record['risk'] == 'error_growth' and record['tolerance'] == 1. and record['n'] == 1000
+    loaded, _, _ = cal.load_model(str(tmp_path / 'out' / 'model.safetensors'))
+    assert loaded.task == 'regression' and loaded.threshold == result['threshold'] == record['threshold']
 
 
 # --- exits + slimming: the order of testing chosen by the data -------------------------------------------------------
