@@ -285,8 +285,9 @@ def _task(model: nn.Module) -> str:
 def _regression_exits(model: nn.Module, x: torch.Tensor, rate: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Every exit's values and predicted scales (E, B, K) at keep rate ``rate``, as ``forward_dynamic`` computes them:
     at keep rate 1 ``forward_exits_with_scale``, below it the slimmed walk's tokens at each exit (``ExitWalker``)."""
-    if rate >= 1.:
-        values, scales = model.forward_exits_with_scale(x)
+    if rate >= 1.:  # (a slimming model's own default keep rate may be lower: ask for 1)
+        kwargs = {'keep_rate': 1.} if isinstance(model, MultiExitLifeRegressMixin) else {}
+        values, scales = model.forward_exits_with_scale(x, **kwargs)
         return torch.stack(values).float(), torch.stack(scales).float()
     from .models.walker import WalkState
     walker = model._walker(model._img_size(x), None, None, rate, every_head=True)
@@ -728,13 +729,25 @@ def calibrate(
             missing for 'accuracy_drop' / 'error_growth'.
     """
     epsilon, delta = check_level('epsilon', epsilon), check_level('delta', delta)
-    family, task = _family(model), _task(model)  # refuses what calibrate cannot serve, before the data is read
+    _family(model)  # refuses what calibrate cannot serve, before the data is read
+    task = _task(model)
     check_risk(task, risk)
     check_tolerance(task, tolerance, tolerance_rel)
     if order is not None and order not in ORDERS:
         raise ValueError(f'order={order!r} is not known; allowed: {list(ORDERS)}')
     check_level('learn_share', learn_share)
     _mapie()
+    _check_grid_args(task, thresholds, keep_rates)
+    rates = None if keep_rates is None else sorted({1., *(float(r) for r in keep_rates)}, reverse=True)
+    outputs = collect_calibration_outputs(model, loader, device, rates, progress)
+    result = calibrate_outputs(model, outputs, epsilon, delta, risk, thresholds, keep_rates, tolerance, tolerance_rel,
+                               order, learn_share, seed)
+    if apply:
+        apply_calibration(model, result)
+    return result
+
+
+def _check_grid_args(task: str, thresholds: Optional[Sequence[float]], keep_rates: Optional[Sequence[float]]) -> None:
     if keep_rates is not None:
         bad = [r for r in keep_rates if not (isinstance(r, (int, float)) and 0 < r <= 1)]
         if bad:
@@ -745,13 +758,6 @@ def calibrate(
         if bad or not thresholds:
             allowed = 'finite numbers >= 0 (target units)' if task == 'regression' else 'numbers in [0, 1]'
             raise ValueError(f'thresholds must be a non-empty sequence of {allowed}, got {list(thresholds)}')
-    rates = None if keep_rates is None else sorted({1., *(float(r) for r in keep_rates)}, reverse=True)
-    outputs = collect_calibration_outputs(model, loader, device, rates, progress)
-    result = calibrate_outputs(model, outputs, epsilon, delta, risk, thresholds, keep_rates, tolerance, tolerance_rel,
-                               order, learn_share, seed)
-    if apply:
-        apply_calibration(model, result)
-    return result
 
 
 # --- command line -----------------------------------------------------------------------------------------------------
