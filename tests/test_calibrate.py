@@ -309,7 +309,8 @@ def test_the_regression_guarantee_holds_over_200_random_splits(criterion, risk):
         c, t = perm[:n_cal], perm[n_cal:]
         found = cal.search(losses[:, c], image_costs[:, c], [('thresholds', list(range(len(grid))))], [], eps, delta)
         assert found['certified'] == list(range(found['tests'][0]['certified']))  # a prefix of the path
-        j = min(found['certified'], key=lambda i: (float(image_costs[i, c].mean()), -i))
+        mean = image_costs[:, c].mean(1)
+        j = min(found['certified'], key=lambda i: (float(mean[i]), -i))
         bad += bool(losses[j, t].float().mean() > eps)
         chosen_costs.append(float(image_costs[j, t].mean()))
     assert bad <= binom.ppf(0.999, splits, delta), bad
