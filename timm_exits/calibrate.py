@@ -52,6 +52,7 @@ import math
 import os
 import tempfile
 import warnings
+from numbers import Real
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -136,8 +137,7 @@ def check_tolerance(task: str, tolerance: Any = None, tolerance_rel: Any = None)
                          'tolerance_rel= (a share of the full model\'s value), each a finite number >= 0')
     out = []
     for name, value in (('tolerance', tolerance), ('tolerance_rel', tolerance_rel)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not 0 <= value < math.inf):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < math.inf):
             unit = 'target units' if name == 'tolerance' else "a share of the full model's value"
             raise ValueError(f'{name} must be a finite number >= 0 ({unit}), got {value!r}')
         out.append(0. if value is None else float(value))
