@@ -269,3 +269,276 @@ def test_ltt_fuzzed_against_a_hand_loop(seed):
         want += 1
     assert certified == want
     np.testing.assert_allclose(p, [_hand_hb(int(k), n, eps) for k in losses.sum(1).tolist()], rtol=1e-9, atol=1e-300)
+
+
+# --- regression: a tolerance in target units ------------------------------------------------------------------------
+
+def _regression_outputs(n: int = 20000, exits: int = 4, seed: int = 0):
+    """Fixed outputs of a regression multi-exit model (one count per image): each exit's value strays from the final
+    one by a noise that shrinks with depth and with the image's ease; its predicted scale follows that noise."""
+    g = torch.Generator().manual_seed(seed)
+    final = 5 * torch.rand(n, 1, generator=g)
+    ease = torch.rand(n, 1, generator=g)
+    values, scales = [], []
+    for e in range(exits - 1):
+        spread = (1.2 - ease) * (exits - 1 - e) / (exits - 1)
+        values.append(final + spread * torch.randn(n, 1, generator=g))
+        scales.append(spread * (0.8 + 0.4 * torch.rand(n, 1, generator=g)))
+    values.append(final)
+    scales.append(torch.full((n, 1), 0.01))
+    labels = final + 0.3 * torch.randn(n, 1, generator=g)
+    return {'family': 'mexit', 'task': 'regression', 'labels': labels, 'keep_rates': [1.],
+            'values': [torch.stack(values)], 'scales': [torch.stack(scales)]}
+
+
+@pytest.mark.parametrize('criterion,risk', [('patience', 'disagreement'), ('uncertainty', 'error_growth')])
+def test_the_regression_guarantee_holds_over_200_random_splits(criterion, risk):
+    """As for classification: over 200 random calibration (1000) / test (19000) splits, the certified threshold (target
+    units) lets more than epsilon of the test images stray beyond the tolerance in at most delta of the splits."""
+    out = _regression_outputs()
+    eps, delta, n_cal, splits = 0.05, 0.1, 1000, 200
+    grid = cal.threshold_grid(criterion, 'regression')
+    costs = [0.3, 0.55, 0.8, 1.0]
+    losses, image_costs = cal.point_table(out, [(None, t) for t in grid], criterion, risk, lambda r, t: costs,
+                                          tolerance=(0.5, 0.))
+    n = losses.shape[1]
+    g = torch.Generator().manual_seed(2)
+    bad, chosen_costs = 0, []
+    for _ in range(splits):
+        perm = torch.randperm(n, generator=g)
+        c, t = perm[:n_cal], perm[n_cal:]
+        found = cal.search(losses[:, c], image_costs[:, c], [('thresholds', list(range(len(grid))))], [], eps, delta)
+        assert found['certified'] == list(range(found['tests'][0]['certified']))  # a prefix of the path
+        mean = image_costs[:, c].mean(1)
+        j = min(found['certified'], key=lambda i: (float(mean[i]), -i))
+        bad += bool(losses[j, t].float().mean() > eps)
+        chosen_costs.append(float(image_costs[j, t].mean()))
+    assert bad <= binom.ppf(0.999, splits, delta), bad
+    assert np.mean(chosen_costs) < 0.9  # it saves: not full depth
+
+
+def test_regression_losses_by_hand():
+    """disagreement: some output further than tolerance + tolerance_rel * |full| from the full value; error_growth:
+    the absolute error grows by more than that."""
+    values = torch.tensor([[[1.0, 0.], [2.0, 0.], [10.0, 0.]], [[1.4, 0.], [2.6, 0.], [10.9, 0.]]])  # (E=2, N=3, K=2)
+    out = {'family': 'mexit', 'task': 'regression', 'keep_rates': [1.], 'values': [values],
+           'scales': [torch.zeros_like(values)], 'labels': torch.tensor([[1.2, 0.], [2.0, 0.], [11.0, 0.]])}
+    at_first = [(None, 1e9)]  # every image leaves at the first exit (patience counts from the second: use scales)
+    losses, _ = cal.point_losses(out, at_first, 'uncertainty', 'disagreement', tolerance=(0.5, 0.))
+    assert losses[0].tolist() == [False, True, True]  # |1 - 1.4|, |2 - 2.6|, |10 - 10.9| against 0.5
+    losses, _ = cal.point_losses(out, at_first, 'uncertainty', 'disagreement', tolerance=(0.5, 0.037))
+    assert losses[0].tolist() == [False, True, False]  # 0.6 > 0.5 + 0.037 * 2.6; 0.9 <= 0.5 + 0.037 * 10.9
+    losses, _ = cal.point_losses(out, at_first, 'uncertainty', 'error_growth', tolerance=(0.3, 0.))
+    assert losses[0].tolist() == [False, False, True]  # growth 0.2 - 0.2, 0 - 0.6, 1 - 0.1 against 0.3
+    losses, _ = cal.point_losses(out, [(None, None)], 'uncertainty', 'error_growth', tolerance=(0., 0.))
+    assert not losses.any()  # full depth never differs from itself
+
+
+@pytest.mark.parametrize('criterion', ['patience', 'uncertainty'])
+def test_slimmed_regression_outputs_decide_as_forward_dynamic(criterion):
+    """The values and scales collected at each keep rate give, for every (keep rate, threshold), each image's
+    forward_dynamic answer."""
+    from timm_exits.evaluation import regression_exit_choice
+    model = spread_exit_heads(timm.create_model('test_vit_mexit_liferegress', task='regression', num_classes=2,
+                                                exit_layers=(1, 2, 3), exit_criterion=criterion), 5.).eval()
+    x = torch.randn(12, 3, 32, 32)
+    out = cal.collect_calibration_outputs(model, DataLoader(TensorDataset(x, torch.zeros(12, 2)), batch_size=5),
+                                          keep_rates=[1., 0.7])
+    assert out['task'] == 'regression' and out['values'][1].shape == (4, 12, 2)
+    for i, rate in enumerate(out['keep_rates']):
+        scales = out['scales'][i][:-1].amax(-1) if criterion == 'uncertainty' else (
+            out['values'][i][1:] - out['values'][i][:-1]).abs().amax(-1)
+        for t in torch.quantile(scales.flatten(), torch.tensor([0.2, 0.5, 0.8])).tolist():
+            first = regression_exit_choice(out['values'][i], out['scales'][i], criterion, t, model.exit_patience)
+            with torch.no_grad():
+                want = model.forward_dynamic(x, threshold=t, keep_rate=rate)
+            torch.testing.assert_close(out['values'][i][first, torch.arange(12)], want.logits, rtol=1e-5, atol=1e-5)
+            assert (torch.tensor(model.exit_layers)[first] == want.exit_layer).all()
+
+
+def _regression_model(criterion: str = 'patience') -> torch.nn.Module:
+    return spread_exit_heads(timm.create_model('test_vit_mexit', task='regression', num_classes=1,
+                                               exit_layers=(1, 2, 3), exit_criterion=criterion), 5.).eval()
+
+
+def _count_loader(n: int = 96, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(torch.randn(n, 3, 32, 32, generator=g), 3 * torch.rand(n, generator=g)),
+                      batch_size=32)
+
+
+@pytest.mark.parametrize('name,criterion', [('test_vit_mexit', 'patience'), ('test_vit_mexit', 'uncertainty'),
+                                            ('test_vit_mexit_liferegress', 'patience')])
+def test_regression_models_are_calibrated_and_the_choice_becomes_the_default(name, criterion):
+    model = spread_exit_heads(timm.create_model(name, task='regression', num_classes=1, exit_layers=(1, 2, 3),
+                                                exit_criterion=criterion), 5.).eval()
+    result = timm_exits.calibrate(model, _count_loader(), epsilon=0.3, delta=0.2, tolerance=0.5,
+                                  keep_rates=[1., 0.8] if 'liferegress' in name else None)
+    assert result['task'] == 'regression' and result['tolerance'] == 0.5 and result['tolerance_rel'] == 0.
+    assert result['criterion'] == criterion and (result.get('exit_patience') == 1) == (criterion == 'patience')
+    assert result['threshold'] is not None and 0 <= result['empirical_risk'] <= 0.3 and result['mean_cost'] < 1.
+    assert model.calibration == result and model.threshold == result['threshold']
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        kwargs = {'keep_rate': result['keep_rate']} if 'liferegress' in name else {}
+        torch.testing.assert_close(model(x), model(x, threshold=result['threshold'], **kwargs), rtol=0, atol=0)
+
+
+def test_the_regression_calibration_is_recorded_where_users_meet_it(tmp_path):
+    """A calibrated regression checkpoint: its threshold (target units, may exceed 1) is the loaded model's default,
+    eval.json repeats it, the card states the tolerance, the ONNX manifest carries it."""
+    from safetensors.torch import save_file
+    from timm_exits import hub
+    from timm_exits.evaluation import evaluate
+    from timm_exits.export import main as export_main
+    from timm_exits.runtime import ExitSession
+    model = _regression_model()
+    kwargs = {'exit_layers': [1, 2, 3], 'task': 'regression', 'exit_criterion': 'patience'}
+    meta = {'model': 'test_vit_mexit', 'model_kwargs': kwargs, 'num_classes': 1, 'format': 1}
+    save_file(model.state_dict(), str(tmp_path / 'plain.safetensors'), metadata={METADATA_KEY: json.dumps(meta)})
+    result = timm_exits.calibrate(model, _count_loader(), epsilon=0.3, delta=0.2, tolerance=3.,
+                                  thresholds=[0., 0.5, 2., 5., 20.], apply=False)
+    assert result['threshold'] > 1  # target units
+    ck = tmp_path / 'model.safetensors'
+    cal.write_calibrated(str(tmp_path / 'plain.safetensors'), result, str(ck), 'test_vit_mexit')
+    loaded = timm.create_model('test_vit_mexit', num_classes=1, checkpoint_path=str(ck), **kwargs).eval()
+    assert loaded.threshold == result['threshold'] and loaded.calibration == result
+    evaluation = evaluate(loaded, _count_loader(32, 1), torch.device('cpu'), 'test_vit_mexit', 'counts')
+    assert evaluation['calibration'] == result
+    folder, _ = hub.push(ck, 'test_vit_mexit', 'me/counter', local_dir=tmp_path / 'hub', upload=False,
+                         model_kwargs=dict(kwargs, num_classes=1))
+    card = (folder / 'README.md').read_text()
+    assert f'threshold {result["threshold"]:g}' in card
+    assert "images whose early value differs from the full model's by more than 3 (target units)" in card and 'epsilon = 0.3' in card
+    assert export_main(['--model', 'test_vit_mexit', '--model-kwargs', 'exit_layers=(1,2,3)', 'task=regression',
+                        'num_classes=1', '--checkpoint', str(ck), '--output', str(tmp_path / 'onnx')]) == 0
+    manifest = json.loads((tmp_path / 'onnx' / 'manifest.json').read_text())
+    assert manifest['calibration'] == result and manifest['default_threshold'] == result['threshold']
+    assert ExitSession(tmp_path / 'onnx').threshold == result['threshold']
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    ({}, "tolerance is required for a task='regression' model"),
+    ({'tolerance': -1.}, r'tolerance must be a finite number >= 0 \(target units\), got -1.0'),
+    ({'tolerance': float('nan')}, 'tolerance must be a finite number >= 0 .* got nan'),
+    ({'tolerance_rel': True}, 'tolerance_rel must be a finite number >= 0 .* got True'),
+    ({'tolerance': 1., 'risk': 'accuracy_drop'}, r"risk='accuracy_drop' is not a risk of task='regression' models \(a "
+                                                 r"risk of task='classification' models\); allowed: \['disagreement', "
+                                                 r"'error_growth'\]"),
+])
+def test_bad_regression_input_is_refused_before_the_data_is_read(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        timm_exits.calibrate(_regression_model(), None, epsilon=0.1, delta=0.1, **kwargs)
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    ({'tolerance': 0.5}, "tolerance / tolerance_rel are for task='regression' models"),
+    ({'risk': 'error_growth'}, r"risk='error_growth' is not a risk of task='classification' models \(a risk of "
+                               r"task='regression' models\); allowed: \['disagreement', 'accuracy_drop'\]"),
+    ({'order': 'random'}, r"order='random' is not known; allowed: \['fixed', 'learned'\]"),
+])
+def test_regression_arguments_on_a_classifier_are_refused(kwargs, message):
+    model = timm.create_model('test_vit_mexit', num_classes=10)
+    with pytest.raises(ValueError, match=message):
+        timm_exits.calibrate(model, None, epsilon=0.1, delta=0.1, **kwargs)
+
+
+def test_cli_names_the_bad_tolerance_and_calibrates_a_counter(tmp_path, capsys):
+    from safetensors.torch import save_file
+    model = _regression_model()
+    meta = {'model': 'test_vit_mexit', 'num_classes': 1, 'format': 1,
+            'model_kwargs': {'exit_layers': [1, 2, 3], 'task': 'regression'}}
+    save_file(model.state_dict(), str(tmp_path / 'm.safetensors'), metadata={METADATA_KEY: json.dumps(meta)})
+    with pytest.raises(SystemExit) as e:
+        cal.main(['--checkpoint', str(tmp_path / 'm.safetensors'), '--dataset', 'digits', '--split', 'val',
+                  '--epsilon', '0.1', '--delta', '0.1', '--tolerance', '-2', '--output', str(tmp_path / 'out')])
+    assert e.value.code == 2
+    assert 'error: --tolerance must be a finite number >= 0 (target units), got -2.0' in capsys.readouterr().err
+    result = cal.main(['--checkpoint', str(tmp_path / 'm.safetensors'), '--dataset', 'digits_count', '--split', 'val',
+                       '--epsilon', '0.2', '--delta', '0.1', '--tolerance', '1', '--risk', 'error_growth', '--workers',
+                       '0', '--no-progress', '--output', str(tmp_path / 'out')])
+    record = json.loads((tmp_path / 'out' / 'calibration.json').read_text())
+    assert record['risk'] == 'error_growth' and record['tolerance'] == 1. and record['n'] == 1000
+    loaded, _, _ = cal.load_model(str(tmp_path / 'out' / 'model.safetensors'))
+    assert loaded.task == 'regression' and loaded.threshold == result['threshold'] == record['threshold']
+
+
+# --- exits + slimming: the order of testing chosen by the data -------------------------------------------------------
+
+def _combined_outputs(n: int = 6000, slim_harm=(0., 0.04, 0.08, 0.15), seed: int = 0):
+    """Fixed outputs of an exits + slimming model at keep rates 1, 0.9, 0.8, 0.7: the exits of ``_fixed_outputs``,
+    slimming changing the final answer of a share ``slim_harm`` of the images (0.9 alone already disagrees on 4 %, as
+    when slimming is poorly fitted); an exit that agreed with the full answer agrees with the slimmed one."""
+    base = _fixed_outputs(n, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    full = base['preds'][0][-1]
+    preds = []
+    for q in slim_harm:
+        wrong = torch.rand(n, generator=g) < q
+        final = torch.where(wrong, (full + 1 + torch.randint(0, 9, (n,), generator=g)) % 10, full)
+        p = torch.where(base['preds'][0] == full, final, base['preds'][0])
+        p[-1] = final
+        preds.append(p)
+    return dict(base, family='mexit_liferegress', task='classification', keep_rates=[1., 0.9, 0.8, 0.7], preds=preds,
+                scores=[base['scores'][0]] * len(slim_harm))
+
+
+def _combined_costs(rate, t):
+    """Exit costs shrinking with the keep rate; with a threshold each exit head passed costs 0.02 more."""
+    base = torch.tensor([0.3, 0.55, 0.8, 1.0], dtype=torch.float64) * (0.3 + 0.7 * (1. if rate is None else rate))
+    return base + (0.02 * torch.arange(1, 5) if t is not None else 0.)
+
+
+def test_the_learned_order_keeps_the_guarantee_and_is_never_dearer_than_a_fixed_path():
+    """Exits + slimming over 200 random calibration (1000) / test (5000) splits: the point certified with the order
+    learned on a split of the calibration images (plus the fixed paths, Bonferroni) exceeds epsilon on the test images
+    in at most delta of the splits; it is never dearer than what each fixed path certifies alone at its share of delta
+    on the same images; and where slimming alone already costs risk it is much cheaper than the fixed pair path at the
+    full delta (the path a fixed order would test)."""
+    from types import SimpleNamespace
+    out = _combined_outputs()
+    eps, delta, n_cal, splits = 0.05, 0.1, 1000, 200
+    model = SimpleNamespace(exit_criterion='confidence', task='classification')
+    grid = cal.threshold_grid('confidence')[::4]
+    fixed, candidates = cal._paths(model, 'mexit_liferegress', out, grid, None)
+    assert [name for name, _ in fixed] == ['pair path', 'thresholds at keep rate 1']
+    points = list(dict.fromkeys(pt for _, path in fixed + candidates for pt in path))
+    index = {pt: j for j, pt in enumerate(points)}
+    fixed = [(name, [index[pt] for pt in path]) for name, path in fixed]
+    candidates = [(name, [index[pt] for pt in path]) for name, path in candidates]
+    losses, costs = cal.point_table(out, points, costs=_combined_costs)
+    n = losses.shape[1]
+    g = torch.Generator().manual_seed(3)
+    bad, learned_costs, pair_costs = 0, [], []
+    for split in range(splits):
+        perm = torch.randperm(n, generator=g)
+        c, t = perm[:n_cal], perm[n_cal:]
+        found = cal.search(losses[:, c], costs[:, c], fixed, candidates, eps, delta, 'learned', seed=split)
+        assert found['order'] == 'learned' and math.isclose(sum(x['delta'] for x in found['tests']), delta)
+        mean = costs[:, c].mean(1)
+        j = min(found['certified'], key=lambda i: (float(mean[i]), -i))
+        bad += bool(losses[j, t].float().mean() > eps)
+        learned_costs.append(float(mean[j]))
+        for (name, path), test in zip(fixed, found['tests']):
+            k, _ = cal.ltt(losses[path][:, c], eps, test['delta'])  # the fixed path alone at its share
+            if k:
+                assert float(mean[j]) <= float(mean[path[:k]].min()) + 1e-12, (split, name)
+        k, _ = cal.ltt(losses[fixed[0][1]][:, c], eps, delta)  # the pair path alone at the full delta
+        pair_costs.append(float(mean[fixed[0][1][:k]].min()))
+    assert bad <= binom.ppf(0.999, splits, delta), bad
+    assert np.mean(learned_costs) < np.mean(pair_costs) - 0.1, (np.mean(learned_costs), np.mean(pair_costs))
+
+
+def test_order_is_recorded_and_fixed_keeps_the_single_path():
+    model = spread_exit_heads(timm.create_model('test_vit_mexit_liferegress', num_classes=10)).eval()
+    outputs = cal.collect_calibration_outputs(model, _loader(), keep_rates=[1., 0.8, 0.6])
+    learned = cal.calibrate_outputs(model, outputs, 0.3, 0.2)
+    assert learned['order'] == 'learned' and learned['learn_share'] == cal.LEARN_SHARE
+    assert [x['path'] for x in learned['tests']][:2] == ['pair path', 'thresholds at keep rate 1']
+    assert learned['tests'][2]['path'].startswith('learned: ') and learned['tests'][2]['n'] == 96 - round(0.3 * 96)
+    fixed = cal.calibrate_outputs(model, outputs, 0.3, 0.2, order='fixed')
+    assert fixed['order'] == 'fixed' and [x['path'] for x in fixed['tests']] == ['pair path']
+    assert fixed['tests'][0]['delta'] == 0.2 and 'learn_share' not in fixed
+    mexit = spread_exit_heads(timm.create_model('test_vit_mexit', num_classes=10)).eval()
+    one = cal.calibrate_outputs(mexit, cal.collect_calibration_outputs(mexit, _loader()), 0.3, 0.2, order='learned')
+    assert one['order'] == 'fixed'  # one path: nothing to learn, the full delta on it

@@ -74,11 +74,11 @@ def test_http_answer_gives_values():
     assert out == {'values': [2.5, -1.0], 'exit_layer': 2, 'cost': 0.6}
 
 
-def test_fit_and_calibrate_refuse_regression():
+def test_fit_refuses_regression_and_calibrate_needs_a_tolerance():
     from timm_exits.calibrate import calibrate
     from timm_exits.fit import fit_parts
     model = _regression('patience')
     assert fit_parts(model) == ('exits', 'uncertainty')  # fit takes regression models (tests/test_fit_regression.py)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32)), batch_size=4)
-    with pytest.raises(ValueError, match='calibrate certifies the share of answers that differ from full depth'):
+    with pytest.raises(ValueError, match="tolerance is required for a task='regression' model"):
         calibrate(model, loader, epsilon=0.1, delta=0.1)

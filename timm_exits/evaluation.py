@@ -285,7 +285,8 @@ def evaluate(
     model = _unwrap(model)
     if getattr(model, 'task', None) == 'regression':  # MAE and RMSE instead of accuracy
         outputs = collect_regression_outputs(model, loader, device) if outputs is None else outputs
-        return evaluate_regression(model, outputs, model_name, dataset_name, budgets, calib_outputs)
+        return _with_calibration(model, evaluate_regression(model, outputs, model_name, dataset_name, budgets,
+                                                            calib_outputs))
     outputs = collect_outputs(model, loader, device, keep_rates) if outputs is None else outputs
     correct = outputs['correct']
     accs = accuracies(correct)
@@ -328,9 +329,14 @@ def evaluate(
             result['gflops'] = _full_flops(model) / 1e9
     finally:
         model.train(was_training)
-    if getattr(model, 'calibration', None):  # timm_exits.calibrate's choice: the model's default in eval mode
-        result['calibration'] = dict(model.calibration)
     result['plot'] = 'tradeoff.png'
+    return _with_calibration(model, result)
+
+
+def _with_calibration(model: nn.Module, result: Dict[str, Any]) -> Dict[str, Any]:
+    """``result`` with timm_exits.calibrate's choice (the model's default in eval mode), when the model has one."""
+    if getattr(model, 'calibration', None):
+        result['calibration'] = dict(model.calibration)
     return result
 
 

@@ -145,16 +145,10 @@ def _calibration_text(calibration: Optional[Dict[str, Any]]) -> str:
     if not calibration:
         return ''
     knobs = ', '.join(f'{k} {calibration[k]:g}' for k in ('keep_rate', 'threshold') if calibration.get(k) is not None)
-    if calibration.get('task') == 'regression' or calibration.get('tolerance') is not None:
-        by = ' + '.join([f'{calibration.get("tolerance") or 0:g}'] + [
-            f'{calibration["tolerance_rel"]:g} x |full value|' for _ in [0] if calibration.get('tolerance_rel')])
-        what = (f'images whose early value differs from the full model\'s by more than {by} (target units)'
-                if calibration.get('risk', 'disagreement') == 'disagreement' else
-                f'images whose absolute error grows by more than {by} (target units) over the full model\'s')
-        knobs += f' ({calibration["criterion"]})' if calibration.get('criterion') else ''
-    else:
-        what = ('images whose answer differs from the full model\'s' if calibration.get('risk') == 'disagreement' else
-                'images the full model gets right and the early answer wrong')
+    from ..calibrate import risk_description
+    what = risk_description(calibration)
+    if calibration.get('task') == 'regression' and calibration.get('criterion'):
+        knobs += f' ({calibration["criterion"]})'
     return (f'\n\n**Calibrated default** (`python -m timm_exits.calibrate`, Learn-then-Test): {knobs or "full depth"}, '
             f'the model\'s default in eval mode. With probability at least 1 - delta = {1 - calibration["delta"]:g} '
             f'over the draw of the {calibration["n"]} calibration images, the share of {what} is at most epsilon = '

@@ -257,11 +257,14 @@ def apply_calibration(model: nn.Module, calibration: Optional[Dict[str, Any]]) -
         raise ValueError(f'the calibration chose threshold={threshold!r}, but {type(model).__name__} has no exits')
     if keep_rate is not None and not slims:
         raise ValueError(f'the calibration chose keep_rate={keep_rate!r}, but {type(model).__name__} has no slimming')
+    regression = getattr(model, 'task', 'classification') == 'regression'  # thresholds in target units
     for name, value, low_open in (('threshold', threshold, False), ('keep_rate', keep_rate, True)):
+        high = math.inf if regression and name == 'threshold' else 1
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                0 < value <= 1 if low_open else 0 <= value <= 1)):
-            raise ValueError(f'the calibration\'s {name}={value!r} is not allowed: a number in '
-                             f'{"(0" if low_open else "[0"}, 1]')
+                0 < value <= high if low_open else 0 <= value <= high) or value == math.inf):
+            raise ValueError(f'the calibration\'s {name}={value!r} is not allowed: '
+                             + ('a finite number >= 0 (target units)' if high == math.inf else
+                                f'a number in {"(0" if low_open else "[0"}, 1]'))
     if exits:
         model.threshold = None if threshold is None else float(threshold)
     if slims:
