@@ -542,3 +542,34 @@ def test_order_is_recorded_and_fixed_keeps_the_single_path():
     mexit = spread_exit_heads(timm.create_model('test_vit_mexit', num_classes=10)).eval()
     one = cal.calibrate_outputs(mexit, cal.collect_calibration_outputs(mexit, _loader()), 0.3, 0.2, order='learned')
     assert one['order'] == 'fixed'  # one path: nothing to learn, the full delta on it
+
+
+def test_gathered_outputs_follow_the_sets_order(monkeypatch):
+    """``gather_outputs`` (each torchrun process's shard): rows land at their places in the whole set, whatever
+    process read them, so a seeded split of the learned order sees the same table as one process; shards that
+    repeat or miss an image are refused."""
+    from timm_exits import calibrate as cal
+    n, k = 7, 3
+    full = {'family': 'mexit', 'task': 'classification', 'keep_rates': [1.], 'labels': torch.arange(n) * 10,
+            'preds': [torch.arange(k * n).reshape(k, n)], 'scores': [torch.rand(k, n)]}
+    shards = [[0, 3, 6], [1, 4], [2, 5]]
+
+    def shard(idx):
+        i = torch.tensor(idx)
+        return {**full, 'labels': full['labels'][i], 'preds': [full['preds'][0][:, i]],
+                'scores': [full['scores'][0][:, i]]}
+
+    def fake_gather(parts, mine, shards=shards):
+        for j, idx in enumerate(shards):
+            ref = shard(idx)
+            parts[j] = (torch.tensor(idx), {key: ref[key] for key in mine[1]})
+    monkeypatch.setattr(cal.dist, 'get_world_size', lambda: len(shards))
+    monkeypatch.setattr(cal.dist, 'all_gather_object', fake_gather)
+    merged = cal.gather_outputs(shard(shards[1]), shards[1])
+    assert torch.equal(merged['labels'], full['labels']) and torch.equal(merged['preds'][0], full['preds'][0])
+    assert torch.equal(merged['scores'][0], full['scores'][0]) and merged['keep_rates'] == [1.]
+    monkeypatch.setattr(cal.dist, 'all_gather_object', lambda p, m: fake_gather(p, m, [[0, 3, 6], [1, 4], [2, 4]]))
+    with pytest.raises(ValueError, match='do not cover the set once'):
+        cal.gather_outputs(shard(shards[0]), shards[0])
+    with pytest.raises(ValueError, match='needs the index of its images'):
+        cal.gather_outputs(shard(shards[0]), None)

@@ -311,6 +311,30 @@ def test_fit_ddp_two_cpu_processes(folders, tmp_path):
     assert model.num_classes == 10
 
 
+def test_calibrate_sharded_over_two_processes_equals_one(folders, tmp_path):
+    """``torchrun`` calibration: each process reads every other image, the outputs are gathered in the set's order and
+    the statistics run once; the choice, its figures and the written checkpoint equal one process's."""
+    from safetensors import safe_open
+    out = tmp_path / 'run'
+    fit_module.main(FIT + ['--data-dir', str(folders / 'fit'), '--output', str(out), '--cache'])
+    args = ['--checkpoint', str(out / 'model.safetensors'), '--data-dir', str(folders / 'calib'), '--epsilon', '0.3',
+            '--delta', '0.2', '--workers', '0', '--no-progress', '--risk', 'accuracy_drop', '--batch-size', '16']
+    one = timm_exits.calibrate.main(args + ['--output', str(tmp_path / 'one')])
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                           '-m', 'timm_exits.calibrate'] + args + ['--device', 'cpu', '--output', str(tmp_path / 'two')],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / 'two' / 'calibration.json').read_text())
+    assert one['processes'] == 1 and two.pop('processes') == 2 and one.pop('processes') == 1
+    assert two == json.loads(json.dumps(one)) and one['n'] == 80 and one['certified_points'] > 0
+
+    def recorded(folder):
+        with safe_open(str(tmp_path / folder / 'model.safetensors'), 'pt') as f:
+            return json.loads(f.metadata()['timm_exits'])['calibration']
+    assert recorded('one') == recorded('two')
+
+
 @pytest.mark.parametrize('seed', range(4))
 def test_frozen_parts_fuzzed_over_layouts(seed):
     """Seeded fuzzing of the contract: random exit layout, head, criterion and family; after fitting, every frozen

@@ -57,8 +57,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ._files import atomic_write, write_json
 from .data import (
@@ -321,8 +322,11 @@ def collect_calibration_outputs(
         device: Optional[torch.device] = None,
         keep_rates: Optional[Sequence[float]] = None,
         progress: bool = False,
+        index: Optional[Sequence[int]] = None,
 ) -> Dict[str, Any]:
-    """What calibration needs of every image, from one pass per keep rate (eval mode).
+    """What calibration needs of every image, from one pass per keep rate (eval mode). Under ``torch.distributed``
+    (``torchrun``) each process reads its shard of the images (``index``: each of its images' place in the whole
+    set, in the loader's order) and the table is gathered in that order, the same as one process would build.
 
     Returns:
         ``{'family', 'task', 'labels', 'keep_rates'}`` and, per keep rate (a list; multi-exit alone: one entry at 1.0):
@@ -359,7 +363,28 @@ def collect_calibration_outputs(
     names = ('values', 'scales') if task == 'regression' else ('preds', 'scores')
     for k, name in enumerate(names[:len(parts[0][0])]):
         out[name] = [torch.cat([batch[k] for batch in p], 1) for p in parts]
-    return out
+    if index is not None and len(index) != len(out['labels']):
+        raise ValueError(f'index names {len(index)} images, the loader gave {len(out["labels"])}')
+    return gather_outputs(out, index) if dist.is_available() and dist.is_initialized() else out
+
+
+def gather_outputs(out: Dict[str, Any], index: Optional[Sequence[int]]) -> Dict[str, Any]:
+    """Every process's calibration outputs in one table, rows in the order of ``index`` (each process's images'
+    places in the whole set; all of them must cover 0 .. N-1 once)."""
+    if index is None:
+        raise ValueError('under torch.distributed each process needs the index of its images in the whole set')
+    mine = {k: v for k, v in out.items() if k in ('labels', 'values', 'scales', 'preds', 'scores')}
+    parts: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (torch.as_tensor(list(index), dtype=torch.long), mine))
+    where = torch.cat([p[0] for p in parts])
+    order = where.argsort()
+    if not torch.equal(where[order], torch.arange(len(where))):
+        raise ValueError(f'the processes\' images do not cover the set once: {len(where)} rows, places '
+                         f'{where.min().item()}..{where.max().item()} with repeats or gaps')
+    merged = dict(out, labels=torch.cat([p[1]['labels'] for p in parts])[order])
+    for name in mine.keys() - {'labels'}:
+        merged[name] = [torch.cat([p[1][name][i] for p in parts], 1)[:, order] for i in range(len(mine[name]))]
+    return merged
 
 
 def _first_exit(scores: torch.Tensor, threshold: float, confident_high: bool) -> torch.Tensor:
@@ -692,6 +717,7 @@ def calibrate(
         order: Optional[str] = None,
         learn_share: float = LEARN_SHARE,
         seed: int = 0,
+        index: Optional[Sequence[int]] = None,
 ) -> Dict[str, Any]:
     """Choose the cheapest threshold / keep rate / (keep rate, threshold) whose risk is certified <= ``epsilon`` with
     probability >= 1 - ``delta`` over the draw of the calibration images (Learn-then-Test; module docstring).
@@ -717,6 +743,8 @@ def calibrate(
             Bonferroni with the fixed paths; module docstring); default 'learned' for exits + slimming, else 'fixed'.
         learn_share: 'learned': the share of the calibration images, in (0, 1), the path is chosen on.
         seed: 'learned': the seed of the random split.
+        index: Under ``torch.distributed``: the places in the whole set of this process's images, in ``loader``'s
+            order (``collect_calibration_outputs``); the statistics run once on the gathered table.
 
     Returns:
         ``{'epsilon', 'delta', 'n', 'risk', 'family', 'task', 'criterion', 'threshold', 'keep_rate',
@@ -740,7 +768,7 @@ def calibrate(
     _mapie()
     _check_grid_args(task, thresholds, keep_rates)
     rates = None if keep_rates is None else sorted({1., *(float(r) for r in keep_rates)}, reverse=True)
-    outputs = collect_calibration_outputs(model, loader, device, rates, progress)
+    outputs = collect_calibration_outputs(model, loader, device, rates, progress, index)
     result = calibrate_outputs(model, outputs, epsilon, delta, risk, thresholds, keep_rates, tolerance, tolerance_rel,
                                order, learn_share, seed)
     if apply:
@@ -911,7 +939,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     problem = _device_problem(args.device)
     if problem:
         raise ValueError(f'--device: {problem}')
-    device = torch.device(args.device)
     _mapie()
     if args.dataset == 'images':
         if not args.data_dir:
@@ -940,21 +967,30 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         check_tolerance(task, args.tolerance, args.tolerance_rel)
     except ValueError as e:
         raise ValueError(f'--{str(e).replace("tolerance_rel", "tolerance-rel")}') from e
-    model = model.to(device).eval()
     ds, cfg = command_dataset(args, model, recorded, False)
     if args.risk in ('accuracy_drop', 'error_growth') and getattr(ds, 'labelled', True) is False:
         raise ValueError(f'--risk {args.risk} needs labels: {args.data_dir!r} is a flat folder (no class folders); '
                          'use --risk disagreement or class folders')
-    loader = make_loader(ds, args.batch_size, args.workers)
-    result = calibrate(model, loader, args.epsilon, args.delta, risk=args.risk, device=device,
-                       progress=not args.no_progress, tolerance=args.tolerance, tolerance_rel=args.tolerance_rel,
-                       order=args.order, learn_share=args.learn_share)
+    from timm.utils.distributed import init_distributed_device_so
+    info = init_distributed_device_so(device=args.device)  # under torchrun: one shard of the images per process
+    rank, world = info['global_rank'], info['world_size']
+    if len(ds) < world:
+        raise ValueError(f'--data-dir: {len(ds)} images for {world} processes; each needs at least one')
+    index = list(range(rank, len(ds), world)) if info['distributed'] else None
+    model = model.to(torch.device(info['device'])).eval()
+    loader = make_loader(ds if index is None else Subset(ds, index), args.batch_size, args.workers)
+    result = calibrate(model, loader, args.epsilon, args.delta, risk=args.risk, device=torch.device(info['device']),
+                       progress=not args.no_progress and rank == 0, tolerance=args.tolerance,
+                       tolerance_rel=args.tolerance_rel, order=args.order, learn_share=args.learn_share, index=index)
     calib = dict(result)
     result.update(model=name, checkpoint=os.path.abspath(args.checkpoint), data=f'{args.dataset}:{args.data_dir}'
-                  + (f'/{args.split}' if args.split else ''), data_config=cfg.record())
-    write_calibrated(args.checkpoint, calib, os.path.join(args.output, 'model.safetensors'), name, cfg.record())
-    write_json(result, os.path.join(args.output, 'calibration.json'))
-    _logger.info(json.dumps(result, indent=1))
+                  + (f'/{args.split}' if args.split else ''), data_config=cfg.record(), processes=world)
+    if rank == 0:
+        write_calibrated(args.checkpoint, calib, os.path.join(args.output, 'model.safetensors'), name, cfg.record())
+        write_json(result, os.path.join(args.output, 'calibration.json'))
+        _logger.info(json.dumps(result, indent=1))
+    if info['distributed']:
+        dist.barrier()  # the files are written before any process returns
     return result
 
 
