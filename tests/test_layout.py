@@ -35,7 +35,7 @@ ALLOWED: Dict[str, Set[str]] = {
     'runtime': set(),
     'train': MODELS | {'_files', 'data', 'evaluation', 'plots', 'tasks', 'benchmark'},
     'validate': MODELS | {'_files', 'data', 'evaluation', 'plots'},
-    'calibrate': MODELS | {'_files', 'data', 'validate', 'train'},
+    'calibrate': MODELS | {'_files', 'data', 'evaluation', 'validate', 'train'},
     'fit': MODELS | {'_files', 'data', 'tasks', 'train', 'validate', 'calibrate'},
     'export': MODELS | {'_files', 'data', 'timm_exits'},  # the root for __version__
     'benchmark_onnx': MODELS | {'_files', 'benchmark', 'export', 'runtime'},
