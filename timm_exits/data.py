@@ -7,8 +7,15 @@ transformed with one resolution of the data config (``resolve_data_cfg``: input 
 crop_pct, crop_mode, interpolation): a command-line flag, else what the checkpoint records, else the model's pretrained
 cfg. validate, the recipes, export, hub push, fit and calibrate all read it, so a checkpoint is evaluated, exported and
 published with the preprocessing it was trained with.
+
+The counting protocol travels the same way: the crop size and resize a counting recipe cut its point-annotated
+images with (``DataConfig.counting``; TransCrowd's crops, whose test counts are also summed per image) is recorded
+beside the data config, and ``--count-crop`` / ``--count-resize`` override it (``resolve_data_cfg``).
+``python -m timm_exits.data convert-counting`` writes the counting layout from ShanghaiTech, DISCO or JHU-Crowd++
+files (``timm_exits.counting_sets``).
 """
 import argparse
+import logging
 import math
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -22,13 +29,16 @@ from timm.data import create_transform
 
 from .models.adapters import any_input_size, input_shape
 
+_logger = logging.getLogger(__name__)
+
 __all__ = [
-    'CROP_MODES', 'DATA_CONFIG_KEYS', 'NO_LABEL', 'TORCHVISION_DATASETS', 'CountingDataset', 'DataConfig',
+    'COUNTING_KEYS', 'CROP_MODES', 'DATA_CONFIG_KEYS', 'NO_LABEL', 'TORCHVISION_DATASETS', 'CountingDataset', 'DataConfig',
     'DigitsCountDataset', 'DigitsDataset', 'ImageFiles', 'add_data_config_args', 'available_cpus', 'build_transform',
-    'check_data_config', 'counting_transform', 'create_dataset', 'data_config_flags', 'digits_augment', 'make_loader',
+    'check_counting', 'check_data_config', 'counting_record', 'counting_transform', 'create_dataset', 'data_config_flags', 'digits_augment', 'make_loader',
     'read_points', 'recorded_data_config', 'resolve_data_cfg', 'sum_by_image', 'write_digits_folder',
 ]
 
+COUNTING_KEYS = ('crop', 'resize')  # the counting protocol: crop size (px) and the resize (W, H) before cutting
 DATA_CONFIG_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
 NO_LABEL = -1  # the label of an image that has none (``ImageFiles`` of a flat folder)
 CROP_MODES = ('center', 'squash', 'border')
@@ -40,19 +50,34 @@ SOURCE_FLAG, SOURCE_MODEL, SOURCE_CFG = 'command line', 'model', 'pretrained cfg
 
 class DataConfig(dict):
     """The resolved data config (timm's ``resolve_data_config`` keys, ``DATA_CONFIG_KEYS``; plus
-    ``crop_border_pixels`` when asked for) with ``sources``: where each value came from."""
+    ``crop_border_pixels`` when asked for) with ``sources``: where each value came from; and ``counting``, the
+    counting protocol (``{'crop': px, 'resize': (W, H) or None}``; None: whole images), kept out of the dict so
+    that the dict stays timm's transform arguments."""
 
-    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str],
+                 counting: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__(values)
         self.sources = dict(sources)
+        self.counting = dict(counting) if counting else None
 
     def describe(self) -> str:
-        """One line: each value and its source, e.g. ``mean (0.5, 0.5, 0.5) [checkpoint: train.py args]``."""
-        return ', '.join(f'{k} {self[k]} [{self.sources.get(k, "?")}]' for k in self)
+        """One line: each value and its source, e.g. ``mean (0.5, 0.5, 0.5) [checkpoint: train.py args]``, then the
+        counting protocol's crop and resize with theirs."""
+        text = ', '.join(f'{k} {self[k]} [{self.sources.get(k, "?")}]' for k in self)
+        if not self.counting and 'count_crop' in self.sources:  # whole images asked for
+            text += f', count crop 0 (whole images) [{self.sources["count_crop"]}]'
+        elif self.counting:
+            text += ''.join(f', count {k} {self.counting[k]} [{self.sources.get("count_" + k, "?")}]'
+                            for k in COUNTING_KEYS if self.counting.get(k) is not None)
+        return text
 
     def record(self) -> Dict[str, Any]:
-        """JSON-ready values (what a checkpoint's metadata records and eval.json reports)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.items()}
+        """JSON-ready values (what a checkpoint's metadata records and eval.json reports); ``counting``:
+        ``{'crop': px, 'resize': [W, H] or None}`` when images are cut into crops."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in self.items()}
+        if self.counting:
+            out['counting'] = counting_record(self.counting)
+        return out
 
 
 def add_data_config_args(parser: argparse.ArgumentParser) -> None:
@@ -74,12 +99,19 @@ def add_data_config_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='normalisation std')
     group.add_argument('--interpolation', default='', metavar='NAME',
                        help=f'resize interpolation: {", ".join(INTERPOLATIONS)}')
+    group.add_argument('--count-crop', type=int, default=None, metavar='PX',
+                       help='counting protocol (--dataset counting with point files): cut each image into PX px square '
+                       'crops, each one sample, test counts also summed per image (0: whole images); unset: what the '
+                       'checkpoint records')
+    group.add_argument('--count-resize', type=int, nargs=2, default=None, metavar=('W', 'H'),
+                       help='counting protocol: resize each image to W x H before cutting it into crops; unset: what '
+                       'the checkpoint records')
 
 
 def data_config_flags(args: argparse.Namespace) -> Dict[str, Any]:
     """The preprocessing flags ``add_data_config_args`` added that were given, as ``resolve_data_cfg`` overrides."""
     out = {k: getattr(args, k, None) for k in ('img_size', 'input_size', 'mean', 'std', 'crop_pct', 'crop_mode',
-                                                  'crop_border_pixels')}
+                                                  'crop_border_pixels', 'count_crop', 'count_resize')}
     out['interpolation'] = getattr(args, 'interpolation', '') or None
     return {k: v for k, v in out.items() if v is not None}
 
@@ -174,6 +206,67 @@ def recorded_data_config(recorded: Optional[Mapping[str, Any]]) -> Tuple[Dict[st
     return out, 'checkpoint: train.py args'
 
 
+def counting_record(counting: Mapping[str, Any]) -> Dict[str, Any]:
+    """The JSON form of a counting protocol: ``{'crop': px, 'resize': [W, H] or None}``."""
+    resize = counting.get('resize')
+    return {'crop': counting.get('crop'), 'resize': None if resize is None else [int(v) for v in resize]}
+
+
+def check_counting(crop: Any, resize: Any, names: Tuple[str, str] = ('--count-crop', '--count-resize')
+                   ) -> Optional[Dict[str, Any]]:
+    """The counting protocol ``{'crop', 'resize'}`` from a crop size (an integer >= 1; 0 or None: whole images) and a
+    resize (W, H) (None: the image's own size; each side at least the crop), or None for whole images. Errors name
+    the argument (``names``: crop's and resize's)."""
+    if crop is not None and (not _is_int(crop) or crop < 0):
+        raise ValueError(f'{names[0]} must be an integer >= 1 (the crop size in pixels; 0: whole images), got '
+                         f'{crop!r}')
+    if resize is not None:
+        if not isinstance(resize, (list, tuple)) or len(resize) != 2 or not all(_is_int(v) and v >= 1 for v in resize):
+            raise ValueError(f'{names[1]} must be two integers >= 1 (width, height), got {resize!r}')
+        if not crop:
+            raise ValueError(f'{names[1]} {tuple(resize)} resizes images before they are cut into crops: it needs a '
+                             f'crop size ({names[0]})')
+        if min(resize) < crop:
+            raise ValueError(f'{names[1]} {tuple(resize)} is smaller than the {crop} px crop: no crop would fit')
+    if not crop:
+        return None
+    return {'crop': int(crop), 'resize': None if resize is None else tuple(int(v) for v in resize)}
+
+
+def _resolve_counting(given: Mapping[str, Any], recorded: Optional[Mapping[str, Any]], flags: bool,
+                      sources: Dict[str, str]) -> Optional[Dict[str, Any]]:
+    """The counting protocol: each of crop and resize from ``given`` (``count_crop``, ``count_resize``), else from
+    the checkpoint's ``data_config['counting']``; ``sources`` gets where each came from."""
+    cfg = (recorded or {}).get('data_config')
+    record = cfg.get('counting') if isinstance(cfg, dict) else None
+    if record is not None:
+        if not isinstance(record, dict) or set(record) - set(COUNTING_KEYS):
+            raise ValueError(f'the checkpoint records a bad counting protocol {record!r}: a dict with keys '
+                             f'{list(COUNTING_KEYS)}')
+        try:
+            check_counting(record.get('crop'), record.get('resize'), ("data_config['counting']['crop']",
+                                                                       "data_config['counting']['resize']"))
+        except ValueError as e:
+            raise ValueError(f'the checkpoint records a bad counting protocol: {e}') from e
+    record = record or {}
+    values: Dict[str, Any] = {}
+    for key in COUNTING_KEYS:
+        if given.get('count_' + key) is not None:
+            values[key], sources['count_' + key] = given['count_' + key], SOURCE_FLAG if flags else 'recipe'
+        elif record.get(key) is not None and not ('count_crop' in given and given['count_crop'] == 0):
+            values[key], sources['count_' + key] = record[key], 'checkpoint: recorded counting protocol'
+    names = ('--count-crop', '--count-resize') if flags else ("data_config['count_crop']",
+                                                              "data_config['count_resize']")
+    if 'resize' in values and 'crop' in values and sources['count_resize'] != sources['count_crop']:
+        names = (f'{names[0]} ({sources["count_crop"]})', f'{names[1]} ({sources["count_resize"]})')
+    counting = check_counting(values.get('crop'), values.get('resize'), names)
+    if counting is None:
+        sources.pop('count_resize', None)
+        if 'crop' not in values:
+            sources.pop('count_crop', None)
+    return counting
+
+
 def _model_input_size(model: nn.Module) -> Tuple[int, int, int]:
     return input_shape(model)
 
@@ -189,7 +282,9 @@ def resolve_data_cfg(
     ``data_config``), else from what the checkpoint records (``recorded``: ``read_checkpoint``'s arguments, see
     ``recorded_data_config``), else from the model's pretrained cfg (its test size / crop unless
     ``use_train_size``), as timm's ``resolve_data_config`` does. The input size falls back to the model's own when
-    its pretrained cfg's size does not fit a model built at another ``img_size``.
+    its pretrained cfg's size does not fit a model built at another ``img_size``. The counting protocol
+    (``DataConfig.counting``) resolves alike: ``count_crop`` / ``count_resize`` in ``overrides`` (0 crop: whole
+    images), else the checkpoint's ``data_config['counting']``, else whole images.
 
     Raises:
         ValueError: a bad override or record, naming the flag (``flags``) or ``data_config`` key.
@@ -197,7 +292,10 @@ def resolve_data_cfg(
     in_chans = _model_input_size(model)[0]
     values: Dict[str, Any] = {}
     sources: Dict[str, str] = {}
-    given = check_data_config(overrides or {}, in_chans, flags)
+    overrides = dict(overrides or {})
+    count_given = {k: overrides.pop(k) for k in ('count_crop', 'count_resize') if k in overrides}
+    counting = _resolve_counting(count_given, recorded, flags, sources)
+    given = check_data_config(overrides, in_chans, flags)
     values.update(given)
     sources.update({k: SOURCE_FLAG if flags else 'recipe' for k in given})
     record, where = recorded_data_config(recorded)
@@ -236,7 +334,7 @@ def resolve_data_cfg(
         else:
             values[key], sources[key] = default, 'timm default'
     order = [*DATA_CONFIG_KEYS, *(['crop_border_pixels'] if 'crop_border_pixels' in values else [])]
-    return DataConfig({k: values[k] for k in order}, sources)
+    return DataConfig({k: values[k] for k in order}, sources, counting)
 
 # torchvision class name and the constructor arguments of each split
 TORCHVISION_DATASETS: Dict[str, Tuple[str, Dict[str, Dict[str, Any]]]] = {
@@ -481,6 +579,8 @@ class CountingDataset(Dataset):
         if not names:
             raise ValueError(f'counting set: no images in {images}')
         csv_path, points_dir = os.path.join(folder, 'counts.csv'), os.path.join(folder, 'points')
+        protocol = check_counting(crop, resize, ('crop', 'resize'))
+        crop, resize = (protocol['crop'], protocol['resize']) if protocol else (None, None)
         self.transform, self.crop, self.resize = transform, crop, resize
         self.samples: List[Tuple[str, Optional[Tuple[int, int, int, int]], float]] = []
         self.image_ids: List[int] = []
@@ -520,6 +620,9 @@ class CountingDataset(Dataset):
                 self.image_ids.append(i)
                 continue
             w, h = resize or (width, height)
+            if min(w, h) < crop:
+                raise ValueError(f'counting set: {n} is {w} x {h} px{" after the resize" if resize else ""}, smaller '
+                                 f'than the {crop} px crop: it would give no sample')
             sx, sy = w / width, h / height
             pts = [(x * sx, y * sy) for x, y in points]
             for top in range(0, h - crop + 1, crop):
@@ -609,6 +712,9 @@ def create_dataset(
     Nothing downloads unless ``download`` is set (torchvision datasets that support it).
     """
     cfg = resolve_data_cfg(model) if data_config is None else data_config
+    if getattr(cfg, 'counting', None) and name != 'counting':
+        _logger.warning(f'warning: the counting protocol ({cfg.counting["crop"]} px crops) applies to --dataset '
+                        f'counting only; {name} is read as it is')
     if name.startswith('digits_count'):  # 'digits_count' or 'digits_count/<seed>'
         seed = name.split('/', 1)[1] if '/' in name else '0'
         if not seed.isdigit():
@@ -616,12 +722,7 @@ def create_dataset(
         return DigitsCountDataset(split, tuple(cfg['input_size'][1:]), mean=cfg['mean'], std=cfg['std'],
                                   seed=int(seed))
     if name == 'counting':
-        crop, resize = transform_kwargs.pop('crop', None), transform_kwargs.pop('resize', None)
-        transform_kwargs.pop('resize_crop', None)
-        if transform_kwargs:
-            raise ValueError(f'dataset counting takes the augmentation arguments crop and resize only (a scale or crop '
-                             f'augmentation would change the counts), got {sorted(transform_kwargs)}')
-        return CountingDataset(data_dir, split, counting_transform(cfg, is_training), crop=crop, resize=resize)
+        return _counting_dataset(data_dir, split, cfg, is_training, transform_kwargs)
     if name == 'digits':
         mean, std = cfg['mean'], cfg['std']
         fill = [-m / s for m, s in zip(mean, std)]
@@ -646,6 +747,27 @@ def create_dataset(
     if key != 'imagenet':
         kwargs['download'] = download
     return getattr(torchvision.datasets, cls_name)(data_dir, **kwargs)
+
+
+def _counting_dataset(data_dir: str, split: str, cfg: Mapping[str, Any], is_training: bool,
+                      kwargs: Dict[str, Any]) -> 'CountingDataset':
+    """``--dataset counting`` cut by the counting protocol: ``crop`` / ``resize`` in ``kwargs`` when given, else
+    ``cfg.counting`` (the resolved protocol: a flag or the checkpoint's record), else whole images."""
+    kwargs.pop('resize_crop', None)
+    protocol = getattr(cfg, 'counting', None) or {}
+    given = {k: kwargs.pop(k) for k in COUNTING_KEYS if k in kwargs}
+    if kwargs:
+        raise ValueError(f'dataset counting takes the augmentation arguments crop and resize only (a scale or crop '
+                         f'augmentation would change the counts), got {sorted(kwargs)}')
+    crop, resize = (given.get('crop'), given.get('resize')) if given else (protocol.get('crop'), protocol.get('resize'))
+    try:
+        return CountingDataset(data_dir, split, counting_transform(cfg, is_training), crop=crop, resize=resize)
+    except ValueError as e:
+        if given or not crop:
+            raise
+        where = getattr(cfg, 'sources', {}).get('count_crop', 'the data config')
+        raise ValueError(f'{e} (the counting protocol: {crop} px crops from {where}; --count-crop 0 counts whole '
+                         f'images)') from e
 
 
 def write_digits_folder(root: str, num_val: int = 397, img_size: int = 32, seed: int = 0) -> None:
