@@ -109,3 +109,81 @@ def test_counting_protocol_errors_name_the_flag_or_source(counting_run, tmp_path
     with pytest.raises(ValueError, match=r'needs point annotations .* from checkpoint: recorded counting protocol; '
                                          r'--count-crop 0 counts whole images'):
         _validate_run(root, ['--data-dir', str(tmp_path)])
+
+
+def test_per_image_figures_are_the_sums_of_their_crops():
+    import timm
+    model = timm.create_model('test_vit_mexit', task='regression', num_classes=1, exit_layers=[2, 3]).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])  # images of 3, 2 and 4 crops
+    target = torch.randint(0, 5, (9, 1), generator=gen).float()
+    values = target[None] + torch.randn(3, 9, 1, generator=gen) * torch.tensor([3., 2., 1.]).view(3, 1, 1)
+    scales = torch.rand(3, 9, 1, generator=gen)
+    outputs = {'values': values, 'scales': scales, 'target': target, 'image_ids': ids}
+    result = evaluate_regression(model, outputs, 'm', 'd')
+    assert result['num_images'] == 3 and result['num_crops'] == 9
+
+    def by_hand(chosen):  # per image: |sum of its crops' counts - its total|, then mean and root mean square
+        errs = [sum(float(chosen[k]) for k in range(9) if ids[k] == i) - sum(float(target[k]) for k in range(9)
+                                                                            if ids[k] == i) for i in range(3)]
+        return sum(abs(e) for e in errs) / 3, (sum(e * e for e in errs) / 3) ** .5
+
+    for e, row in enumerate(result['exits']):
+        assert (row['image_mae'], row['image_rmse']) == pytest.approx(by_hand(values[e, :, 0]))
+        assert row['mae'] == pytest.approx(float((values[e] - target).abs().mean()))  # per crop, as before
+    for row in result['budgets']:
+        deepest = max(i for i, c in enumerate(model.exit_costs) if c <= row['budget'] + 1e-9)
+        assert (row['image_mae'], row['image_rmse']) == pytest.approx(by_hand(values[deepest, :, 0]))
+    for criterion in ('patience', 'uncertainty'):
+        for row in result['thresholds'][criterion] + result['budgeted_batch'][criterion]:
+            first = regression_exit_choice(values, scales, criterion, row['threshold'], model.exit_patience)
+            assert (row['image_mae'], row['image_rmse']) == pytest.approx(by_hand(values[first, torch.arange(9), 0]))
+    assert result['budgeted_batch']['patience']  # rows to check were there
+    whole = evaluate_regression(model, {k: v for k, v in outputs.items() if k != 'image_ids'}, 'm', 'd')
+    assert whole['num_images'] == 9 and 'image_mae' not in whole['exits'][0]
+
+
+def test_collect_attaches_the_images_of_crops_read_in_order(tmp_path):
+    import timm
+    counting_folder(tmp_path, splits=('test',), num_images=3)
+    model = timm.create_model('test_vit_mexit', task='regression', num_classes=1).eval()
+    cfg = resolve_data_cfg(model, {'count_crop': CROP, 'count_resize': list(RESIZE)})
+    from timm_exits.data import create_dataset
+    ds = create_dataset('counting', 'test', model, False, str(tmp_path), data_config=cfg)
+    assert isinstance(ds, CountingDataset) and ds.crop == CROP and len(ds) == 18
+    out = collect_regression_outputs(model, make_loader(ds, 5), torch.device('cpu'))
+    assert out['image_ids'].tolist() == [i for i in range(3) for _ in range(6)]
+    assert out['target'].sum() == sum(len(open(tmp_path / 'test' / 'points' / f'{i}.txt').readlines())
+                                      for i in range(3))
+    with pytest.raises(ValueError, match='read it in order'):
+        collect_regression_outputs(model, torch.utils.data.DataLoader(ds, 5, shuffle=True), torch.device('cpu'))
+
+
+def test_export_and_push_carry_the_protocol(counting_run, tmp_path):
+    from timm_exits.export import main as export_main
+    from timm_exits.hub import push
+    root, trained = counting_run
+    checkpoint = str(root / 'run' / 'model.safetensors')
+    assert export_main(['--model', 'test_vit_mexit', '--checkpoint', checkpoint, '--model-kwargs', 'task=regression',
+                        'exit_layers=[2,3]', '--num-classes', '1', '--output', str(tmp_path / 'onnx')]) == 0
+    manifest = json.loads((tmp_path / 'onnx' / 'manifest.json').read_text())
+    assert manifest['counting'] == {'crop': CROP, 'resize': list(RESIZE)}
+    kwargs = dict(task='regression', exit_layers=[2, 3], num_classes=1)
+    folder, _ = push(checkpoint, 'test_vit_mexit', 'org/count', None, tmp_path / 'hub', upload=False,
+                     model_kwargs=kwargs)
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['counting'] == {'crop': CROP, 'resize': list(RESIZE)}
+    # an evaluation of whole images does not describe a model of crops (nor one of other crops), and the reverse
+    from timm_exits.hub import _check_evaluation_preprocessing
+    from timm_exits.models._checkpoint import read_checkpoint_args
+    import timm
+    model = timm.create_model('test_vit_mexit', **kwargs)
+    pushed = resolve_data_cfg(model, None, read_checkpoint_args(checkpoint))
+    _check_evaluation_preprocessing({'data_config': trained['data_config']}, pushed)
+    whole = _validate(root, 'whole2', '--count-crop', '0')
+    with pytest.raises(ValueError, match='measured with counting=None, but the push records counting='):
+        _check_evaluation_preprocessing({'data_config': whole['data_config']}, pushed)
+    with pytest.raises(ValueError, match="measured with counting={'crop': 32, 'resize': \\[96, 64\\]}, but the push "
+                                         "records counting=None"):
+        _check_evaluation_preprocessing({'data_config': trained['data_config']},
+                                        resolve_data_cfg(model, {'count_crop': 0}, read_checkpoint_args(checkpoint)))
