@@ -35,7 +35,7 @@ __all__ = [
     'COUNTING_KEYS', 'CROP_MODES', 'DATA_CONFIG_KEYS', 'NO_LABEL', 'TORCHVISION_DATASETS', 'CountingDataset', 'DataConfig',
     'DigitsCountDataset', 'DigitsDataset', 'ImageFiles', 'add_data_config_args', 'available_cpus', 'build_transform',
     'check_counting', 'check_data_config', 'counting_record', 'counting_transform', 'create_dataset', 'data_config_flags', 'digits_augment', 'make_loader',
-    'read_points', 'recorded_data_config', 'resolve_data_cfg', 'sum_by_image', 'write_digits_folder',
+    'read_density', 'read_points', 'recorded_data_config', 'resolve_data_cfg', 'sum_by_image', 'write_digits_folder',
 ]
 
 COUNTING_KEYS = ('crop', 'resize')  # the counting protocol: crop size (px) and the resize (W, H) before cutting
@@ -557,20 +557,89 @@ def read_points(path: str, width: int, height: int) -> List[Tuple[float, float]]
     return rows
 
 
+def _read_counts_csv(path: str) -> Dict[str, float]:
+    """``image,count`` per line (a header allowed) of a counting set's counts.csv."""
+    counts: Dict[str, float] = {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            cells = [c.strip() for c in line.strip().split(',')]
+            if not cells[0] or (number == 1 and cells[-1].lower() == 'count'):
+                continue
+            if len(cells) != 2:
+                raise ValueError(f'{path} line {number}: expected "image,count", got {line.strip()!r}')
+            counts[cells[0]] = _check_count(cells[1], f'{path} line {number} ({cells[0]})')
+    return counts
+
+
+def read_density(path: str, width: int, height: int) -> 'np.ndarray':
+    """A density map (``.npy``, (H, W) of the image's size, finite, >= 0; its sum is the image's count), else a
+    ValueError naming the file."""
+    import numpy as np
+    try:
+        density = np.load(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{path} is not a readable .npy array ({e})') from e
+    if density.ndim != 2 or density.shape != (height, width):
+        raise ValueError(f'{path}: a density map must be (H, W) = ({height}, {width}), the size of its image; got '
+                         f'shape {density.shape}')
+    if not np.isfinite(density).all() or (density < 0).any():
+        raise ValueError(f'{path}: a density map must hold finite values >= 0')
+    return density.astype(np.float64)
+
+
+def _image_counts(image: str, annotations: str, density: bool, crop: Optional[int],
+                  resize: Optional[Tuple[int, int]]) -> List[Tuple[Optional[Tuple[int, int, int, int]], float]]:
+    """(crop box or None, count) of each sample of one image: its points (``annotations``/<stem>.txt or .npy) or
+    density map (``annotations``/<stem>.npy) counted whole, or per ``crop`` px square after ``resize``."""
+    import numpy as np
+    from PIL import Image
+    stem = os.path.splitext(os.path.basename(image))[0]
+    exts = ('.npy',) if density else ('.txt', '.npy')
+    path = next((os.path.join(annotations, stem + e) for e in exts
+                 if os.path.isfile(os.path.join(annotations, stem + e))), None)
+    if path is None:
+        raise ValueError(f'counting set: no {"density" if density else "point"} file for {os.path.basename(image)} '
+                         f'({annotations}/{stem}{"" if density else ".txt or "}.npy)')
+    with Image.open(image) as im:
+        width, height = im.size
+    if density:
+        mass = read_density(path, width, height)
+        ys, xs = np.mgrid[0:height, 0:width]
+        xs, ys, mass = (xs.ravel() + .5), (ys.ravel() + .5), mass.ravel()  # each pixel's mass at its centre
+    else:
+        points = read_points(path, width, height)
+        xs, ys = np.array([p[0] for p in points], dtype=float), np.array([p[1] for p in points], dtype=float)
+        mass = np.ones(len(points))
+    if crop is None:
+        return [(None, float(mass.sum()))]
+    w, h = resize or (width, height)
+    if min(w, h) < crop:
+        raise ValueError(f'counting set: {os.path.basename(image)} is {w} x {h} px{" after the resize" if resize else ""}'
+                         f', smaller than the {crop} px crop: it would give no sample')
+    cols, rows = w // crop, h // crop  # the crops that fit, left to right, top to bottom
+    c, r = np.floor(xs * w / width / crop).astype(int), np.floor(ys * h / height / crop).astype(int)
+    inside = (c >= 0) & (c < cols) & (r >= 0) & (r < rows)
+    grid = np.bincount(r[inside] * cols + c[inside], weights=mass[inside], minlength=rows * cols)
+    return [((left * crop, top * crop, (left + 1) * crop, (top + 1) * crop), float(grid[top * cols + left]))
+            for top in range(rows) for left in range(cols)]
+
+
 class CountingDataset(Dataset):
     """A counting set in one format real sets map to: ``root/<split>/images/`` and either ``root/<split>/counts.csv``
-    (``image,count`` per line, a header allowed) or ``root/<split>/points/<image stem>.txt`` / ``.npy`` (one point
-    per object, as ShanghaiTech and DISCO ship their heads; convert their .mat files to this once).
+    (``image,count`` per line, a header allowed), ``root/<split>/points/<image stem>.txt`` / ``.npy`` (one point
+    per object, as ShanghaiTech and JHU-Crowd++ ship their heads) or ``root/<split>/density/<image stem>.npy`` (an
+    (H, W) density map of the image's size whose sum is its count, as DISCO ships its heads);
+    ``python -m timm_exits.data convert-counting`` writes this layout from the sets' own files.
 
-    With points and ``crop`` (TransCrowd's setting, 001_*.txt: images resized to ``resize`` (W, H) and cut into
-    ``crop`` px squares), every crop is one sample whose target is the number of points inside it; ``image_ids``
-    says which image each sample came from, so a test split is scored per image on the sum over its crops
-    (``sum_by_image``). Without ``crop`` every image is one sample, its count the number of points.
+    With points or densities and ``crop`` (TransCrowd's setting, 001_*.txt: images resized to ``resize`` (W, H) and
+    cut into ``crop`` px squares), every crop is one sample whose target is the number of points inside it (the
+    density mass of the pixels whose centres fall inside it); ``image_ids`` says which image each sample came from,
+    so a test split is scored per image on the sum over its crops (``sum_by_image``). Without ``crop`` every image
+    is one sample, its count the number of points (the sum of its density).
     """
 
     def __init__(self, root: str, split: str, transform: Optional[Callable] = None, crop: Optional[int] = None,
                  resize: Optional[Tuple[int, int]] = None) -> None:
-        from PIL import Image
         folder = os.path.join(root, split)
         images = os.path.join(folder, 'images')
         if not os.path.isdir(images):
@@ -578,7 +647,8 @@ class CountingDataset(Dataset):
         names = sorted(n for n in os.listdir(images) if n.lower().endswith(('.jpg', '.jpeg', '.png', '.bmp')))
         if not names:
             raise ValueError(f'counting set: no images in {images}')
-        csv_path, points_dir = os.path.join(folder, 'counts.csv'), os.path.join(folder, 'points')
+        csv_path = os.path.join(folder, 'counts.csv')
+        points_dir, density_dir = os.path.join(folder, 'points'), os.path.join(folder, 'density')
         protocol = check_counting(crop, resize, ('crop', 'resize'))
         crop, resize = (protocol['crop'], protocol['resize']) if protocol else (None, None)
         self.transform, self.crop, self.resize = transform, crop, resize
@@ -588,15 +658,7 @@ class CountingDataset(Dataset):
             if crop is not None:
                 raise ValueError(f'crop={crop} needs point annotations ({points_dir}); {csv_path} gives one count per '
                                  f'image')
-            counts: Dict[str, float] = {}
-            with open(csv_path) as f:
-                for number, line in enumerate(f, 1):
-                    cells = [c.strip() for c in line.strip().split(',')]
-                    if not cells[0] or (number == 1 and cells[-1].lower() == 'count'):
-                        continue
-                    if len(cells) != 2:
-                        raise ValueError(f'{csv_path} line {number}: expected "image,count", got {line.strip()!r}')
-                    counts[cells[0]] = _check_count(cells[1], f'{csv_path} line {number} ({cells[0]})')
+            counts = _read_counts_csv(csv_path)
             missing = [n for n in names if n not in counts]
             if missing:
                 raise ValueError(f'{csv_path}: no count for {len(missing)} image(s), e.g. {missing[:3]}')
@@ -604,32 +666,13 @@ class CountingDataset(Dataset):
                 self.samples.append((os.path.join(images, n), None, counts[n]))
                 self.image_ids.append(i)
             return
-        if not os.path.isdir(points_dir):
-            raise ValueError(f'counting set: neither {csv_path} nor {points_dir}/ exists')
+        kind = next((d for d in (points_dir, density_dir) if os.path.isdir(d)), None)
+        if kind is None:
+            raise ValueError(f'counting set: neither {csv_path} nor {points_dir}/ nor {density_dir}/ exists')
         for i, n in enumerate(names):
-            stem = os.path.splitext(n)[0]
-            path = next((os.path.join(points_dir, stem + e) for e in ('.txt', '.npy')
-                         if os.path.isfile(os.path.join(points_dir, stem + e))), None)
-            if path is None:
-                raise ValueError(f'counting set: no point file for {n} ({points_dir}/{stem}.txt or .npy)')
-            with Image.open(os.path.join(images, n)) as im:
-                width, height = im.size
-            points = read_points(path, width, height)
-            if crop is None:
-                self.samples.append((os.path.join(images, n), None, float(len(points))))
+            for box, count in _image_counts(os.path.join(images, n), kind, kind == density_dir, crop, resize):
+                self.samples.append((os.path.join(images, n), box, count))
                 self.image_ids.append(i)
-                continue
-            w, h = resize or (width, height)
-            if min(w, h) < crop:
-                raise ValueError(f'counting set: {n} is {w} x {h} px{" after the resize" if resize else ""}, smaller '
-                                 f'than the {crop} px crop: it would give no sample')
-            sx, sy = w / width, h / height
-            pts = [(x * sx, y * sy) for x, y in points]
-            for top in range(0, h - crop + 1, crop):
-                for left in range(0, w - crop + 1, crop):
-                    inside = sum(left <= x < left + crop and top <= y < top + crop for x, y in pts)
-                    self.samples.append((os.path.join(images, n), (left, top, left + crop, top + crop), float(inside)))
-                    self.image_ids.append(i)
 
     @property
     def targets(self) -> torch.Tensor:
@@ -806,3 +849,32 @@ def available_cpus() -> int:
         return max(len(os.sched_getaffinity(0)), 1)
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m timm_exits.data convert-counting --format shanghaitech|disco|jhu SRC DST``: a real counting set
+    into the counting layout (``timm_exits.counting_sets``); bad input prints one ``error: ...`` line (status 2)."""
+    from .counting_sets import FORMATS, convert_counting
+    parser = argparse.ArgumentParser(prog='python -m timm_exits.data', description='Dataset tools.')
+    sub = parser.add_subparsers(dest='command', required=True)
+    p = sub.add_parser('convert-counting', help='write the counting layout (--dataset counting) from a real set')
+    p.add_argument('--format', required=True, choices=list(FORMATS), help='the set SRC is distributed as')
+    p.add_argument('--split', default=None, help='convert this split only, or name the one split SRC holds')
+    p.add_argument('src', metavar='SRC', help='the set as distributed (e.g. ShanghaiTech/part_A, jhu_crowd_v2.0)')
+    p.add_argument('dst', metavar='DST', help='new (or empty) folder: DST/<split>/images/, points/ or density/')
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    try:
+        summary = convert_counting(args.format, args.src, args.dst, args.split)
+    except (ValueError, OSError, ImportError) as e:
+        parser.exit(2, f'error: {" ".join(str(e).split())}\n')
+    for name, info in summary.items():
+        _logger.info(f'{args.dst}/{name}: {info["images"]} images, {info["count"]:g} heads'
+                     + (f', {info["points_outside_left_out"]} outside their image left out'
+                        if info['points_outside_left_out'] else ''))
+    return 0
+
+
+if __name__ == '__main__':
+    import sys
+    sys.exit(main())
