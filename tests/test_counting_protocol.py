@@ -99,7 +99,8 @@ def test_counting_protocol_errors_name_the_flag_or_source(counting_run, tmp_path
                            (['--count-crop', '-1'], r'--count-crop \(command line\) must be an integer >= 1'),
                            (['--count-crop', '70'], r'--count-resize \(checkpoint: recorded counting protocol\) '
                                                     r'\(96, 64\) is smaller than the 70 px crop'),
-                           (['--count-resize', '0', '5'], r'--count-resize \(command line\) must be two integers >= 1')):
+                           (['--count-resize', '0', '5'],
+                            r'--count-resize \(command line\) must be two integers >= 1')):
         with pytest.raises(ValueError, match=message):
             _validate_run(root, extra)
     # a counts.csv folder cannot be cut into crops: the error says where the crop came from and how to count wholes

@@ -23,9 +23,12 @@ file its image, else one error names the file and what is wrong; ``dst`` is writ
 import logging
 import os
 import shutil
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from ._files import atomic_dir, write_json
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ['FORMATS', 'convert_counting', 'read_disco_density', 'read_jhu_points', 'read_shanghaitech_points']
 

@@ -18,7 +18,7 @@ import argparse
 import logging
 import math
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,13 +29,16 @@ from timm.data import create_transform
 
 from .models.adapters import any_input_size, input_shape
 
+if TYPE_CHECKING:
+    import numpy as np
+
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    'COUNTING_KEYS', 'CROP_MODES', 'DATA_CONFIG_KEYS', 'NO_LABEL', 'TORCHVISION_DATASETS', 'CountingDataset', 'DataConfig',
-    'DigitsCountDataset', 'DigitsDataset', 'ImageFiles', 'add_data_config_args', 'available_cpus', 'build_transform',
-    'check_counting', 'check_data_config', 'counting_record', 'counting_transform', 'create_dataset', 'data_config_flags', 'digits_augment', 'make_loader',
-    'read_density', 'read_points', 'recorded_data_config', 'resolve_data_cfg', 'sum_by_image', 'write_digits_folder',
+    'COUNTING_KEYS', 'CROP_MODES', 'DATA_CONFIG_KEYS', 'NO_LABEL', 'TORCHVISION_DATASETS', 'CountingDataset',
+    'DataConfig', 'DigitsCountDataset', 'DigitsDataset', 'ImageFiles', 'add_data_config_args', 'available_cpus',
+    'build_transform', 'check_counting', 'check_data_config', 'counting_record', 'counting_transform', 'create_dataset',
+    'data_config_flags', 'digits_augment', 'main', 'make_loader', 'read_density', 'read_points', 'recorded_data_config', 'resolve_data_cfg', 'sum_by_image', 'write_digits_folder',
 ]
 
 COUNTING_KEYS = ('crop', 'resize')  # the counting protocol: crop size (px) and the resize (W, H) before cutting
@@ -614,8 +617,9 @@ def _image_counts(image: str, annotations: str, density: bool, crop: Optional[in
         return [(None, float(mass.sum()))]
     w, h = resize or (width, height)
     if min(w, h) < crop:
-        raise ValueError(f'counting set: {os.path.basename(image)} is {w} x {h} px{" after the resize" if resize else ""}'
-                         f', smaller than the {crop} px crop: it would give no sample')
+        after = ' after the resize' if resize else ''
+        raise ValueError(f'counting set: {os.path.basename(image)} is {w} x {h} px{after}, smaller than the {crop} px '
+                         f'crop: it would give no sample')
     cols, rows = w // crop, h // crop  # the crops that fit, left to right, top to bottom
     c, r = np.floor(xs * w / width / crop).astype(int), np.floor(ys * h / height / crop).astype(int)
     inside = (c >= 0) & (c < cols) & (r >= 0) & (r < rows)
