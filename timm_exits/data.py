@@ -38,7 +38,8 @@ __all__ = [
     'COUNTING_KEYS', 'CROP_MODES', 'DATA_CONFIG_KEYS', 'NO_LABEL', 'TORCHVISION_DATASETS', 'CountingDataset',
     'DataConfig', 'DigitsCountDataset', 'DigitsDataset', 'ImageFiles', 'add_data_config_args', 'available_cpus',
     'build_transform', 'check_counting', 'check_data_config', 'counting_record', 'counting_transform', 'create_dataset',
-    'data_config_flags', 'digits_augment', 'main', 'make_loader', 'read_density', 'read_points', 'recorded_data_config', 'resolve_data_cfg', 'sum_by_image', 'write_digits_folder',
+    'data_config_flags', 'digits_augment', 'main', 'make_loader', 'read_density', 'read_points',
+    'recorded_data_config', 'resolve_data_cfg', 'sum_by_image', 'write_digits_folder',
 ]
 
 COUNTING_KEYS = ('crop', 'resize')  # the counting protocol: crop size (px) and the resize (W, H) before cutting
