@@ -385,14 +385,14 @@ def collect_regression_outputs(
 
 def _crop_image_ids(loader: DataLoader) -> Optional[torch.Tensor]:
     """(N,) image of each crop of ``loader``'s dataset when it cuts images into crops and is read in order (a
-    sequential sampler, no drop of the last batch), else None."""
+    sequential sampler, no drop of the last batch: ``timm_exits.data.make_loader``), else None (a shuffled loader's
+    crops cannot be put back together per image)."""
     from torch.utils.data import SequentialSampler
     ds = getattr(loader, 'dataset', None)
     if getattr(ds, 'crop', None) is None or getattr(ds, 'image_ids', None) is None:
         return None
     if not isinstance(getattr(loader, 'sampler', None), SequentialSampler) or getattr(loader, 'drop_last', False):
-        raise ValueError('a counting set cut into crops is scored per image on the sum of its crops: read it in order '
-                         '(timm_exits.data.make_loader: no shuffle, no sampler, no dropped batch)')
+        return None
     return torch.as_tensor(list(ds.image_ids), dtype=torch.long)
 
 
