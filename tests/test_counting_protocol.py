@@ -188,3 +188,19 @@ def test_export_and_push_carry_the_protocol(counting_run, tmp_path):
                                          "records counting=None"):
         _check_evaluation_preprocessing({'data_config': trained['data_config']},
                                         resolve_data_cfg(model, {'count_crop': 0}, read_checkpoint_args(checkpoint)))
+
+
+def test_fit_and_calibrate_read_the_recorded_protocol(counting_run):
+    import timm
+    from timm_exits.calibrate import command_dataset
+    from timm_exits.fit import build_parser
+    from timm_exits.models._checkpoint import read_checkpoint_args
+    root, _ = counting_run
+    recorded = read_checkpoint_args(root / 'run' / 'model.safetensors')
+    model = timm.create_model('test_vit_mexit', task='regression', num_classes=1, exit_layers=[2, 3])
+    argv = ['--model', 'test_vit_mexit', '--data-dir', str(root / 'data'), '--dataset', 'counting', '--split', 'val',
+            '--output', str(root / 'fit')]
+    ds, cfg = command_dataset(build_parser().parse_args(argv), model, recorded, False)
+    assert (ds.crop, ds.resize, len(ds)) == (CROP, RESIZE, 24) and cfg.record()['counting']['crop'] == CROP
+    ds, cfg = command_dataset(build_parser().parse_args([*argv, '--count-crop', '0']), model, recorded, False)
+    assert ds.crop is None and len(ds) == 4 and 'counting' not in cfg.record()

@@ -19,7 +19,8 @@ Files of a run folder (every one written atomically: temp file + ``os.replace``)
 - The finished products, written by the final step in this order: ``model.safetensors`` (the final weights; loads
   with ``timm.create_model(..., checkpoint_path=...)``; safetensors metadata ``'timm_exits'``: JSON of model,
   model_kwargs, num_classes, the checkpoint's 0-based stage and epoch (-1, -1 for a recipe without stages) and
-  ``format`` 1, ``data_config``: the preprocessing its evaluation used, which validate, export and hub push read back;
+  ``format`` 1, ``data_config``: the preprocessing its evaluation used (with ``counting``, the crops of a counting
+  recipe), which validate, fit, calibrate, export and hub push read back;
   ``'recipe'`` and ``'data_dir'``: the run's arguments), then ``eval.json`` (the schema of
   ``timm_exits.validate``) and ``tradeoff.png``. Starting to train removes them, so no reader sees weights of an
   unfinished run; the final step is idempotent: a rerun of a finished run (or of one killed during the final step)
