@@ -7,11 +7,18 @@ transformed with one resolution of the data config (``resolve_data_cfg``: input 
 crop_pct, crop_mode, interpolation): a command-line flag, else what the checkpoint records, else the model's pretrained
 cfg. validate, the recipes, export, hub push, fit and calibrate all read it, so a checkpoint is evaluated, exported and
 published with the preprocessing it was trained with.
+
+The counting protocol travels the same way: the crop size and resize a counting recipe cut its point-annotated
+images with (``DataConfig.counting``; TransCrowd's crops, whose test counts are also summed per image) is recorded
+beside the data config, and ``--count-crop`` / ``--count-resize`` override it (``resolve_data_cfg``).
+``python -m timm_exits.data convert-counting`` writes the counting layout from ShanghaiTech, DISCO or JHU-Crowd++
+files (``timm_exits.counting_sets``).
 """
 import argparse
+import logging
 import math
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,13 +29,20 @@ from timm.data import create_transform
 
 from .models.adapters import any_input_size, input_shape
 
+if TYPE_CHECKING:
+    import numpy as np
+
+_logger = logging.getLogger(__name__)
+
 __all__ = [
-    'CROP_MODES', 'DATA_CONFIG_KEYS', 'NO_LABEL', 'TORCHVISION_DATASETS', 'CountingDataset', 'DataConfig',
-    'DigitsCountDataset', 'DigitsDataset', 'ImageFiles', 'add_data_config_args', 'available_cpus', 'build_transform',
-    'check_data_config', 'counting_transform', 'create_dataset', 'data_config_flags', 'digits_augment', 'make_loader',
-    'read_points', 'recorded_data_config', 'resolve_data_cfg', 'sum_by_image', 'write_digits_folder',
+    'COUNTING_KEYS', 'CROP_MODES', 'DATA_CONFIG_KEYS', 'NO_LABEL', 'TORCHVISION_DATASETS', 'CountingDataset',
+    'DataConfig', 'DigitsCountDataset', 'DigitsDataset', 'ImageFiles', 'add_data_config_args', 'available_cpus',
+    'build_transform', 'check_counting', 'check_data_config', 'counting_record', 'counting_transform', 'create_dataset',
+    'data_config_flags', 'digits_augment', 'main', 'make_loader', 'read_density', 'read_points',
+    'recorded_data_config', 'resolve_data_cfg', 'sum_by_image', 'write_digits_folder',
 ]
 
+COUNTING_KEYS = ('crop', 'resize')  # the counting protocol: crop size (px) and the resize (W, H) before cutting
 DATA_CONFIG_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
 NO_LABEL = -1  # the label of an image that has none (``ImageFiles`` of a flat folder)
 CROP_MODES = ('center', 'squash', 'border')
@@ -40,19 +54,34 @@ SOURCE_FLAG, SOURCE_MODEL, SOURCE_CFG = 'command line', 'model', 'pretrained cfg
 
 class DataConfig(dict):
     """The resolved data config (timm's ``resolve_data_config`` keys, ``DATA_CONFIG_KEYS``; plus
-    ``crop_border_pixels`` when asked for) with ``sources``: where each value came from."""
+    ``crop_border_pixels`` when asked for) with ``sources``: where each value came from; and ``counting``, the
+    counting protocol (``{'crop': px, 'resize': (W, H) or None}``; None: whole images), kept out of the dict so
+    that the dict stays timm's transform arguments."""
 
-    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str],
+                 counting: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__(values)
         self.sources = dict(sources)
+        self.counting = dict(counting) if counting else None
 
     def describe(self) -> str:
-        """One line: each value and its source, e.g. ``mean (0.5, 0.5, 0.5) [checkpoint: train.py args]``."""
-        return ', '.join(f'{k} {self[k]} [{self.sources.get(k, "?")}]' for k in self)
+        """One line: each value and its source, e.g. ``mean (0.5, 0.5, 0.5) [checkpoint: train.py args]``, then the
+        counting protocol's crop and resize with theirs."""
+        text = ', '.join(f'{k} {self[k]} [{self.sources.get(k, "?")}]' for k in self)
+        if not self.counting and 'count_crop' in self.sources:  # whole images asked for
+            text += f', count crop 0 (whole images) [{self.sources["count_crop"]}]'
+        elif self.counting:
+            text += ''.join(f', count {k} {self.counting[k]} [{self.sources.get("count_" + k, "?")}]'
+                            for k in COUNTING_KEYS if self.counting.get(k) is not None)
+        return text
 
     def record(self) -> Dict[str, Any]:
-        """JSON-ready values (what a checkpoint's metadata records and eval.json reports)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.items()}
+        """JSON-ready values (what a checkpoint's metadata records and eval.json reports); ``counting``:
+        ``{'crop': px, 'resize': [W, H] or None}`` when images are cut into crops."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in self.items()}
+        if self.counting:
+            out['counting'] = counting_record(self.counting)
+        return out
 
 
 def add_data_config_args(parser: argparse.ArgumentParser) -> None:
@@ -74,12 +103,19 @@ def add_data_config_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='normalisation std')
     group.add_argument('--interpolation', default='', metavar='NAME',
                        help=f'resize interpolation: {", ".join(INTERPOLATIONS)}')
+    group.add_argument('--count-crop', type=int, default=None, metavar='PX',
+                       help='counting protocol (--dataset counting with point files): cut each image into PX px square '
+                       'crops, each one sample, test counts also summed per image (0: whole images); unset: what the '
+                       'checkpoint records')
+    group.add_argument('--count-resize', type=int, nargs=2, default=None, metavar=('W', 'H'),
+                       help='counting protocol: resize each image to W x H before cutting it into crops; unset: what '
+                       'the checkpoint records')
 
 
 def data_config_flags(args: argparse.Namespace) -> Dict[str, Any]:
     """The preprocessing flags ``add_data_config_args`` added that were given, as ``resolve_data_cfg`` overrides."""
     out = {k: getattr(args, k, None) for k in ('img_size', 'input_size', 'mean', 'std', 'crop_pct', 'crop_mode',
-                                                  'crop_border_pixels')}
+                                                  'crop_border_pixels', 'count_crop', 'count_resize')}
     out['interpolation'] = getattr(args, 'interpolation', '') or None
     return {k: v for k, v in out.items() if v is not None}
 
@@ -174,6 +210,67 @@ def recorded_data_config(recorded: Optional[Mapping[str, Any]]) -> Tuple[Dict[st
     return out, 'checkpoint: train.py args'
 
 
+def counting_record(counting: Mapping[str, Any]) -> Dict[str, Any]:
+    """The JSON form of a counting protocol: ``{'crop': px, 'resize': [W, H] or None}``."""
+    resize = counting.get('resize')
+    return {'crop': counting.get('crop'), 'resize': None if resize is None else [int(v) for v in resize]}
+
+
+def check_counting(crop: Any, resize: Any, names: Tuple[str, str] = ('--count-crop', '--count-resize')
+                   ) -> Optional[Dict[str, Any]]:
+    """The counting protocol ``{'crop', 'resize'}`` from a crop size (an integer >= 1; 0 or None: whole images) and a
+    resize (W, H) (None: the image's own size; each side at least the crop), or None for whole images. Errors name
+    the argument (``names``: crop's and resize's)."""
+    if crop is not None and (not _is_int(crop) or crop < 0):
+        raise ValueError(f'{names[0]} must be an integer >= 1 (the crop size in pixels; 0: whole images), got '
+                         f'{crop!r}')
+    if resize is not None:
+        if not isinstance(resize, (list, tuple)) or len(resize) != 2 or not all(_is_int(v) and v >= 1 for v in resize):
+            raise ValueError(f'{names[1]} must be two integers >= 1 (width, height), got {resize!r}')
+        if not crop:
+            raise ValueError(f'{names[1]} {tuple(resize)} resizes images before they are cut into crops: it needs a '
+                             f'crop size ({names[0]})')
+        if min(resize) < crop:
+            raise ValueError(f'{names[1]} {tuple(resize)} is smaller than the {crop} px crop: no crop would fit')
+    if not crop:
+        return None
+    return {'crop': int(crop), 'resize': None if resize is None else tuple(int(v) for v in resize)}
+
+
+def _resolve_counting(given: Mapping[str, Any], recorded: Optional[Mapping[str, Any]], flags: bool,
+                      sources: Dict[str, str]) -> Optional[Dict[str, Any]]:
+    """The counting protocol: each of crop and resize from ``given`` (``count_crop``, ``count_resize``), else from
+    the checkpoint's ``data_config['counting']``; ``sources`` gets where each came from."""
+    cfg = (recorded or {}).get('data_config')
+    record = cfg.get('counting') if isinstance(cfg, dict) else None
+    if record is not None:
+        if not isinstance(record, dict) or set(record) - set(COUNTING_KEYS):
+            raise ValueError(f'the checkpoint records a bad counting protocol {record!r}: a dict with keys '
+                             f'{list(COUNTING_KEYS)}')
+        try:
+            check_counting(record.get('crop'), record.get('resize'), ("data_config['counting']['crop']",
+                                                                       "data_config['counting']['resize']"))
+        except ValueError as e:
+            raise ValueError(f'the checkpoint records a bad counting protocol: {e}') from e
+    record = record or {}
+    values: Dict[str, Any] = {}
+    for key in COUNTING_KEYS:
+        if given.get('count_' + key) is not None:
+            values[key], sources['count_' + key] = given['count_' + key], SOURCE_FLAG if flags else 'recipe'
+        elif record.get(key) is not None and not ('count_crop' in given and given['count_crop'] == 0):
+            values[key], sources['count_' + key] = record[key], 'checkpoint: recorded counting protocol'
+    names = ('--count-crop', '--count-resize') if flags else ("data_config['count_crop']",
+                                                              "data_config['count_resize']")
+    if 'resize' in values and 'crop' in values and sources['count_resize'] != sources['count_crop']:
+        names = (f'{names[0]} ({sources["count_crop"]})', f'{names[1]} ({sources["count_resize"]})')
+    counting = check_counting(values.get('crop'), values.get('resize'), names)
+    if counting is None:
+        sources.pop('count_resize', None)
+        if 'crop' not in values:
+            sources.pop('count_crop', None)
+    return counting
+
+
 def _model_input_size(model: nn.Module) -> Tuple[int, int, int]:
     return input_shape(model)
 
@@ -189,7 +286,9 @@ def resolve_data_cfg(
     ``data_config``), else from what the checkpoint records (``recorded``: ``read_checkpoint``'s arguments, see
     ``recorded_data_config``), else from the model's pretrained cfg (its test size / crop unless
     ``use_train_size``), as timm's ``resolve_data_config`` does. The input size falls back to the model's own when
-    its pretrained cfg's size does not fit a model built at another ``img_size``.
+    its pretrained cfg's size does not fit a model built at another ``img_size``. The counting protocol
+    (``DataConfig.counting``) resolves alike: ``count_crop`` / ``count_resize`` in ``overrides`` (0 crop: whole
+    images), else the checkpoint's ``data_config['counting']``, else whole images.
 
     Raises:
         ValueError: a bad override or record, naming the flag (``flags``) or ``data_config`` key.
@@ -197,7 +296,10 @@ def resolve_data_cfg(
     in_chans = _model_input_size(model)[0]
     values: Dict[str, Any] = {}
     sources: Dict[str, str] = {}
-    given = check_data_config(overrides or {}, in_chans, flags)
+    overrides = dict(overrides or {})
+    count_given = {k: overrides.pop(k) for k in ('count_crop', 'count_resize') if k in overrides}
+    counting = _resolve_counting(count_given, recorded, flags, sources)
+    given = check_data_config(overrides, in_chans, flags)
     values.update(given)
     sources.update({k: SOURCE_FLAG if flags else 'recipe' for k in given})
     record, where = recorded_data_config(recorded)
@@ -236,7 +338,7 @@ def resolve_data_cfg(
         else:
             values[key], sources[key] = default, 'timm default'
     order = [*DATA_CONFIG_KEYS, *(['crop_border_pixels'] if 'crop_border_pixels' in values else [])]
-    return DataConfig({k: values[k] for k in order}, sources)
+    return DataConfig({k: values[k] for k in order}, sources, counting)
 
 # torchvision class name and the constructor arguments of each split
 TORCHVISION_DATASETS: Dict[str, Tuple[str, Dict[str, Dict[str, Any]]]] = {
@@ -459,20 +561,90 @@ def read_points(path: str, width: int, height: int) -> List[Tuple[float, float]]
     return rows
 
 
+def _read_counts_csv(path: str) -> Dict[str, float]:
+    """``image,count`` per line (a header allowed) of a counting set's counts.csv."""
+    counts: Dict[str, float] = {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            cells = [c.strip() for c in line.strip().split(',')]
+            if not cells[0] or (number == 1 and cells[-1].lower() == 'count'):
+                continue
+            if len(cells) != 2:
+                raise ValueError(f'{path} line {number}: expected "image,count", got {line.strip()!r}')
+            counts[cells[0]] = _check_count(cells[1], f'{path} line {number} ({cells[0]})')
+    return counts
+
+
+def read_density(path: str, width: int, height: int) -> 'np.ndarray':
+    """A density map (``.npy``, (H, W) of the image's size, finite, >= 0; its sum is the image's count), else a
+    ValueError naming the file."""
+    import numpy as np
+    try:
+        density = np.load(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{path} is not a readable .npy array ({e})') from e
+    if density.ndim != 2 or density.shape != (height, width):
+        raise ValueError(f'{path}: a density map must be (H, W) = ({height}, {width}), the size of its image; got '
+                         f'shape {density.shape}')
+    if not np.isfinite(density).all() or (density < 0).any():
+        raise ValueError(f'{path}: a density map must hold finite values >= 0')
+    return density.astype(np.float64)
+
+
+def _image_counts(image: str, annotations: str, density: bool, crop: Optional[int],
+                  resize: Optional[Tuple[int, int]]) -> List[Tuple[Optional[Tuple[int, int, int, int]], float]]:
+    """(crop box or None, count) of each sample of one image: its points (``annotations``/<stem>.txt or .npy) or
+    density map (``annotations``/<stem>.npy) counted whole, or per ``crop`` px square after ``resize``."""
+    import numpy as np
+    from PIL import Image
+    stem = os.path.splitext(os.path.basename(image))[0]
+    exts = ('.npy',) if density else ('.txt', '.npy')
+    path = next((os.path.join(annotations, stem + e) for e in exts
+                 if os.path.isfile(os.path.join(annotations, stem + e))), None)
+    if path is None:
+        raise ValueError(f'counting set: no {"density" if density else "point"} file for {os.path.basename(image)} '
+                         f'({annotations}/{stem}{"" if density else ".txt or "}.npy)')
+    with Image.open(image) as im:
+        width, height = im.size
+    if density:
+        mass = read_density(path, width, height)
+        ys, xs = np.mgrid[0:height, 0:width]
+        xs, ys, mass = (xs.ravel() + .5), (ys.ravel() + .5), mass.ravel()  # each pixel's mass at its centre
+    else:
+        points = read_points(path, width, height)
+        xs, ys = np.array([p[0] for p in points], dtype=float), np.array([p[1] for p in points], dtype=float)
+        mass = np.ones(len(points))
+    if crop is None:
+        return [(None, float(mass.sum()))]
+    w, h = resize or (width, height)
+    if min(w, h) < crop:
+        after = ' after the resize' if resize else ''
+        raise ValueError(f'counting set: {os.path.basename(image)} is {w} x {h} px{after}, smaller than the {crop} px '
+                         f'crop: it would give no sample')
+    cols, rows = w // crop, h // crop  # the crops that fit, left to right, top to bottom
+    c, r = np.floor(xs * w / width / crop).astype(int), np.floor(ys * h / height / crop).astype(int)
+    inside = (c >= 0) & (c < cols) & (r >= 0) & (r < rows)
+    grid = np.bincount(r[inside] * cols + c[inside], weights=mass[inside], minlength=rows * cols)
+    return [((left * crop, top * crop, (left + 1) * crop, (top + 1) * crop), float(grid[top * cols + left]))
+            for top in range(rows) for left in range(cols)]
+
+
 class CountingDataset(Dataset):
     """A counting set in one format real sets map to: ``root/<split>/images/`` and either ``root/<split>/counts.csv``
-    (``image,count`` per line, a header allowed) or ``root/<split>/points/<image stem>.txt`` / ``.npy`` (one point
-    per object, as ShanghaiTech and DISCO ship their heads; convert their .mat files to this once).
+    (``image,count`` per line, a header allowed), ``root/<split>/points/<image stem>.txt`` / ``.npy`` (one point
+    per object, as ShanghaiTech and JHU-Crowd++ ship their heads) or ``root/<split>/density/<image stem>.npy`` (an
+    (H, W) density map of the image's size whose sum is its count, as DISCO ships its heads);
+    ``python -m timm_exits.data convert-counting`` writes this layout from the sets' own files.
 
-    With points and ``crop`` (TransCrowd's setting, 001_*.txt: images resized to ``resize`` (W, H) and cut into
-    ``crop`` px squares), every crop is one sample whose target is the number of points inside it; ``image_ids``
-    says which image each sample came from, so a test split is scored per image on the sum over its crops
-    (``sum_by_image``). Without ``crop`` every image is one sample, its count the number of points.
+    With points or densities and ``crop`` (TransCrowd's setting, 001_*.txt: images resized to ``resize`` (W, H) and
+    cut into ``crop`` px squares), every crop is one sample whose target is the number of points inside it (the
+    density mass of the pixels whose centres fall inside it); ``image_ids`` says which image each sample came from,
+    so a test split is scored per image on the sum over its crops (``sum_by_image``). Without ``crop`` every image
+    is one sample, its count the number of points (the sum of its density).
     """
 
     def __init__(self, root: str, split: str, transform: Optional[Callable] = None, crop: Optional[int] = None,
                  resize: Optional[Tuple[int, int]] = None) -> None:
-        from PIL import Image
         folder = os.path.join(root, split)
         images = os.path.join(folder, 'images')
         if not os.path.isdir(images):
@@ -480,7 +652,10 @@ class CountingDataset(Dataset):
         names = sorted(n for n in os.listdir(images) if n.lower().endswith(('.jpg', '.jpeg', '.png', '.bmp')))
         if not names:
             raise ValueError(f'counting set: no images in {images}')
-        csv_path, points_dir = os.path.join(folder, 'counts.csv'), os.path.join(folder, 'points')
+        csv_path = os.path.join(folder, 'counts.csv')
+        points_dir, density_dir = os.path.join(folder, 'points'), os.path.join(folder, 'density')
+        protocol = check_counting(crop, resize, ('crop', 'resize'))
+        crop, resize = (protocol['crop'], protocol['resize']) if protocol else (None, None)
         self.transform, self.crop, self.resize = transform, crop, resize
         self.samples: List[Tuple[str, Optional[Tuple[int, int, int, int]], float]] = []
         self.image_ids: List[int] = []
@@ -488,15 +663,7 @@ class CountingDataset(Dataset):
             if crop is not None:
                 raise ValueError(f'crop={crop} needs point annotations ({points_dir}); {csv_path} gives one count per '
                                  f'image')
-            counts: Dict[str, float] = {}
-            with open(csv_path) as f:
-                for number, line in enumerate(f, 1):
-                    cells = [c.strip() for c in line.strip().split(',')]
-                    if not cells[0] or (number == 1 and cells[-1].lower() == 'count'):
-                        continue
-                    if len(cells) != 2:
-                        raise ValueError(f'{csv_path} line {number}: expected "image,count", got {line.strip()!r}')
-                    counts[cells[0]] = _check_count(cells[1], f'{csv_path} line {number} ({cells[0]})')
+            counts = _read_counts_csv(csv_path)
             missing = [n for n in names if n not in counts]
             if missing:
                 raise ValueError(f'{csv_path}: no count for {len(missing)} image(s), e.g. {missing[:3]}')
@@ -504,29 +671,13 @@ class CountingDataset(Dataset):
                 self.samples.append((os.path.join(images, n), None, counts[n]))
                 self.image_ids.append(i)
             return
-        if not os.path.isdir(points_dir):
-            raise ValueError(f'counting set: neither {csv_path} nor {points_dir}/ exists')
+        kind = next((d for d in (points_dir, density_dir) if os.path.isdir(d)), None)
+        if kind is None:
+            raise ValueError(f'counting set: neither {csv_path} nor {points_dir}/ nor {density_dir}/ exists')
         for i, n in enumerate(names):
-            stem = os.path.splitext(n)[0]
-            path = next((os.path.join(points_dir, stem + e) for e in ('.txt', '.npy')
-                         if os.path.isfile(os.path.join(points_dir, stem + e))), None)
-            if path is None:
-                raise ValueError(f'counting set: no point file for {n} ({points_dir}/{stem}.txt or .npy)')
-            with Image.open(os.path.join(images, n)) as im:
-                width, height = im.size
-            points = read_points(path, width, height)
-            if crop is None:
-                self.samples.append((os.path.join(images, n), None, float(len(points))))
+            for box, count in _image_counts(os.path.join(images, n), kind, kind == density_dir, crop, resize):
+                self.samples.append((os.path.join(images, n), box, count))
                 self.image_ids.append(i)
-                continue
-            w, h = resize or (width, height)
-            sx, sy = w / width, h / height
-            pts = [(x * sx, y * sy) for x, y in points]
-            for top in range(0, h - crop + 1, crop):
-                for left in range(0, w - crop + 1, crop):
-                    inside = sum(left <= x < left + crop and top <= y < top + crop for x, y in pts)
-                    self.samples.append((os.path.join(images, n), (left, top, left + crop, top + crop), float(inside)))
-                    self.image_ids.append(i)
 
     @property
     def targets(self) -> torch.Tensor:
@@ -609,6 +760,9 @@ def create_dataset(
     Nothing downloads unless ``download`` is set (torchvision datasets that support it).
     """
     cfg = resolve_data_cfg(model) if data_config is None else data_config
+    if getattr(cfg, 'counting', None) and name != 'counting':
+        _logger.warning(f'warning: the counting protocol ({cfg.counting["crop"]} px crops) applies to --dataset '
+                        f'counting only; {name} is read as it is')
     if name.startswith('digits_count'):  # 'digits_count' or 'digits_count/<seed>'
         seed = name.split('/', 1)[1] if '/' in name else '0'
         if not seed.isdigit():
@@ -616,12 +770,7 @@ def create_dataset(
         return DigitsCountDataset(split, tuple(cfg['input_size'][1:]), mean=cfg['mean'], std=cfg['std'],
                                   seed=int(seed))
     if name == 'counting':
-        crop, resize = transform_kwargs.pop('crop', None), transform_kwargs.pop('resize', None)
-        transform_kwargs.pop('resize_crop', None)
-        if transform_kwargs:
-            raise ValueError(f'dataset counting takes the augmentation arguments crop and resize only (a scale or crop '
-                             f'augmentation would change the counts), got {sorted(transform_kwargs)}')
-        return CountingDataset(data_dir, split, counting_transform(cfg, is_training), crop=crop, resize=resize)
+        return _counting_dataset(data_dir, split, cfg, is_training, transform_kwargs)
     if name == 'digits':
         mean, std = cfg['mean'], cfg['std']
         fill = [-m / s for m, s in zip(mean, std)]
@@ -646,6 +795,27 @@ def create_dataset(
     if key != 'imagenet':
         kwargs['download'] = download
     return getattr(torchvision.datasets, cls_name)(data_dir, **kwargs)
+
+
+def _counting_dataset(data_dir: str, split: str, cfg: Mapping[str, Any], is_training: bool,
+                      kwargs: Dict[str, Any]) -> 'CountingDataset':
+    """``--dataset counting`` cut by the counting protocol: ``crop`` / ``resize`` in ``kwargs`` when given, else
+    ``cfg.counting`` (the resolved protocol: a flag or the checkpoint's record), else whole images."""
+    kwargs.pop('resize_crop', None)
+    protocol = getattr(cfg, 'counting', None) or {}
+    given = {k: kwargs.pop(k) for k in COUNTING_KEYS if k in kwargs}
+    if kwargs:
+        raise ValueError(f'dataset counting takes the augmentation arguments crop and resize only (a scale or crop '
+                         f'augmentation would change the counts), got {sorted(kwargs)}')
+    crop, resize = (given.get('crop'), given.get('resize')) if given else (protocol.get('crop'), protocol.get('resize'))
+    try:
+        return CountingDataset(data_dir, split, counting_transform(cfg, is_training), crop=crop, resize=resize)
+    except ValueError as e:
+        if given or not crop:
+            raise
+        where = getattr(cfg, 'sources', {}).get('count_crop', 'the data config')
+        raise ValueError(f'{e} (the counting protocol: {crop} px crops from {where}; --count-crop 0 counts whole '
+                         f'images)') from e
 
 
 def write_digits_folder(root: str, num_val: int = 397, img_size: int = 32, seed: int = 0) -> None:
@@ -684,3 +854,32 @@ def available_cpus() -> int:
         return max(len(os.sched_getaffinity(0)), 1)
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m timm_exits.data convert-counting --format shanghaitech|disco|jhu SRC DST``: a real counting set
+    into the counting layout (``timm_exits.counting_sets``); bad input prints one ``error: ...`` line (status 2)."""
+    from .counting_sets import FORMATS, convert_counting
+    parser = argparse.ArgumentParser(prog='python -m timm_exits.data', description='Dataset tools.')
+    sub = parser.add_subparsers(dest='command', required=True)
+    p = sub.add_parser('convert-counting', help='write the counting layout (--dataset counting) from a real set')
+    p.add_argument('--format', required=True, choices=list(FORMATS), help='the set SRC is distributed as')
+    p.add_argument('--split', default=None, help='convert this split only, or name the one split SRC holds')
+    p.add_argument('src', metavar='SRC', help='the set as distributed (e.g. ShanghaiTech/part_A, jhu_crowd_v2.0)')
+    p.add_argument('dst', metavar='DST', help='new (or empty) folder: DST/<split>/images/, points/ or density/')
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    try:
+        summary = convert_counting(args.format, args.src, args.dst, args.split)
+    except (ValueError, OSError, ImportError) as e:
+        parser.exit(2, f'error: {" ".join(str(e).split())}\n')
+    for name, info in summary.items():
+        _logger.info(f'{args.dst}/{name}: {info["images"]} images, {info["count"]:g} heads'
+                     + (f', {info["points_outside_left_out"]} outside their image left out'
+                        if info['points_outside_left_out'] else ''))
+    return 0
+
+
+if __name__ == '__main__':
+    import sys
+    sys.exit(main())

@@ -27,7 +27,7 @@ from .models.multi_exit_vit import MultiExitMixin
 __all__ = [
     'DEFAULT_KEEP_RATES', 'DEFAULT_THRESHOLDS', 'accuracies', 'budget_table', 'budgeted_batch_table',
     'candidate_thresholds', 'choose_threshold', 'collect_outputs', 'collect_regression_outputs', 'evaluate',
-    'evaluate_regression', 'practical_exits', 'regression_budgeted_batch', 'regression_errors',
+    'evaluate_regression', 'image_errors', 'practical_exits', 'regression_budgeted_batch', 'regression_errors',
     'regression_exit_choice', 'regression_threshold_table', 'regression_thresholds', 'select_threshold',
     'threshold_table',
 ]
@@ -355,7 +355,9 @@ def collect_regression_outputs(
     """Every exit's values and predicted scales for every image of ``loader`` (images, targets), one pass.
 
     Returns:
-        ``{'values': (E, N, K), 'scales': (E, N, K), 'target': (N, K)}`` (float32, on the CPU).
+        ``{'values': (E, N, K), 'scales': (E, N, K), 'target': (N, K)}`` (float32, on the CPU); plus
+        ``'image_ids': (N,)`` when the loader reads crops of whole images in order (a ``CountingDataset`` with a
+        crop: TransCrowd's protocol), so that ``evaluate_regression`` also scores each image on the sum of its crops.
 
     Raises:
         ValueError: Not a ``task='regression'`` multi-exit model, or no images.
@@ -378,7 +380,26 @@ def collect_regression_outputs(
         model.train(was_training)
     if not targets or sum(len(t) for t in targets) == 0:
         raise ValueError('no images to evaluate: the dataset split is empty')
-    return {'values': torch.cat(values, 1), 'scales': torch.cat(scales, 1), 'target': torch.cat(targets)}
+    out = {'values': torch.cat(values, 1), 'scales': torch.cat(scales, 1), 'target': torch.cat(targets)}
+    ids = _crop_image_ids(loader)
+    if ids is not None:
+        if len(ids) != out['target'].shape[0]:
+            raise ValueError(f'the loader gave {out["target"].shape[0]} crops, its dataset lists {len(ids)}')
+        out['image_ids'] = ids
+    return out
+
+
+def _crop_image_ids(loader: DataLoader) -> Optional[torch.Tensor]:
+    """(N,) image of each crop of ``loader``'s dataset when it cuts images into crops and is read in order (a
+    sequential sampler, no drop of the last batch: ``timm_exits.data.make_loader``), else None (a shuffled loader's
+    crops cannot be put back together per image)."""
+    from torch.utils.data import SequentialSampler
+    ds = getattr(loader, 'dataset', None)
+    if getattr(ds, 'crop', None) is None or getattr(ds, 'image_ids', None) is None:
+        return None
+    if not isinstance(getattr(loader, 'sampler', None), SequentialSampler) or getattr(loader, 'drop_last', False):
+        return None
+    return torch.as_tensor(list(ds.image_ids), dtype=torch.long)
 
 
 def regression_errors(values: torch.Tensor, target: torch.Tensor) -> Tuple[float, float]:
@@ -386,6 +407,20 @@ def regression_errors(values: torch.Tensor, target: torch.Tensor) -> Tuple[float
     TransCrowd's code calls the RMSE 'MSE'."""
     err = values.double() - target.double()
     return float(err.abs().mean()), float(err.pow(2).mean().sqrt())
+
+
+def image_errors(values: torch.Tensor, target: torch.Tensor, image_ids: torch.Tensor) -> Dict[str, float]:
+    """TransCrowd's per-image MAE and RMSE: each image's count is the sum of its crops' ``values`` (N, K), against
+    the sum of its crops' targets (its total count): ``{'image_mae', 'image_rmse'}``."""
+    from .data import sum_by_image
+    mae, rmse = regression_errors(sum_by_image(values.double(), image_ids), sum_by_image(target.double(), image_ids))
+    return {'image_mae': mae, 'image_rmse': rmse}
+
+
+def _per_image(outputs: Dict[str, torch.Tensor], values: torch.Tensor) -> Dict[str, float]:
+    """``image_errors`` of (N, K) ``values`` when ``outputs`` hold crops (``'image_ids'``), else nothing."""
+    ids = outputs.get('image_ids')
+    return {} if ids is None else image_errors(values, outputs['target'], ids)
 
 
 def regression_exit_choice(
@@ -423,14 +458,17 @@ def regression_threshold_table(
         patience: int = 1,
 ) -> List[Dict[str, float]]:
     """MAE and RMSE against mean cost for per-image early exit at each threshold (target units), simulated from
-    ``collect_regression_outputs``: ``[{'threshold', 'mae', 'rmse', 'mean_cost'}]``."""
+    ``collect_regression_outputs``: ``[{'threshold', 'mae', 'rmse', 'mean_cost'}]``, with crops (``'image_ids'``)
+    each crop leaving on its own and ``'image_mae'``, ``'image_rmse'`` of the sums per image as well."""
     cols = torch.arange(outputs['target'].shape[0])
     costs = torch.tensor(list(path_costs), dtype=torch.float64)
     rows = []
     for t in thresholds:
         first = regression_exit_choice(outputs['values'], outputs['scales'], criterion, t, patience)
-        mae, rmse = regression_errors(outputs['values'][first, cols], outputs['target'])
-        rows.append({'threshold': float(t), 'mae': mae, 'rmse': rmse, 'mean_cost': float(costs[first].mean())})
+        chosen = outputs['values'][first, cols]
+        mae, rmse = regression_errors(chosen, outputs['target'])
+        rows.append({'threshold': float(t), 'mae': mae, 'rmse': rmse, **_per_image(outputs, chosen),
+                     'mean_cost': float(costs[first].mean())})
     return rows
 
 
@@ -480,24 +518,36 @@ def evaluate_regression(
     """The evaluation JSON of a regression multi-exit model from ``collect_regression_outputs``: per exit MAE, RMSE,
     cost and whether it is practical (lower MAE than every earlier exit, II-A of 001_*.txt); MAE against mean cost
     for each criterion's threshold sweep (the threshold path's costs: the scale unit counted for 'uncertainty'); the
-    deepest exit that fits each budget; the budgeted-batch protocol."""
+    deepest exit that fits each budget; the budgeted-batch protocol.
+
+    With crops (``outputs['image_ids']``, TransCrowd's protocol) every row (exits, budgets, thresholds,
+    budgeted_batch) also holds ``image_mae`` and ``image_rmse``: each image's count is the sum over its crops (each
+    crop leaving at its own exit) against its total count, beside the per-crop ``mae`` / ``rmse``; ``num_images``
+    counts images, ``num_crops`` the crops, ``target_mean`` is per crop and ``image_target_mean`` per image."""
     model = _unwrap(model)
     values, target = outputs['values'], outputs['target']
     errors = [regression_errors(v, target) for v in values]
+    per_image = [_per_image(outputs, v) for v in values]
     maes = [e[0] for e in errors]
     patience = model.exit_patience if patience is None else patience
     costs = list(model.exit_costs)
+    ids = outputs.get('image_ids')
+    sizes = {'num_images': int(target.shape[0])} if ids is None else {
+        'num_images': int(ids.unique().numel()), 'num_crops': int(target.shape[0]),
+        'image_target_mean': float(target.double().sum() / ids.unique().numel())}
     result: Dict[str, Any] = {
-        'model': model_name, 'dataset': dataset_name, 'task': 'regression', 'num_images': int(target.shape[0]),
+        'model': model_name, 'dataset': dataset_name, 'task': 'regression', **sizes,
         'target_mean': float(target.double().mean()), 'exit_patience': patience,
-        'exits': [{'layer': layer, 'mae': mae, 'rmse': rmse, 'cost': cost, 'gflops': cost * model.full_flops / 1e9,
-                   'practical': practical}
-                  for layer, (mae, rmse), cost, practical in zip(
-                      model.exit_layers, errors, costs, [i == 0 or m < min(maes[:i]) for i, m in enumerate(maes)])],
+        'exits': [{'layer': layer, 'mae': mae, 'rmse': rmse, **image, 'cost': cost,
+                   'gflops': cost * model.full_flops / 1e9, 'practical': practical}
+                  for layer, (mae, rmse), image, cost, practical in zip(
+                      model.exit_layers, errors, per_image, costs,
+                      [i == 0 or m < min(maes[:i]) for i, m in enumerate(maes)])],
     }
     grid = [round(0.1 * i, 1) for i in range(1, 11)] if budgets is None else list(budgets)
     result['budgets'] = [
-        {'budget': float(b), 'mae': errors[fits[-1]][0], 'rmse': errors[fits[-1]][1], 'mean_cost': costs[fits[-1]]}
+        {'budget': float(b), 'mae': errors[fits[-1]][0], 'rmse': errors[fits[-1]][1], **per_image[fits[-1]],
+         'mean_cost': costs[fits[-1]]}
         for b in sorted({*grid, *costs}) for fits in [[i for i, c in enumerate(costs) if c <= b + 1e-9]] if fits]
     criterion = model.exit_criterion
     result['thresholds'], result['budgeted_batch'] = {}, {}

@@ -44,7 +44,7 @@ import torch.nn as nn
 import timm
 
 from ._files import atomic_dir
-from .data import add_data_config_args, data_config_flags, resolve_data_cfg
+from .data import add_data_config_args, counting_record, data_config_flags, resolve_data_cfg
 from .models._base import check_fraction
 from .models._checkpoint import read_checkpoint_args
 from .models.life_regress_vit import LifeRegressMixin
@@ -204,6 +204,8 @@ def export_onnx(
         'num_classes': model.num_classes,
         **{k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
     }
+    if getattr(data_config, 'counting', None):  # the graphs count one crop: cut images as the model was trained
+        manifest['counting'] = counting_record(data_config.counting)
     if both and not (life or static):  # the staged graphs slim at one keep rate, the budget then picks the exit
         keep_rate = model.keep_rate if keep_rate is None else keep_rate
         manifest['keep_rate'] = keep_rate

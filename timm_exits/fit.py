@@ -560,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
 RESULT_ARGS = ('model', 'pretrained', 'checkpoint', 'model_kwargs', 'num_classes', 'data_dir', 'dataset', 'split',
                'epochs', 'lr', 'weight_decay', 'batch_size', 'temperature', 'label_weight', 'uncertainty_weight',
                'cache', 'no_augment', 'seed', 'img_size', 'input_size', 'use_train_size', 'crop_pct', 'crop_mode',
-               'crop_border_pixels', 'mean', 'std', 'interpolation')
+               'crop_border_pixels', 'mean', 'std', 'interpolation', 'count_crop', 'count_resize')
 
 
 def _fingerprint(args: argparse.Namespace) -> Dict[str, Any]:

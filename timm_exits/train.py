@@ -19,7 +19,8 @@ Files of a run folder (every one written atomically: temp file + ``os.replace``)
 - The finished products, written by the final step in this order: ``model.safetensors`` (the final weights; loads
   with ``timm.create_model(..., checkpoint_path=...)``; safetensors metadata ``'timm_exits'``: JSON of model,
   model_kwargs, num_classes, the checkpoint's 0-based stage and epoch (-1, -1 for a recipe without stages) and
-  ``format`` 1, ``data_config``: the preprocessing its evaluation used, which validate, export and hub push read back;
+  ``format`` 1, ``data_config``: the preprocessing its evaluation used (with ``counting``, the crops of a counting
+  recipe), which validate, fit, calibrate, export and hub push read back;
   ``'recipe'`` and ``'data_dir'``: the run's arguments), then ``eval.json`` (the schema of
   ``timm_exits.validate``) and ``tradeoff.png``. Starting to train removes them, so no reader sees weights of an
   unfinished run; the final step is idempotent: a rerun of a finished run (or of one killed during the final step)
@@ -66,7 +67,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ._files import atomic_write, write_json
-from .data import _is_int, _is_number, create_dataset, make_loader, resolve_data_cfg
+from .data import _is_int, _is_number, check_counting, create_dataset, make_loader, resolve_data_cfg
 from .evaluation import accuracies, collect_outputs, collect_regression_outputs, evaluate, regression_errors
 from .models._checkpoint import layout_args
 from .models.adapters import input_shape
@@ -517,16 +518,22 @@ class _Run:
                 raise ImportError('the recipes plot with matplotlib: pip install "timm-exits[train]"') from e
         random_seed(recipe.seed, self.rank)
         self.model = build_model(recipe).to(self.device)
-        try:
-            self.data_config = resolve_data_cfg(self.model, recipe.data_config, use_train_size=True, flags=False)
+        counting = {}
+        if recipe.dataset == 'counting':  # crops counted from points, alike in every split (TransCrowd)
+            try:
+                check_counting(recipe.aug.get('crop'), recipe.aug.get('resize'), ("aug['crop']", "aug['resize']"))
+            except ValueError as e:
+                raise RunError(f'Recipe {e}') from e
+            counting = {'count_' + k: recipe.aug[k] for k in ('crop', 'resize') if recipe.aug.get(k) is not None}
+        try:  # the counting protocol is recorded with the data config, so later commands cut the images alike
+            self.data_config = resolve_data_cfg(self.model, {**recipe.data_config, **counting}, use_train_size=True,
+                                                flags=False)
         except ValueError as e:
             raise RunError(f'Recipe {e}') from e
         self.log(f'preprocessing: {self.data_config.describe()}')
         data = dict(data_dir=data_dir, download=download, data_config=self.data_config)
         offline = recipe.dataset == 'digits' or recipe.dataset.startswith('digits_count')  # tensors, no transform
-        if recipe.dataset == 'counting':  # crops counted from points, alike in every split (TransCrowd)
-            data.update({k: recipe.aug[k] for k in ('crop', 'resize') if k in recipe.aug})
-        elif not offline:
+        if not offline and recipe.dataset != 'counting':
             data.update(resize_crop=recipe.resize_crop)
         self.regression = getattr(self.model, 'task', None) == 'regression'
         if self.regression and (recipe.mixup > 0 or recipe.cutmix > 0 or recipe.smoothing > 0):
@@ -818,6 +825,7 @@ class _Run:
                 result = evaluate(self.model, self.test_loader, self.device, self.recipe.model,
                                   f'{self.recipe.dataset}:{test}', self.recipe.keep_rates,
                                   latency_batch=self.recipe.latency_batch, outputs=out)
+                result['data_config'] = {**self.data_config.record(), 'sources': self.data_config.sources}
                 write_json(result, self.path(EVAL))
             plot = self.path(os.path.basename(result['plot']))
             if not os.path.exists(plot):

@@ -14,7 +14,9 @@ passes and pays the blocks up to it plus every exit head evaluated on the way, e
 
 Datasets: ``digits`` (scikit-learn's bundled 8x8 digits, nothing downloaded), ``folder`` (an ImageFolder at
 ``data_dir/split``) or ``torch/<name>`` (torchvision: cifar10, cifar100, flowers102, stanford_cars, fgvc_aircraft,
-imagenet; downloads only with ``--dataset-download``).
+imagenet; downloads only with ``--dataset-download``); counting sets for regression models: ``digits_count`` and
+``counting``, cut into crops as the checkpoint records (``--count-crop`` / ``--count-resize`` override), with crops
+scored per crop and per image (the sum of its crops: ``image_mae``, ``image_rmse``).
 """
 import argparse
 import json

@@ -4,10 +4,12 @@ ViT-B/16 at 384 px from DeiT-B-384 weights ([CLS] through the final norm to a on
 plateau of 2 epochs, early stopping after 5; the paper picks the lr from {1e-3, 1e-4, 1e-5} (``--lr`` to search it;
 1e-5 here, TransCrowd's).
 
-Data: ``--dataset counting`` reads ``DATA_DIR/<split>/images/`` with ``points/<stem>.txt`` (one "x y" per head, as
-ShanghaiTech / DISCO ship them once converted from .mat) or ``counts.csv``. TransCrowd resizes each image to 1152 x
-768 and counts the heads in each of its six 384 px crops; the test MAE is over crops here (``sum_by_image`` gives
-TransCrowd's per-image sum). ``val`` is a split you hold out of train.
+Data: ``--dataset counting`` reads ``DATA_DIR/<split>/images/`` with ``points/<stem>.txt`` (one "x y" per head) or
+``density/<stem>.npy`` (``python -m timm_exits.data convert-counting --format shanghaitech|jhu|disco SRC DATA_DIR``
+writes them from the sets' own files). TransCrowd resizes each image to 1152 x 768 and counts the heads in each of
+its six 384 px crops; eval.json gives the MAE per crop (``mae``) and TransCrowd's per image, on the sum of its crops
+(``image_mae``). The crops are recorded in the checkpoint, so ``python -m timm_exits.validate --checkpoint
+model.safetensors --dataset counting`` cuts the test images alike. ``val`` is a split you hold out of train.
 
 Variants (``--variant``):
 - ``end_to_end_1`` / ``end_to_end_3`` (IV-B, Tables I-II): one exit after block 6, or three after blocks 3, 6, 9,

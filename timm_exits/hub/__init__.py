@@ -40,7 +40,9 @@ import timm
 from timm.models import save_for_hf
 
 from .._files import atomic_dir
-from ..data import DATA_CONFIG_KEYS, DataConfig, add_data_config_args, data_config_flags, resolve_data_cfg
+from ..data import (
+    DATA_CONFIG_KEYS, DataConfig, add_data_config_args, counting_record, data_config_flags, resolve_data_cfg,
+)
 from ..models._checkpoint import (
     CALIBRATION_KEY, apply_calibration, check_checkpoint_args, layout_args, read_checkpoint, same_value,
 )
@@ -99,6 +101,10 @@ def _check_evaluation_preprocessing(evaluation: Optional[Dict[str, Any]], data_c
     seen = (evaluation or {}).get('data_config') or {}
     pushed = data_config.record()
     diff = [k for k in DATA_CONFIG_KEYS if k in seen and not same_value(seen[k], pushed.get(k))]
+    if seen and (seen.get('counting') or pushed.get('counting')) and not same_value(
+            seen.get('counting'), pushed.get('counting')):  # whole images or other crops than the push records
+        seen, pushed = {**seen, 'counting': seen.get('counting')}, {**pushed, 'counting': pushed.get('counting')}
+        diff.append('counting')
     if diff:
         raise ValueError(
             f'--eval {evaluation.get("_dir", "")}/eval.json was measured with ' + ', '.join(
@@ -113,6 +119,9 @@ def record_data_config(model: nn.Module, data_config: DataConfig) -> None:
     cfg = {k: v for k, v in (model.pretrained_cfg or {}).items() if k not in ('test_input_size', 'test_crop_pct')}
     cfg.update({k: v for k, v in data_config.items() if k != 'crop_border_pixels'})
     model.pretrained_cfg = cfg
+    # the counting protocol (crop, resize) has no place in timm's pretrained cfg: config.json keeps it beside
+    model.counting_protocol = counting_record(data_config.counting) if getattr(data_config, 'counting', None) \
+        else None
 
 
 def _label_config(model: nn.Module, data: Dict[str, Any], label_names: Optional[Union[str, Path]]) -> Dict[str, Any]:
@@ -156,8 +165,10 @@ def export(
         raise FileExistsError(f'export folder {out} exists and is not empty; name a new one')
     with atomic_dir(out) as tmp:
         data = card_metadata(name, cards_dir)
+        counting = getattr(model, 'counting_protocol', None)
         save_for_hf(
-            model, tmp, model_config=_label_config(model, data, label_names),
+            model, tmp, model_config={**_label_config(model, data, label_names),
+                                      **({'counting': counting} if counting else {})},
             model_args={**(model_args or {}), **layout_args(model)},
             safe_serialization=True)
         if training_args:
