@@ -204,3 +204,32 @@ def test_fit_and_calibrate_read_the_recorded_protocol(counting_run):
     assert (ds.crop, ds.resize, len(ds)) == (CROP, RESIZE, 24) and cfg.record()['counting']['crop'] == CROP
     ds, cfg = command_dataset(build_parser().parse_args([*argv, '--count-crop', '0']), model, recorded, False)
     assert ds.crop is None and len(ds) == 4 and 'counting' not in cfg.record()
+
+
+def test_calibration_over_crops_counts_images(tmp_path):
+    """Calibrating a counter of crops: the risk and the cost are per image (its count the sum of its crops', each
+    crop leaving at its own exit), the number of calibration samples is the number of images, checked by hand."""
+    import timm
+    from timm_exits.calibrate import collect_calibration_outputs, point_table
+    from timm_exits.data import create_dataset
+    counting_folder(tmp_path, splits=('val',), num_images=5)
+    torch.manual_seed(0)
+    model = timm.create_model('test_vit_mexit', task='regression', num_classes=1, exit_layers=[2, 3]).eval()
+    cfg = resolve_data_cfg(model, {'count_crop': CROP, 'count_resize': list(RESIZE)})
+    ds = create_dataset('counting', 'val', model, False, str(tmp_path), data_config=cfg)
+    outputs = collect_calibration_outputs(model, make_loader(ds, 7), torch.device('cpu'))
+    ids = outputs['image_ids']
+    assert ids.tolist() == [i for i in range(5) for _ in range(6)]
+    values, scales = outputs['values'][0], outputs['scales'][0]
+    threshold = float(scales[0].median())
+    costs = lambda rate, t: model.threshold_costs  # noqa: E731
+    losses, image_costs = point_table(outputs, [(None, threshold)], 'uncertainty', costs=costs, tolerance=(0.5, 0.))
+    assert losses.shape == image_costs.shape == (1, 5)
+    first = regression_exit_choice(values, scales, 'uncertainty', threshold)
+    answer = values[first, torch.arange(len(ids))][:, 0].double()
+    full = values[-1][:, 0].double()
+    for i in range(5):
+        mine = ids == i
+        assert bool(losses[0, i]) == bool((answer[mine].sum() - full[mine].sum()).abs() > 0.5)
+        cost = torch.as_tensor(model.threshold_costs, dtype=torch.float64)[first[mine]].mean()
+        assert abs(float(image_costs[0, i]) - float(cost)) < 1e-12

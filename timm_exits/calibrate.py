@@ -64,6 +64,7 @@ from torch.utils.data import DataLoader, Subset
 from ._files import atomic_write, write_json
 from .data import (
     NO_LABEL, add_data_config_args, available_cpus, create_dataset, data_config_flags, make_loader, resolve_data_cfg,
+    sum_by_image,
 )
 from .models._base import UntrainedWeightsWarning
 from .validate import _int_at_least, callable_module, run_command
@@ -363,6 +364,11 @@ def collect_calibration_outputs(
     names = ('values', 'scales') if task == 'regression' else ('preds', 'scores')
     for k, name in enumerate(names[:len(parts[0][0])]):
         out[name] = [torch.cat([batch[k] for batch in p], 1) for p in parts]
+    if task == 'regression':
+        from .evaluation import _crop_image_ids
+        ids = _crop_image_ids(loader)
+        if ids is not None:  # crops of whole images (the counting protocol): the risk counts images, not crops
+            out['image_ids'] = ids
     if index is not None and len(index) != len(out['labels']):
         raise ValueError(f'index names {len(index)} images, the loader gave {len(out["labels"])}')
     return gather_outputs(out, index) if dist.is_available() and dist.is_initialized() else out
@@ -373,7 +379,7 @@ def gather_outputs(out: Dict[str, Any], index: Optional[Sequence[int]]) -> Dict[
     places in the whole set; all of them must cover 0 .. N-1 once)."""
     if index is None:
         raise ValueError('under torch.distributed each process needs the index of its images in the whole set')
-    mine = {k: v for k, v in out.items() if k in ('labels', 'values', 'scales', 'preds', 'scores')}
+    mine = {k: v for k, v in out.items() if k in ('labels', 'values', 'scales', 'preds', 'scores', 'image_ids')}
     parts: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, (torch.as_tensor(list(index), dtype=torch.long), mine))
     where = torch.cat([p[0] for p in parts])
@@ -382,7 +388,11 @@ def gather_outputs(out: Dict[str, Any], index: Optional[Sequence[int]]) -> Dict[
         raise ValueError(f'the processes\' images do not cover the set once: {len(where)} rows, places '
                          f'{where.min().item()}..{where.max().item()} with repeats or gaps')
     merged = dict(out, labels=torch.cat([p[1]['labels'] for p in parts])[order])
-    for name in mine.keys() - {'labels'}:
+    if any('image_ids' in p[1] for p in parts):
+        if not all('image_ids' in p[1] for p in parts):
+            raise ValueError('some processes read crops of whole images and others not')
+        merged['image_ids'] = torch.cat([p[1]['image_ids'] for p in parts])[order]
+    for name in mine.keys() - {'labels', 'image_ids'}:
         merged[name] = [torch.cat([p[1][name][i] for p in parts], 1)[:, order] for i in range(len(mine[name]))]
     return merged
 
@@ -401,11 +411,13 @@ def _losses_at(outputs: Dict[str, Any], i: int, first: torch.Tensor, risk: str,
     if outputs.get('task') == 'regression':
         values, ref = outputs['values'][i], outputs['values'][rates.index(1.)][-1]
         answer = values[first, torch.arange(ref.shape[0])].double()
-        ref = ref.double()
+        ref, target = ref.double(), labels.double()
+        ids = outputs.get('image_ids')
+        if ids is not None:  # crops: an image's count is the sum of its crops' (each left at its own exit)
+            answer, ref, target = (sum_by_image(v, ids) for v in (answer, ref, target))
         allowed = tolerance[0] + tolerance[1] * ref.abs()
         if risk == 'disagreement':
             return ((answer - ref).abs() > allowed).any(-1)
-        target = labels.double()
         return ((answer - target).abs() - (ref - target).abs() > allowed).any(-1)
     ref = outputs['preds'][rates.index(1.)][-1]
     answer = outputs['preds'][i][first, torch.arange(ref.shape[0])]
@@ -478,6 +490,10 @@ def point_table(
         else:
             c = torch.as_tensor(costs(rate, t), dtype=torch.float64).reshape(-1)
             image_costs.append(c[first.long() if len(c) > 1 else torch.zeros_like(first).long()])
+    ids = outputs.get('image_ids')
+    if ids is not None:  # crops: an image's cost is its crops' mean (crops of one size)
+        crops = sum_by_image(torch.ones(len(ids), dtype=torch.float64), ids)
+        image_costs = [sum_by_image(c, ids) / crops for c in image_costs]
     return torch.stack(losses), torch.stack(image_costs)
 
 

@@ -393,13 +393,16 @@ def _crop_image_ids(loader: DataLoader) -> Optional[torch.Tensor]:
     """(N,) image of each crop of ``loader``'s dataset when it cuts images into crops and is read in order (a
     sequential sampler, no drop of the last batch: ``timm_exits.data.make_loader``), else None (a shuffled loader's
     crops cannot be put back together per image)."""
-    from torch.utils.data import SequentialSampler
-    ds = getattr(loader, 'dataset', None)
+    from torch.utils.data import SequentialSampler, Subset
+    ds, rows = getattr(loader, 'dataset', None), None
+    if isinstance(ds, Subset):  # a shard of the crops (calibration under torchrun)
+        ds, rows = ds.dataset, list(ds.indices)
     if getattr(ds, 'crop', None) is None or getattr(ds, 'image_ids', None) is None:
         return None
     if not isinstance(getattr(loader, 'sampler', None), SequentialSampler) or getattr(loader, 'drop_last', False):
         return None
-    return torch.as_tensor(list(ds.image_ids), dtype=torch.long)
+    ids = torch.as_tensor(list(ds.image_ids), dtype=torch.long)
+    return ids if rows is None else ids[torch.as_tensor(rows, dtype=torch.long)]
 
 
 def regression_errors(values: torch.Tensor, target: torch.Tensor) -> Tuple[float, float]:
