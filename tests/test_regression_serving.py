@@ -82,3 +82,15 @@ def test_fit_refuses_regression_and_calibrate_needs_a_tolerance():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32)), batch_size=4)
     with pytest.raises(ValueError, match="tolerance is required for a task='regression' model"):
         calibrate(model, loader, epsilon=0.1, delta=0.1)
+
+
+def test_endpoint_refuses_a_counter_of_crops():
+    """A checkpoint that counts crops (an image's count the sum of its crops') is refused by the HTTP endpoint's
+    preprocessing, which answers one model input per image; asking for whole images explicitly is served."""
+    pytest.importorskip('ray.serve', reason='the serve extra (ray[serve]) is not installed')
+    from timm_exits.serving.ray import Preprocessor
+    model = timm.create_model('test_vit_mexit', task='regression', num_classes=1).eval()
+    recorded = {'data_config': {'counting': {'crop': 32, 'resize': [96, 64]}}}
+    with pytest.raises(ValueError, match="counts crops .* the endpoint answers one model input per image"):
+        Preprocessor(model, None, recorded)
+    assert Preprocessor(model, {'count_crop': 0}, recorded).data_config.counting is None

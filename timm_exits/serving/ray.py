@@ -68,6 +68,11 @@ class Preprocessor:
                  recorded: Optional[Mapping[str, Any]] = None) -> None:
         from torchvision import transforms as T
         self.data_config = resolve_data_cfg(model, data_config, recorded, flags=False)
+        if self.data_config.counting and self.data_config.counting.get('crop'):
+            raise ValueError(f'the checkpoint counts crops ({self.data_config.counting}: an image\'s count is the sum '
+                             'of its crops\'), and the endpoint answers one model input per image; serve whole images '
+                             "with data_config={'count_crop': 0} only if the model was trained on them, or count with "
+                             'python -m timm_exits.validate / timm_exits.infer')
         self.transform = build_transform(model, False, data_config=self.data_config)
         self.normalise = T.Compose([T.ToTensor(), T.Normalize(self.data_config['mean'], self.data_config['std'])])
         self.mode = 'RGB' if self.data_config['input_size'][0] == 3 else 'L'
