@@ -17,7 +17,8 @@ go idle before the next candidate, as when each runs alone. Candidates per (pare
   images leave at block k and the rest later; ideal speed-up 1 / mean(per-image FLOP share).
 - ``slim{rho}`` (parents with a ``_liferegress`` model): the static LifeRegress export at keep rate rho; ideal speed-up
   1 / its FLOPs ratio; ``oracle{rho}``: the same blocks on the same token schedule keeping the first n_t patches (no
-  life module, no top-k, no gather), exported the same way: ``slim/oracle`` is what the selection costs.
+  life module, no top-k, no gather), exported the same way and run with ``ExitSession``'s options:
+  ``slim/oracle`` is what the selection costs.
 - ``both{rho}``: the staged export of ``<parent>_mexit_liferegress`` at keep rate rho, full depth (every segment,
   no exit head before the final one): exits and slimming on ONNX Runtime; ideal speed-up 1 / its FLOPs ratio.
 
@@ -99,7 +100,7 @@ def benchmark_onnx(
         slim = ExitSession(export_onnx(life, workdir / f'{name}_slim', keep_rate=keep_rate), providers=providers)
         slim_ratio = life.flops_ratio(keep_rate)
         run_oracle = _session(_Oracle(life, life.token_schedule(keep_rate)), example, workdir / f'{name}_oracle.onnx',
-                              providers)
+                              providers, default_session_options())
     both_model = timm.create_model(f'{name}_mexit_liferegress', num_classes=model.num_classes).eval()
     both_model.load_state_dict({**both_model.state_dict(), **parent.state_dict()}, strict=False)
     both = ExitSession(export_onnx(both_model, workdir / f'{name}_both', keep_rate=keep_rate), providers=providers)
