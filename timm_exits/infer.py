@@ -451,25 +451,26 @@ def infer(
     runner = Runner(spec)
     output = Path(output)
     settings = _settings(spec, runner, files, part_size)
-    parts = _prepare(output, settings, overwrite)
-    sizes = _part_sizes(len(files), part_size)
-    done = _done_parts(parts, sizes)
-    items = [(i, paths[i], files[i]) for k in range(len(sizes)) if k not in done
-             for i in range(k * part_size, k * part_size + sizes[k])]
-    _logger.info(f'{len(files)} images, {len(sizes)} parts ({len(done)} done before); model {runner.name}; '
-                 f'preprocessing: {runner.data_config.describe()}')
-    from tqdm import tqdm
-    with tqdm(total=len(files), initial=len(files) - len(items), unit='img', disable=not progress) as bar:
-        if items and (ray or ray_address):
-            ours = _connect_ray(ray_address)
-            try:
-                _write_parts(_ray_tables(spec, items, batch_size, ray_actors), parts, sizes, part_size, on_part, bar)
-            finally:
-                if ours:
-                    import ray as ray_module
-                    ray_module.shutdown()
-        elif items:
-            _write_parts(_local_tables(runner, items, batch_size, workers), parts, sizes, part_size, on_part, bar)
+    use_ray = ray or ray_address is not None
+    ours = use_ray and _connect_ray(ray_address)  # an address that does not answer: refused before any file
+    try:
+        parts = _prepare(output, settings, overwrite)
+        sizes = _part_sizes(len(files), part_size)
+        done = _done_parts(parts, sizes)
+        items = [(i, paths[i], files[i]) for k in range(len(sizes)) if k not in done
+                 for i in range(k * part_size, k * part_size + sizes[k])]
+        _logger.info(f'{len(files)} images, {len(sizes)} parts ({len(done)} done before); model {runner.name}; '
+                     f'preprocessing: {runner.data_config.describe()}')
+        tables = _ray_tables(spec, items, batch_size, ray_actors) if use_ray else \
+            _local_tables(runner, items, batch_size, workers)
+        from tqdm import tqdm
+        with tqdm(total=len(files), initial=len(files) - len(items), unit='img', disable=not progress) as bar:
+            if items:
+                _write_parts(tables, parts, sizes, part_size, on_part, bar)
+    finally:
+        if ours:
+            import ray as ray_module
+            ray_module.shutdown()
     summary = _combine(parts, output, len(sizes), settings)
     _logger.info(f'wrote {output}: {json.dumps(summary)}')
     return {**summary, 'output': str(output), 'resumed_parts': len(done)}
