@@ -286,7 +286,8 @@ def _ray_tables(spec: Dict[str, Any], items: Sequence[Tuple[int, str, str]], bat
                 actors: int) -> Iterator[Any]:
     """The rows of ``items`` from Ray Data: ``map_batches`` with ``Runner`` on a pool of ``actors`` actors."""
     import ray
-    ds = ray.data.from_items([{'index': i, 'path': p, 'open': f} for i, p, f in items])
+    ds = ray.data.from_items([{'index': i, 'path': p, 'open': f} for i, p, f in items],
+                             override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
     ds = ds.map_batches(Runner, fn_constructor_kwargs={'spec': {**spec, 'in_actor': True}}, batch_size=batch_size, concurrency=actors,
                         num_cpus=spec.get('torch_threads') or 1)
     yield from ds.iter_batches(batch_size=None, batch_format='pyarrow')
@@ -444,6 +445,11 @@ def infer(
     """
     _check_counts(batch_size=batch_size, part_size=part_size, top_k=top_k, workers=workers, ray_actors=ray_actors,
                   torch_threads=torch_threads)
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError as e:
+        raise ImportError('bulk inference writes Parquet with pyarrow: pip install "timm-exits[infer]" (or '
+                          '"timm-exits[ray]" for Ray Data too)') from e
     paths, files = read_inputs(data, path_column)
     spec = {'checkpoint': str(checkpoint), 'model': model, 'model_kwargs': dict(model_kwargs or {}),
             'threshold': threshold, 'budget': budget, 'keep_rate': keep_rate, 'top_k': top_k, 'device': device,
