@@ -29,5 +29,7 @@ def test_quick_run_fields(tmp_path, capsys):
     assert abs(twin['per_exit'][first] - 24) <= 2  # the calibrated threshold: the median first-exit score
     assert result['flops_bound'] == pytest.approx(1 / twin['mean_cost']) and 1 < result['flops_bound'] < 2
     assert result['efficiency'] == pytest.approx(result['speedup'] / result['flops_bound'])
-    assert len(result['seconds']['twin']) == 1
-    assert '| 48 |' in capsys.readouterr().out
+    assert result['steady_efficiency'] == pytest.approx(result['steady_speedup'] / result['flops_bound'])
+    assert len(result['seconds']['twin']) == 1 and result['steady_images_per_s']['twin'] > 0
+    printed = capsys.readouterr().out
+    assert '| whole command | 48 |' in printed and '| images only | 48 |' in printed

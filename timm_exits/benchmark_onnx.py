@@ -162,7 +162,8 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     for r in rows:
         mixed, slim = r.get('mixed', {}), r.get('slim', {})
         lines.append('| ' + ' | '.join([
-            r['model'], str(r['batch']), f(r['full_vs_parent']), str(r['exit_layer']), f(r['exit_speedup']), f(r['trunc_speedup']),
+            r['model'], str(r['batch']), f(r['full_vs_parent']), str(r['exit_layer']), f(r['exit_speedup']),
+            f(r['trunc_speedup']),
             f(r['exit_vs_trunc']), f(mixed.get('ideal_speedup')), f(mixed.get('measured_speedup')),
             f(r.get('mixed_efficiency')), f(slim.get('keep_rate'), 'g'), f(slim.get('ideal_speedup')),
             f(slim.get('measured_speedup')), f(slim.get('efficiency')), f(slim.get('vs_oracle')),

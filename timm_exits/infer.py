@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import socket
-import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -288,8 +288,8 @@ def _ray_tables(spec: Dict[str, Any], items: Sequence[Tuple[int, str, str]], bat
     import ray
     ds = ray.data.from_items([{'index': i, 'path': p, 'open': f} for i, p, f in items],
                              override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
-    ds = ds.map_batches(Runner, fn_constructor_kwargs={'spec': {**spec, 'in_actor': True}}, batch_size=batch_size, concurrency=actors,
-                        num_cpus=spec.get('torch_threads') or 1)
+    ds = ds.map_batches(Runner, fn_constructor_kwargs={'spec': {**spec, 'in_actor': True}}, batch_size=batch_size,
+                        concurrency=actors, num_cpus=spec.get('torch_threads') or 1)
     yield from ds.iter_batches(batch_size=None, batch_format='pyarrow')
 
 
@@ -437,7 +437,8 @@ def infer(
 
     Returns:
         The summary: ``images``, ``answered``, ``unreadable``, ``per_exit`` (images per exit layer), ``mean_cost``,
-        plus ``output`` and ``resumed_parts`` (parts a previous run had written).
+        plus ``output``, ``resumed_parts`` (parts a previous run had written), ``computed`` (images run now) and
+        ``images_per_s`` (their rate from the first image read to the last part written; model loading excluded).
 
     Raises:
         ValueError: bad input, naming the argument (no image, an unreadable checkpoint, a setting the model does not
@@ -470,16 +471,19 @@ def infer(
         tables = _ray_tables(spec, items, batch_size, ray_actors) if use_ray else \
             _local_tables(runner, items, batch_size, workers)
         from tqdm import tqdm
+        start = time.perf_counter()
         with tqdm(total=len(files), initial=len(files) - len(items), unit='img', disable=not progress) as bar:
             if items:
                 _write_parts(tables, parts, sizes, part_size, on_part, bar)
+        seconds = time.perf_counter() - start
     finally:
         if ours:
             import ray as ray_module
             ray_module.shutdown()
     summary = _combine(parts, output, len(sizes), settings)
     _logger.info(f'wrote {output}: {json.dumps(summary)}')
-    return {**summary, 'output': str(output), 'resumed_parts': len(done)}
+    return {**summary, 'output': str(output), 'resumed_parts': len(done), 'computed': len(items),
+            'images_per_s': len(items) / seconds if items else None}
 
 
 def build_parser() -> argparse.ArgumentParser:
