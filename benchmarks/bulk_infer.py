@@ -12,8 +12,8 @@ each round runs every candidate once in rotating order; medians over rounds, and
 - ``speedup`` = twin images/s / parent images/s, against the FLOPs bound 1 / mean cost (the twin's summary):
   ``efficiency`` = speedup / bound (target >= 0.9); timed as the whole command (model loading included) and over
   the images only (``images_per_s`` of the summary: first image read to last part written);
-- ``ray_vs_local`` = the twin's images/s on Ray Data (one actor with every CPU, a Ray started once beforehand) / its
-  images/s in-process (target >= 0.8).
+- ``ray_vs_local`` = the twin's images/s on Ray Data (one actor with ``--threads`` threads, default every CPU; a
+  Ray started once beforehand) / its images/s in-process (target >= 0.8).
 
 Targets are shown, never asserted.
 """
@@ -105,6 +105,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--workers', type=int, default=0, help='image reading processes of the in-process path')
     parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--threads', type=int, default=0,
+                        help='torch threads of every candidate (0: torch\'s default in-process, every CPU on Ray); 1 '
+                        'keeps a shared machine\'s noise out of parallel regions')
     parser.add_argument('--no-ray', action='store_true', help='leave the Ray Data path out')
     parser.add_argument('--quick', action='store_true', help='48 images, 1 round (a check that it runs)')
     parser.add_argument('--output', default=None, help='write every number to this JSON file')
@@ -115,15 +118,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = setup(work, args.model, args.img_size, args.num_classes, args.images)
-        common = {'batch_size': args.batch_size, 'part_size': 256}
+        common = {'batch_size': args.batch_size, 'part_size': 256, 'torch_threads': args.threads}
         cands = {'parent': {'checkpoint': data['parent'], 'workers': args.workers, **common},
                  'twin': {'checkpoint': data['twin'], 'workers': args.workers, **common}}
         if not args.no_ray:
             import ray
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
                      runtime_env={'env_vars': {'PYTHONPATH': REPO}})
-            cands['twin_ray'] = {'checkpoint': data['twin'], 'ray': True, 'ray_actors': 1, 'torch_threads': cpus,
-                                 **common}
+            cands['twin_ray'] = {'checkpoint': data['twin'], 'ray': True, 'ray_actors': 1,
+                                 **common, 'torch_threads': args.threads or cpus}
         try:
             out = run_rounds(cands, data['images'], work, args.rounds)
         finally:

@@ -470,6 +470,9 @@ def infer(
                      f'preprocessing: {runner.data_config.describe()}')
         tables = _ray_tables(spec, items, batch_size, ray_actors) if use_ray else \
             _local_tables(runner, items, batch_size, workers)
+        threads = torch.get_num_threads()
+        if torch_threads and not use_ray:
+            torch.set_num_threads(torch_threads)
         from tqdm import tqdm
         start = time.perf_counter()
         with tqdm(total=len(files), initial=len(files) - len(items), unit='img', disable=not progress) as bar:
@@ -477,6 +480,7 @@ def infer(
                 _write_parts(tables, parts, sizes, part_size, on_part, bar)
         seconds = time.perf_counter() - start
     finally:
+        torch.set_num_threads(threads)
         if ours:
             import ray as ray_module
             ray_module.shutdown()
@@ -516,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--ray-address', default=None, help='a running Ray cluster (host:port, ray://..., auto)')
     parser.add_argument('--ray-actors', type=_int_at_least(1), default=1, help='model replicas in the actor pool')
     parser.add_argument('--torch-threads', type=_int_at_least(0), default=0,
-                        help='torch threads per Ray actor (and its CPUs; 0: one)')
+                        help='torch threads of the run (0: torch\'s default); on Ray, per actor and its CPUs (0: one)')
     return parser
 
 
