@@ -160,7 +160,10 @@ def test_list_and_tables_give_the_same_rows(setup, tmp_path):
     import pyarrow as pa
     import pyarrow.csv as pcsv
     _, checkpoint, _, images, _ = setup
-    timm_exits.infer(checkpoint, images, tmp_path / 'folder.parquet', threshold=THRESHOLD, progress=False)
+    threads = torch.get_num_threads()
+    timm_exits.infer(checkpoint, images, tmp_path / 'folder.parquet', threshold=THRESHOLD, progress=False,
+                     torch_threads=threads + 1)
+    assert torch.get_num_threads() == threads  # the run's threads, then the caller's again
     rows = _read(tmp_path / 'folder.parquet')
     paths = [str(images / r['path']) for r in rows]
     (tmp_path / 'list.txt').write_text('# images\n' + '\n'.join(paths) + '\n\n')

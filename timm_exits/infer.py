@@ -39,7 +39,7 @@ from .models import LifeRegressMixin, MultiExitLifeRegressMixin, MultiExitMixin
 from .validate import _create_model, _int_at_least, _load_weights, _model_arguments, _number, callable_module, \
     run_command
 
-__all__ = ['SETTINGS', 'infer', 'main', 'read_inputs']
+__all__ = ['SETTINGS', 'Runner', 'infer', 'main', 'read_inputs']
 
 _logger = logging.getLogger(__name__)
 
