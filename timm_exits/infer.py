@@ -71,7 +71,7 @@ def read_inputs(source: Union[str, Path], path_column: str = 'path') -> Tuple[Li
             found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(extensions)]
         if not found:
             raise ValueError(f'--data-dir {source!r} holds no image ({", ".join(extensions)}), nested or flat')
-        return [os.path.relpath(f, source) for f in found], found
+        return [os.path.relpath(f, source) for f in found], [os.path.abspath(f) for f in found]
     if not os.path.isfile(source):
         raise ValueError(f'--data-dir {source!r} is neither a folder of images nor a list or table file')
     if source.lower().endswith(TABLE_SUFFIXES):
@@ -452,7 +452,7 @@ def infer(
         raise ImportError('bulk inference writes Parquet with pyarrow: pip install "timm-exits[infer]" (or '
                           '"timm-exits[ray]" for Ray Data too)') from e
     paths, files = read_inputs(data, path_column)
-    spec = {'checkpoint': str(checkpoint), 'model': model, 'model_kwargs': dict(model_kwargs or {}),
+    spec = {'checkpoint': os.path.abspath(checkpoint), 'model': model, 'model_kwargs': dict(model_kwargs or {}),
             'threshold': threshold, 'budget': budget, 'keep_rate': keep_rate, 'top_k': top_k, 'device': device,
             'torch_threads': torch_threads}
     runner = Runner(spec)
