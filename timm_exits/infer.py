@@ -460,6 +460,7 @@ def infer(
     settings = _settings(spec, runner, files, part_size)
     use_ray = ray or ray_address is not None
     ours = use_ray and _connect_ray(ray_address)  # an address that does not answer: refused before any file
+    threads = torch.get_num_threads()
     try:
         parts = _prepare(output, settings, overwrite)
         sizes = _part_sizes(len(files), part_size)
@@ -470,7 +471,6 @@ def infer(
                      f'preprocessing: {runner.data_config.describe()}')
         tables = _ray_tables(spec, items, batch_size, ray_actors) if use_ray else \
             _local_tables(runner, items, batch_size, workers)
-        threads = torch.get_num_threads()
         if torch_threads and not use_ray:
             torch.set_num_threads(torch_threads)
         from tqdm import tqdm
