@@ -20,6 +20,7 @@ a local Ray, or on the cluster at ``--ray-address``; the rows are the same as in
 """
 import argparse
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -446,11 +447,9 @@ def infer(
     """
     _check_counts(batch_size=batch_size, part_size=part_size, top_k=top_k, workers=workers, ray_actors=ray_actors,
                   torch_threads=torch_threads)
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError as e:
+    if importlib.util.find_spec('pyarrow') is None:
         raise ImportError('bulk inference writes Parquet with pyarrow: pip install "timm-exits[infer]" (or '
-                          '"timm-exits[ray]" for Ray Data too)') from e
+                          '"timm-exits[ray]" for Ray Data too)')
     paths, files = read_inputs(data, path_column)
     spec = {'checkpoint': os.path.abspath(checkpoint), 'model': model, 'model_kwargs': dict(model_kwargs or {}),
             'threshold': threshold, 'budget': budget, 'keep_rate': keep_rate, 'top_k': top_k, 'device': device,
