@@ -91,6 +91,37 @@ def test_runtime_numpy_and_batch_invariance(random_export):
         np.testing.assert_allclose(one.logits[0], batch.logits[i], atol=1e-5)
 
 
+def test_session_options_no_spinning_by_default(random_export):
+    """Every graph of an ExitSession runs without thread-pool spinning (consecutive segments would steal each other's
+    cores); a caller's own options are used as given, spinning included."""
+    model, folder = random_export
+    x = torch.randn(3, 3, 32, 32)
+
+    def entry(sess, key):
+        try:
+            return sess.get_session_options().get_session_config_entry(key)
+        except RuntimeError:  # onnxruntime: the key was never set (spinning on, its default)
+            return None
+
+    session = ExitSession(folder)
+    graphs = session.segments + session.heads
+    assert len(graphs) == len(model.exit_layers) * 2
+    for sess in graphs:
+        assert entry(sess, 'session.intra_op.allow_spinning') == '0'
+        assert entry(sess, 'session.inter_op.allow_spinning') == '0'
+    own = ort.SessionOptions()
+    own.intra_op_num_threads = 1
+    own.add_session_config_entry('session.intra_op.allow_spinning', '1')
+    mine = ExitSession(folder, session_options=own)
+    for sess in mine.segments + mine.heads:
+        options = sess.get_session_options()
+        assert options.intra_op_num_threads == 1
+        assert entry(sess, 'session.intra_op.allow_spinning') == '1'
+        assert entry(sess, 'session.inter_op.allow_spinning') is None
+    np.testing.assert_allclose(mine(x).logits, session(x).logits, atol=1e-5, rtol=0)
+    _check_same(model, session, x, 0.5, None)
+
+
 def test_manifest(random_export):
     model, folder = random_export
     manifest = json.loads((folder / 'manifest.json').read_text())

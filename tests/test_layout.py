@@ -45,7 +45,8 @@ ALLOWED: Dict[str, Set[str]] = {
     'serving.http_load': MODELS | {'_files', 'benchmark', 'data', 'serving', 'serving.load', 'serving.ray', 'runtime'},
     'hub': {'*'},
     'hub.*': {'*'},
-    'timm_exits': MODELS | {'hub', 'fit', 'calibrate'},  # fit and calibrate on first use (module __getattr__)
+    'infer': MODELS | {'_files', 'data', 'validate'},
+    'timm_exits': MODELS | {'hub', 'fit', 'calibrate', 'infer'},  # fit, calibrate, infer on first use (__getattr__)
 }
 # Only these outside the standard library, for the modules every model build imports.
 EXTERNAL: Dict[str, Set[str]] = {

@@ -18,9 +18,9 @@ __version__ = '0.1.0'
 
 
 def __getattr__(name: str):
-    """``timm_exits.fit`` and ``timm_exits.calibrate``: callable modules, imported on first use (they import the
-    data and evaluation layers, which registering the models does not need)."""
-    if name in ('fit', 'calibrate'):
+    """``timm_exits.fit``, ``timm_exits.calibrate`` and ``timm_exits.infer``: callable modules, imported on first use
+    (they import the data and evaluation layers, which registering the models does not need)."""
+    if name in ('fit', 'calibrate', 'infer'):
         import importlib
         return importlib.import_module(f'{__name__}.{name}')
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

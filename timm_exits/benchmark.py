@@ -37,8 +37,15 @@ __all__ = ['benchmark_model', 'main', 'oracle_forward', 'time_interleaved']
 TARGETS = {'exit_vs_trunc': ('>=', 0.97), 'full_vs_parent': ('<=', 1.02), 'mixed_efficiency': ('>=', 0.95)}
 
 
-def time_interleaved(candidates: Dict[str, Callable[[], Any]], rounds: int, warmup: int) -> Dict[str, List[float]]:
-    """Per candidate, its time in ms in each timed round; each round runs all candidates once, in rotating order."""
+def time_interleaved(
+        candidates: Dict[str, Callable[[], Any]],
+        rounds: int,
+        warmup: int,
+        pause_s: float = 0.,
+) -> Dict[str, List[float]]:
+    """Per candidate, its time in ms in each timed round; each round runs all candidates once, in rotating order.
+    ``pause_s``: an untimed sleep after every call, so that thread pools which spin after a run (ONNX Runtime's by
+    default) are idle again before the next candidate starts, as when each runs alone."""
     names = list(candidates)
     times: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(warmup + rounds):
@@ -49,6 +56,8 @@ def time_interleaved(candidates: Dict[str, Callable[[], Any]], rounds: int, warm
             elapsed = (time.perf_counter() - start) * 1e3
             if r >= warmup:
                 times[name].append(elapsed)
+            if pause_s:
+                time.sleep(pause_s)
     return times
 
 

@@ -19,11 +19,25 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ['ExitSession', 'RuntimeOutput', 'SessionState', 'SessionStep', 'SessionWalker']
+__all__ = ['ExitSession', 'RuntimeOutput', 'SessionState', 'SessionStep', 'SessionWalker', 'default_session_options']
 
 FORMAT = 1
 MANIFEST = 'manifest.json'
 EXPORT_ID_KEY = 'timm_exits_export_id'
+# ONNX Runtime's thread pools spin after each run by default; with one session per segment the pool of the segment
+# that just ran keeps the cores busy while the next segment's pool needs them (on 2 cores, ~3x slower at batch 1)
+NO_SPINNING = {'session.intra_op.allow_spinning': '0', 'session.inter_op.allow_spinning': '0'}
+
+
+def default_session_options() -> Any:
+    """The ``onnxruntime.SessionOptions`` every graph of an ``ExitSession`` gets unless the caller passes its own:
+    onnxruntime's defaults with thread-pool spinning off (``NO_SPINNING``), so that consecutive segments do not steal
+    each other's cores."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    for key, value in NO_SPINNING.items():
+        options.add_session_config_entry(key, value)
+    return options
 
 
 class RuntimeOutput(NamedTuple):
@@ -86,7 +100,9 @@ class ExitSession:
         folder: The export folder (``manifest.json`` and the graphs it lists).
         providers: onnxruntime execution providers (default: CPU; e.g. ``['CUDAExecutionProvider',
             'CPUExecutionProvider']``).
-        session_options: ``onnxruntime.SessionOptions`` for every graph.
+        session_options: ``onnxruntime.SessionOptions`` for every graph, used as given (default:
+            ``default_session_options()``, onnxruntime's defaults without thread-pool spinning; set
+            ``session.intra_op.allow_spinning`` to '0' on your own options to keep consecutive segments fast).
 
     Raises:
         FileNotFoundError: No manifest (not an export folder, or an export that did not finish) or a missing graph.
@@ -121,11 +137,13 @@ class ExitSession:
                 raise ValueError(f'{self.folder}: {name} has {file.stat().st_size} bytes, the manifest records '
                                  f'{info["bytes"]}: it is not the file of this export; export again')
         providers = list(providers or ['CPUExecutionProvider'])
+        self.session_options = default_session_options() if session_options is None else session_options
 
         def session(name: str) -> Any:
             if name not in files:
                 raise FileNotFoundError(f'{self.folder}: {MANIFEST} lists no file {name}; export again')
-            sess = ort.InferenceSession(str(self.folder / name), sess_options=session_options, providers=providers)
+            sess = ort.InferenceSession(str(self.folder / name), sess_options=self.session_options,
+                                        providers=providers)
             found = sess.get_modelmeta().custom_metadata_map.get(EXPORT_ID_KEY)
             if found != manifest['export_id']:
                 raise ValueError(f'{self.folder}: {name} belongs to another export (export id {found}, manifest '
