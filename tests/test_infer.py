@@ -193,6 +193,12 @@ def test_regression_model_writes_values(tmp_path, setup):
     with torch.no_grad():
         ref = model.forward_dynamic(transform(Image.open(images / rows[0]['path']).convert('RGB'))[None])
     np.testing.assert_allclose(rows[0]['values'], ref.logits[0].numpy(), atol=1e-5)
+    # a counter of crops (the counting protocol its checkpoint records) is refused: one model input per image
+    meta['data_config'] = {'counting': {'crop': 32, 'resize': [96, 64]}}
+    save_file(model.state_dict(), str(tmp_path / 'c.safetensors'), metadata={'timm_exits': json.dumps(meta)})
+    with pytest.raises(ValueError, match='it counts crops'):
+        timm_exits.infer(tmp_path / 'c.safetensors', images, tmp_path / 'c.parquet', progress=False)
+    assert not (tmp_path / 'c.parquet').exists()
 
 
 @pytest.mark.parametrize('argv, message', [

@@ -135,6 +135,10 @@ class Runner:
         self.name, self.device = name, torch.device(spec.get('device', 'cpu'))
         self.model = model.to(self.device).eval()
         self.data_config = resolve_data_cfg(model, None, recorded, flags=False)
+        if self.data_config.counting and self.data_config.counting.get('crop'):
+            raise ValueError(f'--checkpoint: it counts crops ({self.data_config.counting}: an image\'s count is the sum '
+                             'of its crops\'), and infer answers one model input per image; count such images with '
+                             'python -m timm_exits.validate --dataset counting')
         self.transform = build_transform(model, False, data_config=self.data_config)
         self.mode = 'RGB' if self.data_config['input_size'][0] == 3 else 'L'
         self.regression = getattr(model, 'task', 'classification') == 'regression'
