@@ -25,8 +25,9 @@ ALLOWED: Dict[str, Set[str]] = {
     'models': MODELS,
     'models.*': MODELS,
     '_files': set(),
-    'data': {'models.adapters'},  # the input size a model is built for
-    'evaluation': MODELS | {'benchmark'},
+    'data': {'models.adapters', 'counting_sets'},  # the input size a model is built for; the counting-set command
+    'counting_sets': {'_files'},
+    'evaluation': MODELS | {'benchmark', 'data'},  # per-image sums of crops
     'plots': {'_files'},
     'tasks': MODELS,
     'benchmark': MODELS,
