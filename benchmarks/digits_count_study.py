@@ -145,9 +145,10 @@ def fitted_twin(model: torch.nn.Module, seed: int, epochs: int) -> Tuple[torch.n
     return twin, log
 
 
-def _f32(t: torch.Tensor) -> List[float]:
-    """float32 values as the shortest decimals that read back to the same float32 (compact, exact)."""
-    return [float(str(v)) for v in t.float().numpy().ravel()]
+def _f32(t: torch.Tensor) -> str:
+    """float32 values in one line, each the shortest decimal that reads back to the same float32 (compact, exact:
+    ``np.array(text.split(), dtype=np.float32)``)."""
+    return ' '.join(str(v) for v in t.float().numpy().ravel())
 
 
 def certified_point(model: torch.nn.Module, val: Dict[str, Any], test: Dict[str, Any], criterion: str,

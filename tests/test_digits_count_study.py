@@ -20,6 +20,11 @@ def _study():
     return module
 
 
+def _floats(text: str) -> np.ndarray:
+    """The saved float32 values (one line, exact) as float64, as the library computes with them."""
+    return np.array(text.split(), dtype=np.float32).astype(np.float64)
+
+
 @pytest.fixture(scope='module')
 def quick_run(tmp_path_factory):
     study = _study()
@@ -62,10 +67,10 @@ def test_same_backbone_same_final_count(quick_run):
 def test_figures_recomputed_from_per_image_values(quick_run):
     _, _, data = quick_run
     seed, tol = data['seeds'][0], data['tolerance']
-    target = np.asarray(seed['test_target'], dtype=np.float32).astype(np.float64)
+    target = _floats(seed['test_target'])
     checked = 0
     for name, s in seed['sets'].items():
-        values = np.asarray(s['test_values'], dtype=np.float32).astype(np.float64)  # (E, N), float32 exact
+        values = np.stack([_floats(v) for v in s['test_values']])  # (E, N)
         num_exits, n = values.shape
         assert n == len(target) == 120 and num_exits == len(s['exits'])
         for e, row in zip(values, s['exits']):
