@@ -282,6 +282,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    for name in ('epochs', 'fit_epochs'):
+        if getattr(args, name) < (0 if name == 'fit_epochs' else 1):
+            parser.error(f'--{name.replace("_", "-")} must be >= {0 if name == "fit_epochs" else 1}, got '
+                         f'{getattr(args, name)}')
     if args.quick:
         args.epochs, args.fit_epochs, args.seeds = 1, 1, [0]
     logging.basicConfig(level=logging.INFO, format='%(message)s')
