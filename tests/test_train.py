@@ -51,7 +51,7 @@ def _single_threaded():
 def test_train_writes_checkpoint_weights_and_evaluation(tmp_path):
     result = train(TINY, str(tmp_path))
     assert set(result) == {'model', 'dataset', 'num_images', 'exits', 'thresholds', 'budgets', 'plot',
-                           'worst_case_threshold_cost', 'budgeted_batch', 'budgeted_batch_chosen_on'}
+                           'worst_case_threshold_cost', 'budgeted_batch', 'budgeted_batch_chosen_on', 'data_config'}
     assert [set(e) for e in result['exits']] == [EXIT_KEYS] * 3 and result['exits'][0]['practical']
     assert json.loads((tmp_path / 'eval.json').read_text()) == result
     assert (tmp_path / 'tradeoff.png').read_bytes()[:4] == b'\x89PNG'
