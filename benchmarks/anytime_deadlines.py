@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 import timm  # noqa: E402
 import timm_exits  # noqa: E402,F401  (registers the models)
+from timm_exits._files import atomic_write  # noqa: E402
 from timm_exits.data import DigitsDataset  # noqa: E402
 from timm_exits.models._checkpoint import checkpoint_model_args, read_checkpoint  # noqa: E402
 
@@ -113,9 +114,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         where = ', '.join(f'{k}: {v:.2f}' for k, v in r['answered_at'].items() if v)
         print(f"| {r['deadline_fraction']:g} | {r['deadline_ms']:.2f} | {r['accuracy']:.2f} | {where} | "
               f"{r['mean_cost']:.3f} | {r['time_vs_full']:.2f} |")
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=2)
+    if args.json:  # atomically: a killed run leaves no half-written file
+        atomic_write(args.json, lambda tmp: open(tmp, 'w').write(json.dumps(result, indent=2)))
     return result
 
 

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import timm_exits  # noqa: E402,F401  (registers the models)
+from timm_exits._files import atomic_write  # noqa: E402
 from timm_exits.benchmark import _cell as benchmark_cell, mixed_setup, time_interleaved  # noqa: E402
 from timm_exits.models.adapters import input_shape  # noqa: E402
 from timm_exits.models.multi_exit_vit import MultiExitMixin, _key  # noqa: E402
@@ -279,9 +280,8 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
     config = {**vars(args), 'torch': torch.__version__, 'timm': timm.__version__, 'num_threads': torch.get_num_threads(),
               'cpu_count': os.cpu_count(), 'platform': platform.platform(), 'targets': TARGETS}
     result = {'config': config, 'results': rows, 'skipped': skipped, 'table': table}
-    if args.output:
-        with open(args.output, 'w') as f:
-            json.dump(result, f, indent=2)
+    if args.output:  # atomically: a killed run leaves no half-written file
+        atomic_write(args.output, lambda tmp: open(tmp, 'w').write(json.dumps(result, indent=2)))
     return result
 
 
