@@ -277,7 +277,8 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
     table = markdown_table(rows, skipped)
     print()
     print(table)
-    config = {**vars(args), 'torch': torch.__version__, 'timm': timm.__version__, 'num_threads': torch.get_num_threads(),
+    config = {**vars(args), 'torch': torch.__version__, 'timm': timm.__version__,
+              'num_threads': torch.get_num_threads(),
               'cpu_count': os.cpu_count(), 'platform': platform.platform(), 'targets': TARGETS}
     result = {'config': config, 'results': rows, 'skipped': skipped, 'table': table}
     if args.output:  # atomically: a killed run leaves no half-written file

@@ -322,7 +322,8 @@ def test_calibrate_sharded_over_two_processes_equals_one(folders, tmp_path):
     one = timm_exits.calibrate.main(args + ['--output', str(tmp_path / 'one')])
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                           '-m', 'timm_exits.calibrate'] + args + ['--device', 'cpu', '--output', str(tmp_path / 'two')],
+                           '-m', 'timm_exits.calibrate'] + args + ['--device', 'cpu', '--output',
+                                                                   str(tmp_path / 'two')],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / 'two' / 'calibration.json').read_text())
